@@ -1,0 +1,23 @@
+"""Hydra/OmegaConf glue shared by every entry point: resolvers and the config directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PROJECT_ROOT: Path = Path(os.environ.get("MED3DVLM_ROOT", Path(__file__).resolve().parents[1]))
+CONFIG_DIR: Path = PROJECT_ROOT / "configs"
+
+
+def _register_resolvers() -> None:
+    # `${project_root:}` lets configs place data/ and outputs/ at the checkout root whatever the cwd.
+    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    # W&B stays offline unless the user chose a mode through WANDB_MODE.
+    OmegaConf.register_new_resolver(
+        "wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True
+    )
+
+
+_register_resolvers()

@@ -1,0 +1,28 @@
+"""Test-wide settings: offline, few threads, shared paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """``../shared/reference`` beside the checkout (the original implementation's test vectors)."""
+    if not REFERENCE_DIR.is_dir():
+        pytest.skip(f"reference vectors not found at {REFERENCE_DIR}")
+    return REFERENCE_DIR
