@@ -99,7 +99,7 @@ def compare_file(path: str | Path) -> list[Comparison]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise DataError(path, f"cannot be read as a torch file: {err}") from err
+        raise DataError(path, f"cannot be read as a torch file: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
         raise DataError(path, f"expected a dict, found {type(data).__name__}")
     _require(data, ("kind", "config", "state_dict"), path)

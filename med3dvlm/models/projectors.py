@@ -9,6 +9,7 @@ combinations fail at construction and name the sizes that disagree. In Hydra con
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -178,7 +179,7 @@ class MLPProjector(_SingleStageProjector):
             raise ValueError(f"MLPProjector depth must be >= 1, got {depth}")
         hidden = hidden_dim or llm_dim
         widths = [self.in_size[1]] + [hidden] * (depth - 1) + [llm_dim]
-        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
 
     def forward(self, stages: Sequence[Tensor]) -> Tensor:
         x = self.linears[0](self._select(stages))
