@@ -3,8 +3,9 @@
 Every projector takes the encoder's list of stage outputs ``[(B, T_i, C_i), ...]`` and returns
 ``(B, num_tokens, llm_dim)``. Constructors take the sizes derived from the configured encoder
 (``encoder.out_channels``, ``encoder.token_counts(input_size)``) and LLM width, so impossible
-combinations fail at construction and name the sizes that disagree. In Hydra configs they are
-``_partial_`` nodes completed by the model builder with those derived sizes.
+combinations fail at construction and name the sizes that disagree. In Hydra configs those sizes
+are ``???`` and the model builder supplies them:
+``instantiate(cfg.projector, **encoder_sizes(encoder, input_size), llm_dim=llm_width)``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def encoder_sizes(encoder: nn.Module, input_size: Sequence[int]) -> dict[str, list[int]]:
+    """``encoder_channels`` and ``encoder_tokens`` of ``encoder`` for volumes of size ``(D, H, W)``."""
+    return {
+        "encoder_channels": list(encoder.out_channels),
+        "encoder_tokens": list(encoder.token_counts(tuple(input_size))),
+    }
 
 
 def _check_stages(encoder_channels: Sequence[int], encoder_tokens: Sequence[int], needed: int) -> None:
