@@ -1,0 +1,621 @@
+"""Raw M3D-Cap / M3D-VQA downloads or the user's NIfTI + CSV -> the prepared dataset.
+
+The layouts are fixed by the data contract (raw: ``RAW/M3D_Cap/ct_case/<id>/<series>/<k>.jpeg``,
+``text.txt``, optional ``M3D_Cap.json``, ``RAW/M3D-VQA/*.csv``; own data: a CSV with columns
+``image,report``). The prepared folder holds one volume and one report text per series, an
+``M3D_Cap.json`` split file, rewritten VQA CSVs, ``manifest.json`` and ``skipped.txt``.
+
+Resuming: every finished volume is appended to ``.prepare-journal.jsonl`` (one JSON line each, a
+torn last line is ignored). A rerun reuses a volume listed there or in an earlier
+``manifest.json`` when the settings match and the file's SHA-256 is still the recorded one;
+everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
+pipeline is deterministic, so a killed and restarted run ends with the same files as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from med3dvlm.data.errors import DataError
+from med3dvlm.data.preprocess import (
+    load_nifti_as_dhw,
+    preprocess_volume,
+    spatial_size_tuple,
+    stack_series,
+)
+from med3dvlm.data.volume_io import FORMATS, read_volume_raw, to_float, volume_suffix, write_volume
+from med3dvlm.utils.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["fail", "skip"]
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+CAP_DIR = "M3D_Cap"
+VQA_DIR = "M3D-VQA"
+OWN_DIR = "own"
+SPLIT_FILE = "M3D_Cap.json"
+MANIFEST_FILE = "manifest.json"
+SKIPPED_FILE = "skipped.txt"
+JOURNAL_FILE = ".prepare-journal.jsonl"
+VQA_COLUMNS: tuple[str, ...] = (
+    "Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
+    "Choice D", "Answer", "Answer Choice",
+)
+VQA_FILES: tuple[str, ...] = tuple(
+    f"M3D_VQA_{kind}{split}.csv" for kind in ("", "yn_") for split in ("train", "val", "test")
+)
+OWN_COLUMNS: tuple[str, ...] = ("image", "report")
+# Largest |stored - written| per storage dtype (see volume_io): the re-read check's tolerance.
+_STORAGE_TOLERANCE = {"uint8": 1.0 / 510 + 1e-6, "float16": 2.0**-12 + 1e-7, "float32": 0.0}
+_SERIES_KEY = re.compile(r"ct_case/[^/]+/[^/]+")
+_FINDINGS = re.compile(r"study_findings\s*:", re.IGNORECASE)
+_DISCUSSION = re.compile(r"discussion\s*:", re.IGNORECASE)
+
+
+# ----------------------------------------------------------------------------- reports and splits
+
+
+def extract_report(text: str, source: str | os.PathLike) -> str:
+    """The findings of a report: text after ``study_findings:`` up to ``discussion:``.
+
+    Falls back to the text after ``discussion:``, then (no section markers at all) to the whole
+    text. An empty result is a :class:`DataError` naming ``source``.
+    """
+    findings = _FINDINGS.search(text)
+    discussion = _DISCUSSION.search(text, findings.end() if findings else 0)
+    if findings:
+        end = discussion.start() if discussion else len(text)
+        section = text[findings.end() : end].strip()
+        if section:
+            return section
+    if discussion:
+        section = text[discussion.end() :].strip()
+        if section:
+            return section
+    if not findings and not discussion and text.strip():
+        return text.strip()
+    raise DataError(source, "empty report (no text after 'study_findings:' or 'discussion:')")
+
+
+def split_fractions(fractions: Mapping[str, float]) -> dict[str, float]:
+    """Validate train/validation/test fractions (non-negative, summing to 1)."""
+    unknown = set(fractions) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split names {sorted(unknown)}; use {list(SPLITS)}")
+    values = {name: float(fractions.get(name, 0.0)) for name in SPLITS}
+    if min(values.values()) < 0 or abs(sum(values.values()) - 1.0) > 1e-6:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {values}")
+    return values
+
+
+def hash_split(key: str, fractions: Mapping[str, float]) -> str:
+    """Deterministic split of ``key``: its SHA-256 mapped to [0, 1) against the cumulative fractions."""
+    position = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2.0**64
+    cumulative = 0.0
+    for name in SPLITS:
+        cumulative += fractions[name]
+        if position < cumulative:
+            return name
+    return next(name for name in reversed(SPLITS) if fractions[name] > 0)
+
+
+def series_key(image_path: str) -> str | None:
+    """``"ct_case/<id>/<series>"`` from an image path such as ``ct_case/000001/Axial_x.npy``."""
+    match = _SERIES_KEY.search(image_path.replace("\\", "/"))
+    if not match:
+        return None
+    key = match.group(0)
+    for suffix in (".npy", ".nii.gz", ".nii"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def read_split_file(path: Path) -> dict[str, str]:
+    """Series key -> split from an original-format ``M3D_Cap.json``."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(path, f"unreadable split file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(content, dict):
+        raise DataError(path, "expected a JSON object with 'train', 'validation', 'test' lists")
+    splits: dict[str, str] = {}
+    for name in SPLITS:
+        for entry in content.get(name, []):
+            image = entry.get("image") if isinstance(entry, dict) else None
+            key = series_key(image) if isinstance(image, str) else None
+            if key is None:
+                problem = f"{name} entry {entry!r} has no 'image' of the form ct_case/<id>/<series>"
+                raise DataError(path, problem)
+            if splits.setdefault(key, name) != name:
+                raise DataError(path, f"{key} is listed in both {splits[key]!r} and {name!r}")
+    return splits
+
+
+# ----------------------------------------------------------------------------- per-volume work
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a prepared volume depends on; a resumed run reuses outputs only if these match."""
+
+    format: str
+    npy_dtype: str
+    spatial_size: tuple[int, int, int]
+    foreground_threshold: float
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**asdict(self), "spatial_size": list(self.spatial_size)}
+
+    @property
+    def stored_dtype(self) -> str:
+        return self.npy_dtype if self.format == "npy" else "float32"
+
+
+@dataclass(frozen=True)
+class VolumeJob:
+    """One volume to prepare: a JPEG series folder or a NIfTI file."""
+
+    source: str  # absolute path read by the worker
+    label: str  # how the manifest names the source
+    kind: Literal["series", "nifti"]
+    output: str  # prepared path relative to OUT
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    output: str
+    entry: dict[str, Any] | None = None
+    error_path: str | None = None
+    error_problem: str | None = None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_written(path: Path, written: np.ndarray, settings: Settings) -> np.ndarray:
+    """Re-read a written volume and check shape, dtype, finiteness and content."""
+    stored = read_volume_raw(path, mmap=False)
+    if tuple(stored.shape) != settings.spatial_size:
+        raise DataError(path, f"re-read shape {tuple(stored.shape)} != {settings.spatial_size}")
+    if stored.dtype != np.dtype(settings.stored_dtype):
+        raise DataError(path, f"re-read dtype {stored.dtype} != {settings.stored_dtype}")
+    values = to_float(stored)
+    if not np.isfinite(values).all():
+        raise DataError(path, "re-read volume contains NaN or Inf values")
+    error = float(np.abs(values - written).max())
+    if error > _STORAGE_TOLERANCE[settings.stored_dtype]:
+        raise DataError(path, f"re-read volume differs from what was written (max abs error {error:g})")
+    return stored
+
+
+def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings) -> JobOutcome:
+    """Load, preprocess, write and verify one volume; bad input comes back as an error outcome.
+
+    Errors are returned rather than raised so they cross the process boundary intact.
+    """
+    try:
+        dropped: tuple[str, ...] = ()
+        if job.kind == "series":
+            stacked = stack_series(job.source)
+            raw, dropped = stacked.volume, stacked.dropped
+        else:
+            raw = load_nifti_as_dhw(job.source)
+        volume = preprocess_volume(raw, settings.spatial_size, settings.foreground_threshold, job.source)
+        path = Path(out_dir) / job.output
+        write_volume(path, volume, npy_dtype=settings.npy_dtype)
+        stored = _verify_written(path, volume, settings)
+    except DataError as err:
+        return JobOutcome(job.output, error_path=err.path, error_problem=err.problem)
+    entry: dict[str, Any] = {
+        "shape": list(stored.shape),
+        "dtype": str(stored.dtype),
+        "sha256": file_sha256(path),
+        "status": "ok",
+        "source": job.label,
+        "raw_shape": list(raw.shape),
+    }
+    if dropped:
+        entry["dropped_slices"] = list(dropped)
+    return JobOutcome(job.output, entry=entry)
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core already uses every core
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """Everything to do, decided before any volume is touched."""
+
+    jobs: list[VolumeJob]
+    split_of: dict[str, str]  # output -> split
+    text_of: dict[str, str]  # output -> report path relative to OUT
+    texts: dict[str, str]  # report path relative to OUT -> report text
+    skipped: list[dict[str, str]]
+    series_keys: dict[str, str]  # "ct_case/<id>/<series>" -> output (M3D only, for the VQA CSVs)
+    split_source: str
+
+
+class _ErrorPolicy:
+    """Raise bad-input errors (``fail``) or record them as skipped (``skip``)."""
+
+    def __init__(self, on_error: OnError) -> None:
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[dict[str, str]] = []
+
+    def handle(self, source: str, error: DataError) -> None:
+        if self.on_error == "fail":
+            raise error
+        log.warning("skipped %s: %s", source, error)
+        self.skipped.append({"source": source, "reason": str(error)})
+
+
+def plan_m3d(raw_root: Path, fmt: str, fractions: Mapping[str, float], policy: _ErrorPolicy) -> Plan:
+    """Jobs for every series under ``RAW/M3D_Cap/ct_case`` (and every series the split file names)."""
+    cases_dir = raw_root / CAP_DIR / "ct_case"
+    if not cases_dir.is_dir():
+        raise DataError(raw_root, f"not a raw M3D folder: {CAP_DIR}/ct_case/ not found (or pass a .csv)")
+    split_path = raw_root / CAP_DIR / SPLIT_FILE
+    listed = read_split_file(split_path) if split_path.is_file() else {}
+    case_split = {key.split("/")[1]: split for key, split in listed.items()}
+    plan = Plan([], {}, {}, {}, policy.skipped, {}, SPLIT_FILE if listed else "hash")
+    found: set[str] = set()
+    for case_dir in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
+        series_dirs = sorted(p for p in case_dir.iterdir() if p.is_dir())
+        keys = [f"ct_case/{case_dir.name}/{s.name}" for s in series_dirs]
+        found.update(keys)
+        text_rel = f"{CAP_DIR}/ct_case/{case_dir.name}/text.txt"
+        report_path = case_dir / "text.txt"
+        try:
+            plan.texts[text_rel] = extract_report(_read_report(report_path), report_path)
+        except DataError as error:
+            for key in keys:
+                policy.handle(f"{CAP_DIR}/{key}", error)
+            continue
+        for series_dir, key in zip(series_dirs, keys):
+            output = f"{CAP_DIR}/{key}{volume_suffix(fmt)}"
+            split = listed.get(key) or case_split.get(case_dir.name) or hash_split(case_dir.name, fractions)
+            plan.jobs.append(VolumeJob(str(series_dir.resolve()), f"{CAP_DIR}/{key}", "series", output))
+            plan.split_of[output] = split
+            plan.text_of[output] = text_rel
+            plan.series_keys[key] = output
+    for key in sorted(set(listed) - found):
+        missing = DataError(raw_root / CAP_DIR / key, f"in {SPLIT_FILE} but the series folder is missing")
+        policy.handle(f"{CAP_DIR}/{key}", missing)
+    return plan
+
+
+def _read_report(path: Path) -> str:
+    if not path.is_file():
+        raise DataError(path, "report file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"unreadable report ({type(exc).__name__}: {exc})") from exc
+
+
+def _own_stems(images: Sequence[str]) -> list[str]:
+    """Output stems for own volumes: the file stem, made unique with a path hash where stems collide."""
+    stems = [re.sub(r"\.nii(\.gz)?$", "", Path(image).name, flags=re.IGNORECASE) for image in images]
+    counts = Counter(stems)
+    return [
+        stem if counts[stem] == 1 else f"{stem}_{hashlib.sha256(image.encode()).hexdigest()[:8]}"
+        for stem, image in zip(stems, images)
+    ]
+
+
+def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _ErrorPolicy) -> Plan:
+    """Jobs for the user's ``image,report`` CSV; relative image paths are relative to the CSV's folder."""
+    if not csv_path.is_file():
+        raise DataError(csv_path, "file not found")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(csv_path, f"unreadable CSV ({type(exc).__name__}: {exc})") from exc
+    for column in OWN_COLUMNS:
+        if column not in columns:
+            raise DataError(csv_path, f"missing column {column!r} (found {columns}); expected image,report")
+    if not rows:
+        raise DataError(csv_path, "no rows")
+    plan = Plan([], {}, {}, {}, policy.skipped, {}, "hash")
+    first_row: dict[str, int] = {}
+    images = [(row.get("image") or "").strip() for row in rows]
+    for number, (row, image, stem) in enumerate(zip(rows, images, _own_stems(images)), start=2):
+        where = f"{csv_path} line {number}"
+        try:
+            if not image:
+                raise DataError(csv_path, f"line {number}: empty 'image'")
+            if image in first_row:
+                raise DataError(csv_path, f"line {number}: {image!r} repeats line {first_row[image]}")
+            first_row[image] = number
+            path = Path(image) if Path(image).is_absolute() else csv_path.parent / image
+            if not re.search(r"\.nii(\.gz)?$", path.name, re.IGNORECASE):
+                raise DataError(path, f"unsupported file type (expected .nii or .nii.gz; listed on {where})")
+            if not path.is_file():
+                raise DataError(path, f"file not found (listed on {where})")
+            report = extract_report(row.get("report") or "", where)
+        except DataError as error:
+            policy.handle(image or where, error)
+            continue
+        output = f"{OWN_DIR}/{stem}{volume_suffix(fmt)}"
+        text_rel = f"{OWN_DIR}/{stem}.txt"
+        plan.jobs.append(VolumeJob(str(path.resolve()), image, "nifti", output))
+        plan.split_of[output] = hash_split(image, fractions)
+        plan.text_of[output] = text_rel
+        plan.texts[text_rel] = report
+    return plan
+
+
+# ----------------------------------------------------------------------------- resume state
+
+
+def _load_previous(out: Path, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Entries of earlier runs with the same settings: the last manifest, then the journal."""
+    previous: dict[str, dict[str, Any]] = {}
+    manifest_path = out / MANIFEST_FILE
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            if manifest.get("settings") == settings.fingerprint():
+                previous.update(manifest.get("volumes", {}))
+        except (OSError, json.JSONDecodeError):
+            log.warning("ignoring unreadable %s", manifest_path)
+    journal = out / JOURNAL_FILE
+    if journal.is_file():
+        lines = journal.read_text(encoding="utf-8").splitlines()
+        header = _parse_json_line(lines[0]) if lines else None
+        if header and header.get("settings") == settings.fingerprint():
+            for line in lines[1:]:
+                record = _parse_json_line(line)
+                if record and "output" in record and "entry" in record:
+                    previous[record["output"]] = record["entry"]
+    return previous
+
+
+def _parse_json_line(line: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError:
+        return None  # the torn last line of a killed run
+    return value if isinstance(value, dict) else None
+
+
+def _still_valid(out: Path, output: str, entry: Mapping[str, Any] | None, label: str) -> bool:
+    path = out / output
+    return bool(
+        entry
+        and entry.get("status") == "ok"
+        and entry.get("source") == label
+        and path.is_file()
+        and file_sha256(path) == entry.get("sha256")
+    )
+
+
+def _remove_temporaries(out: Path) -> None:
+    """Leftover ``.tmp-*`` files of a killed run (atomic writes never completed)."""
+    for path in out.rglob(".tmp-*"):
+        if path.is_file():
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _write_text_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    atomic_write_text(path, text)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def rewrite_vqa_csvs(raw_root: Path, out: Path, prepared: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Copy the VQA CSVs with ``Image Path`` pointing at the prepared volumes; drop rows without one.
+
+    ``prepared`` maps series keys (``ct_case/<id>/<series>``) to prepared paths relative to OUT.
+    """
+    report: dict[str, dict[str, Any]] = {}
+    for name in VQA_FILES:
+        source = raw_root / VQA_DIR / name
+        if not source.is_file():
+            continue
+        try:
+            with open(source, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                columns = list(reader.fieldnames or [])
+                rows = list(reader)
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise DataError(source, f"unreadable CSV ({type(exc).__name__}: {exc})") from exc
+        for column in VQA_COLUMNS:
+            if column not in columns:
+                raise DataError(source, f"missing column {column!r} (found {columns})")
+        kept, dropped_images = [], set()
+        for row in rows:
+            key = series_key(row["Image Path"] or "")
+            if key in prepared:
+                kept.append({**row, "Image Path": prepared[key]})
+            else:
+                dropped_images.add(row["Image Path"])
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(out / VQA_DIR / name, buffer.getvalue())
+        report[name] = {
+            "rows": len(rows),
+            "kept": len(kept),
+            "dropped": len(rows) - len(kept),
+            "dropped_images": sorted(dropped_images),
+        }
+        if dropped_images:
+            log.warning("%s: dropped %d rows whose volume was not prepared", name, len(rows) - len(kept))
+    return report
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _run_jobs(
+    jobs: Sequence[VolumeJob], out: Path, settings: Settings, workers: int, progress: bool
+) -> Iterable[JobOutcome]:
+    bar = tqdm(total=len(jobs), desc="prepare", unit="vol", disable=not progress or not jobs)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                yield prepare_volume(job, str(out), settings)
+                bar.update()
+            return
+        # spawn, not fork: forking a process whose OpenMP/torch threads already ran can deadlock.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+            futures: list[Future[JobOutcome]] = [
+                pool.submit(prepare_volume, job, str(out), settings) for job in jobs
+            ]
+            try:
+                for future in as_completed(futures):
+                    yield future.result()
+                    bar.update()
+            finally:
+                for future in futures:
+                    future.cancel()
+    finally:
+        bar.close()
+
+
+def prepare_dataset(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    spatial_size: Sequence[int] = (128, 256, 256),
+    format: str = "nii.gz",
+    npy_dtype: str = "uint8",
+    workers: int | None = None,
+    on_error: OnError = "fail",
+    split: Mapping[str, float] | None = None,
+    foreground_threshold: float = 0.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Prepare raw M3D (``source`` = the folder holding ``M3D_Cap/``) or own data (``source`` = CSV).
+
+    ``split`` gives train/validation/test fractions where no split file decides (hash of the case
+    id for M3D, of the image path for own data). ``workers=None`` uses every available core.
+    Returns the manifest that was written to ``out/manifest.json``.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if npy_dtype not in ("uint8", "float16"):
+        raise ValueError(f"npy_dtype must be 'uint8' or 'float16', got {npy_dtype!r}")
+    settings = Settings(format, npy_dtype, spatial_size_tuple(spatial_size), float(foreground_threshold))
+    fractions = split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05})
+    policy = _ErrorPolicy(on_error)
+    source_path, out = Path(source), Path(out)
+
+    is_csv = source_path.suffix.lower() == ".csv"
+    if not is_csv and not source_path.is_dir():
+        raise DataError(source_path, "not found (expected a raw M3D folder or an image,report .csv)")
+    plan = (plan_own if is_csv else plan_m3d)(source_path, format, fractions, policy)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(out)
+    for text_rel, text in plan.texts.items():
+        _write_text_if_changed(out / text_rel, text)
+
+    previous = _load_previous(out, settings)
+    volumes: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in plan.jobs:
+        if _still_valid(out, job.output, previous.get(job.output), job.label):
+            volumes[job.output] = previous[job.output]
+        else:
+            todo.append(job)
+    if volumes:
+        log.info("resuming: %d of %d volumes already prepared", len(volumes), len(plan.jobs))
+
+    journal_path = out / JOURNAL_FILE
+    records = [{"settings": settings.fingerprint()}] + [{"output": o, "entry": e} for o, e in volumes.items()]
+    atomic_write_text(journal_path, "".join(json.dumps(r) + "\n" for r in records))
+    label_of = {job.output: job.label for job in plan.jobs}
+    outcomes = _run_jobs(todo, out, settings, workers or _default_workers(), progress)
+    with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
+        for outcome in outcomes:
+            if outcome.entry is None:
+                policy.handle(label_of[outcome.output], DataError(outcome.error_path, outcome.error_problem))
+                continue
+            volumes[outcome.output] = outcome.entry
+            journal.write(json.dumps({"output": outcome.output, "entry": outcome.entry}) + "\n")
+            journal.flush()
+
+    volumes = dict(sorted(volumes.items()))
+    split_lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    for output in volumes:
+        split_lists[plan.split_of[output]].append({"image": output, "text": plan.text_of[output]})
+    _write_json(out / SPLIT_FILE, split_lists)
+
+    vqa = {}
+    if not is_csv:
+        prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
+        vqa = rewrite_vqa_csvs(source_path, out, prepared)
+
+    skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
+    atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
+    manifest = {
+        "format": format,
+        "npy_dtype": npy_dtype,
+        "spatial_size": list(settings.spatial_size),
+        "source": str(source_path.resolve()),
+        "settings": settings.fingerprint(),
+        "split_source": plan.split_source,
+        "volumes": volumes,
+        "skipped": skipped,
+        "vqa": vqa,
+        "counts": {
+            "volumes_ok": len(volumes),
+            "skipped": len(skipped),
+            "slices_dropped": sum(len(v.get("dropped_slices", ())) for v in volumes.values()),
+            **{f"split_{name}": len(entries) for name, entries in split_lists.items()},
+            "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
+            "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
+        },
+    }
+    _write_json(out / MANIFEST_FILE, manifest)
+    journal_path.unlink()
+    log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))
+    return manifest
