@@ -1,0 +1,387 @@
+"""prepare: preprocessing steps, M3D and own-data preparation, bad input, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from med3dvlm.data.errors import DataError
+from med3dvlm.data.m3d_prepare import (
+    JOURNAL_FILE,
+    VQA_COLUMNS,
+    extract_report,
+    hash_split,
+    prepare_dataset,
+    series_key,
+)
+from med3dvlm.data.preprocess import (
+    crop_foreground,
+    list_slices,
+    load_nifti_as_dhw,
+    preprocess_volume,
+    stack_series,
+)
+from med3dvlm.data.volume_io import read_volume, read_volume_raw
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+SERIES = ("Axial_non_contrast", "Coronal_arterial_phase")
+SMALL = [8, 16, 16]
+
+
+# ----------------------------------------------------------------------------- raw fixtures
+
+
+def write_series(folder: Path, slices: int, shape: tuple[int, int] = (24, 20), seed: int = 0) -> None:
+    """Numbered JPEG slices: a bright block on black whose intensity grows with the slice number."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(slices):
+        image = np.zeros(shape, np.uint8)
+        image[3:-3, 2:-2] = 40 + 10 * k + rng.integers(0, 5, (shape[0] - 6, shape[1] - 4))
+        Image.fromarray(image).save(folder / f"{k}.jpeg", quality=95)
+
+
+def write_raw_m3d(root: Path, cases: int = 3, slices: int = 10, split_file: bool = False) -> Path:
+    """A raw M3D folder following the data contract (cases x SERIES, VQA CSVs)."""
+    vqa_rows = []
+    entries: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
+    for c in range(cases):
+        case = f"{c:06d}"
+        case_dir = root / "M3D_Cap" / "ct_case" / case
+        for s, series in enumerate(SERIES):
+            write_series(case_dir / series, slices, seed=10 * c + s)
+            image = f"ct_case/{case}/{series}.npy"
+            entries[("train", "validation", "test")[c % 3]].append(
+                {"image": image, "text": f"ct_case/{case}/text.txt"}
+            )
+            vqa_rows.append(
+                {
+                    "Image Path": image, "Text": "report", "Question Type": "3",
+                    "Question": "Which organ?", "Choice A": "liver", "Choice B": "spleen",
+                    "Choice C": "kidney", "Choice D": "lung", "Answer": "liver", "Answer Choice": "A",
+                }
+            )
+        (case_dir / "text.txt").write_text(
+            f"study_findings: Case {case} shows a 12 mm lesion in the liver.\ndiscussion: benign cyst."
+        )
+    if split_file:
+        (root / "M3D_Cap" / "M3D_Cap.json").write_text(json.dumps(entries))
+    vqa_dir = root / "M3D-VQA"
+    vqa_dir.mkdir(parents=True, exist_ok=True)
+    with open(vqa_dir / "M3D_VQA_train.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=VQA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(vqa_rows)
+    return root
+
+
+def write_own_csv(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] = ("image", "report")) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    return path
+
+
+def checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` except the manifest (it records the absolute source)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "manifest.json"
+    }
+
+
+def prepare(source: Path, out: Path, **kwargs) -> dict:
+    options = {"spatial_size": SMALL, "format": "npy", "workers": 1, "progress": False}
+    return prepare_dataset(source, out, **{**options, **kwargs})
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+def test_extract_report_takes_findings_then_discussion_then_whole_text(tmp_path: Path) -> None:
+    assert extract_report("study_findings: Liver cyst.\ndiscussion: benign", "r") == "Liver cyst."
+    assert extract_report("study_findings:   \ndiscussion: Benign.", "r") == "Benign."
+    assert extract_report("  Plain report text. ", "r") == "Plain report text."
+    with pytest.raises(DataError, match=r"^case/text\.txt: empty report"):
+        extract_report("study_findings:  \n discussion: ", "case/text.txt")
+    with pytest.raises(DataError, match="empty report"):
+        extract_report("   ", "x")
+
+
+def test_slices_are_read_in_numeric_order_and_minority_shapes_dropped(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", 12)
+    assert [p.name for p in list_slices(tmp_path / "s")][:4] == ["0.jpeg", "1.jpeg", "2.jpeg", "3.jpeg"]
+    assert list_slices(tmp_path / "s")[-1].name == "11.jpeg"
+    Image.fromarray(np.full((30, 30), 200, np.uint8)).save(tmp_path / "s" / "5.jpeg")
+    stacked = stack_series(tmp_path / "s")
+    assert stacked.dropped == ("5.jpeg",)
+    assert stacked.volume.shape == (11, 24, 20)
+    centre_means = stacked.volume[:, 12, 10].astype(int)
+    assert (np.diff(centre_means) > 0).all(), "slices must stack in numeric order (2 before 10)"
+
+
+def test_preprocess_normalises_crops_foreground_and_resizes() -> None:
+    volume = np.zeros((20, 40, 40), np.int16)
+    volume[5:15, 10:30, 20:40] = 1000
+    volume[10, 20, 25] = 3000
+    assert crop_foreground(volume.astype(np.float32)).shape == (10, 20, 20)
+    out = preprocess_volume(volume, (8, 16, 16))
+    assert out.shape == (8, 16, 16) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # Everything outside the block was cropped, so no background voxel survives the resize.
+    assert out.min() == pytest.approx(1000 / 3000, abs=1e-6)
+
+
+def test_preprocess_rejects_constant_and_non_finite_volumes() -> None:
+    with pytest.raises(DataError, match="scan.nii: constant volume"):
+        preprocess_volume(np.ones((4, 4, 4)), (2, 2, 2), source="scan.nii")
+    bad = np.random.default_rng(0).random((4, 4, 4))
+    bad[1, 1, 1] = np.nan
+    with pytest.raises(DataError, match="scan.nii: volume contains NaN or Inf"):
+        preprocess_volume(bad, (2, 2, 2), source="scan.nii")
+
+
+def test_load_nifti_reorients_to_canonical_dhw() -> None:
+    las = nib.load(NIBABEL_DATA / "anatomical.nii")  # x axis runs right-to-left
+    raw = np.asanyarray(las.dataobj)
+    dhw = load_nifti_as_dhw(NIBABEL_DATA / "anatomical.nii")
+    assert dhw.shape == (raw.shape[2], raw.shape[1], raw.shape[0])
+    np.testing.assert_array_equal(dhw, raw[::-1].transpose(2, 1, 0))
+    ras = nib.load(NIBABEL_DATA / "standard.nii.gz")
+    np.testing.assert_array_equal(
+        load_nifti_as_dhw(NIBABEL_DATA / "standard.nii.gz"), np.asanyarray(ras.dataobj).transpose(2, 1, 0)
+    )
+
+
+def test_load_nifti_rejects_4d_and_truncated_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"example4d\.nii\.gz: expected a 3D volume, got shape \(128, 96, 24, 2\)"):
+        load_nifti_as_dhw(NIBABEL_DATA / "example4d.nii.gz")
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes((NIBABEL_DATA / "standard.nii.gz").read_bytes()[:-20])
+    with pytest.raises(DataError, match=r"cut\.nii\.gz: unreadable or truncated NIfTI"):
+        load_nifti_as_dhw(truncated)
+    with pytest.raises(DataError, match=r"missing\.nii: file not found"):
+        load_nifti_as_dhw(tmp_path / "missing.nii")
+
+
+def test_hash_split_is_deterministic_and_follows_fractions() -> None:
+    fractions = {"train": 0.8, "validation": 0.1, "test": 0.1}
+    splits = [hash_split(f"{i:06d}", fractions) for i in range(2000)]
+    assert splits == [hash_split(f"{i:06d}", fractions) for i in range(2000)]
+    assert 0.75 < splits.count("train") / 2000 < 0.85
+    assert hash_split("x", {"train": 0.0, "validation": 0.0, "test": 1.0}) == "test"
+    assert series_key("ct_case/000123/Axial_C__portal_venous_phase.npy") == "ct_case/000123/Axial_C__portal_venous_phase"
+
+
+# ----------------------------------------------------------------------------- M3D preparation
+
+
+def test_m3d_prepare_writes_contract_layout_in_both_formats(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=3)
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(raw / "M3D_Cap/ct_case/000001/Axial_non_contrast/3.jpeg")
+    volumes = {}
+    for fmt in ("npy", "nii.gz"):
+        out = tmp_path / f"out_{fmt}"
+        manifest = prepare(raw, out, format=fmt)
+        assert manifest["counts"]["volumes_ok"] == 6 and manifest["skipped"] == []
+        assert manifest["counts"]["slices_dropped"] == 1
+        entry = manifest["volumes"][f"M3D_Cap/ct_case/000001/Axial_non_contrast.{fmt}"]
+        assert entry["dropped_slices"] == ["3.jpeg"] and entry["shape"] == SMALL
+        assert entry["dtype"] == ("uint8" if fmt == "npy" else "float32")
+        assert entry["source"] == "M3D_Cap/ct_case/000001/Axial_non_contrast"
+        split = json.loads((out / "M3D_Cap.json").read_text())
+        listed = [item for name in ("train", "validation", "test") for item in split[name]]
+        assert len(listed) == 6
+        for item in listed:
+            path = out / item["image"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest["volumes"][item["image"]]["sha256"]
+            assert (out / item["text"]).read_text().startswith("Case ")
+            assert "benign" not in (out / item["text"]).read_text()
+        # A case is in exactly one split.
+        case_splits = {(i["image"].split("/")[2], name) for name in split for i in split[name]}
+        assert len(case_splits) == 3
+        with open(out / "M3D-VQA" / "M3D_VQA_train.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == 6 and all((out / r["Image Path"]).is_file() for r in rows)
+        assert list(rows[0]) == list(VQA_COLUMNS)
+        volumes[fmt] = {i["image"].rsplit(".", 2)[0]: read_volume(out / i["image"], tuple(SMALL)) for i in listed}
+    for key, volume in volumes["nii.gz"].items():
+        np.testing.assert_allclose(volumes["npy"][key.replace(".nii", "")], volume, atol=1 / 510 + 1e-6)
+
+
+def test_m3d_split_file_is_followed(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=3, split_file=True)
+    prepare(raw, tmp_path / "out")
+    split = json.loads((tmp_path / "out" / "M3D_Cap.json").read_text())
+    assert {name: sorted({i["image"].split("/")[2] for i in items}) for name, items in split.items()} == {
+        "train": ["000000"], "validation": ["000001"], "test": ["000002"]
+    }
+
+
+def test_bad_jpeg_fails_naming_the_file_or_is_skipped_and_listed(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=2)
+    bad = raw / "M3D_Cap/ct_case/000001/Coronal_arterial_phase/4.jpeg"
+    bad.write_bytes(bad.read_bytes()[:150])
+    with pytest.raises(DataError, match=rf"^{bad}: unreadable or truncated image"):
+        prepare(raw, tmp_path / "fail")
+    manifest = prepare(raw, tmp_path / "skip", on_error="skip")
+    assert manifest["counts"]["volumes_ok"] == 3 and manifest["counts"]["skipped"] == 1
+    assert manifest["skipped"][0]["source"] == "M3D_Cap/ct_case/000001/Coronal_arterial_phase"
+    assert str(bad) in manifest["skipped"][0]["reason"]
+    assert str(bad) in (tmp_path / "skip" / "skipped.txt").read_text()
+    assert manifest["vqa"]["M3D_VQA_train.csv"]["dropped_images"] == ["ct_case/000001/Coronal_arterial_phase.npy"]
+    assert manifest["counts"]["vqa_rows_kept"] == 3 and manifest["counts"]["vqa_rows_dropped"] == 1
+
+
+def test_empty_report_and_missing_vqa_column_fail_naming_the_file(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=2)
+    report = raw / "M3D_Cap/ct_case/000000/text.txt"
+    report.write_text("study_findings: \n")
+    with pytest.raises(DataError, match=rf"^{report}: empty report"):
+        prepare(raw, tmp_path / "a")
+    manifest = prepare(raw, tmp_path / "b", on_error="skip")
+    assert sorted(s["source"] for s in manifest["skipped"]) == [f"M3D_Cap/ct_case/000000/{s}" for s in SERIES]
+    report.write_text("study_findings: fine")
+    vqa = raw / "M3D-VQA" / "M3D_VQA_train.csv"
+    vqa.write_text(vqa.read_text().replace("Answer Choice", "Letter"))
+    with pytest.raises(DataError, match=rf"^{vqa}: missing column 'Answer Choice'"):
+        prepare(raw, tmp_path / "c")
+
+
+def test_resume_reuses_valid_outputs_and_redoes_damaged_ones(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=2)
+    out = tmp_path / "out"
+    prepare(raw, out)
+    reference = checksums(out)
+    kept = out / "M3D_Cap/ct_case/000000/Axial_non_contrast.npy"
+    damaged = out / "M3D_Cap/ct_case/000001/Axial_non_contrast.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-10] + b"\0" * 10)
+    kept_mtime = kept.stat().st_mtime_ns
+    prepare(raw, out)
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert checksums(out) == reference
+    with pytest.raises(DataError, match=r"nowhere: not found"):
+        prepare(tmp_path / "nowhere", out)
+
+
+def test_parallel_workers_match_a_single_process(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=3)
+    prepare(raw, tmp_path / "one", workers=1)
+    prepare(raw, tmp_path / "two", workers=2)
+    assert checksums(tmp_path / "one") == checksums(tmp_path / "two")
+
+
+def test_prepare_resumes_after_sigkill_with_identical_outputs(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=12, slices=24)
+    size = "spatial_size=[32,96,96]"
+    uninterrupted = tmp_path / "uninterrupted"
+    prepare(raw, uninterrupted, spatial_size=[32, 96, 96], format="nii.gz")
+    out = tmp_path / "killed"
+    command = [
+        sys.executable, "-m", "med3dvlm.prepare", f"source={raw}", f"out={out}", size, "format=nii.gz",
+        "workers=2", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE)
+    journal = out / JOURNAL_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if journal.is_file() and journal.read_text().count("\n") >= 4:  # header + >= 3 volumes
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, f"prepare ended before it could be killed: {process.stderr.read().decode()}"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = journal.read_text().count("\n") - 1
+    assert 3 <= done < 24 and not (out / "manifest.json").exists()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming:" in result.stdout + result.stderr
+    assert checksums(out) == checksums(uninterrupted)
+    assert not list(out.rglob(".tmp-*")) and not journal.exists()
+
+
+# ----------------------------------------------------------------------------- own data
+
+
+def test_own_nifti_data_goes_through_the_csv_path(tmp_path: Path) -> None:
+    csv_path = write_own_csv(
+        tmp_path / "own.csv",
+        [
+            (str(NIBABEL_DATA / "anatomical.nii"), "A brain MRI without findings."),
+            (str(NIBABEL_DATA / "standard.nii.gz"), "study_findings: small test volume. discussion: none"),
+        ],
+    )
+    manifest = prepare(csv_path, tmp_path / "out", format="nii.gz", split={"train": 1.0})
+    assert sorted(manifest["volumes"]) == ["own/anatomical.nii.gz", "own/standard.nii.gz"]
+    split = json.loads((tmp_path / "out" / "M3D_Cap.json").read_text())
+    assert [i["image"] for i in split["train"]] == ["own/anatomical.nii.gz", "own/standard.nii.gz"]
+    assert split["validation"] == [] and split["test"] == []
+    assert (tmp_path / "out" / "own" / "standard.txt").read_text() == "small test volume."
+    volume = read_volume(tmp_path / "out" / "own" / "anatomical.nii.gz", tuple(SMALL))
+    expected = preprocess_volume(load_nifti_as_dhw(NIBABEL_DATA / "anatomical.nii"), SMALL)
+    np.testing.assert_allclose(volume, expected, atol=1e-7)
+    assert not (tmp_path / "out" / "M3D-VQA").exists()
+
+
+def test_own_data_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    missing_column = write_own_csv(tmp_path / "cols.csv", [("a.nii", "r")], columns=("image", "text"))
+    with pytest.raises(DataError, match=rf"^{missing_column}: missing column 'report'"):
+        prepare(missing_column, tmp_path / "o1")
+    with pytest.raises(DataError, match=r"absent\.csv: file not found"):
+        prepare(tmp_path / "absent.csv", tmp_path / "o2")
+
+    nan_path = tmp_path / "nan.nii.gz"
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    data[2, 3, 4] = np.inf
+    nib.save(nib.Nifti1Image(data, np.eye(4)), nan_path)
+    cases = {
+        "missing.nii.gz": "file not found",
+        str(NIBABEL_DATA / "example4d.nii.gz"): "expected a 3D volume",
+        str(nan_path): "NaN or Inf",
+    }
+    for image, problem in cases.items():
+        csv_path = write_own_csv(tmp_path / "one.csv", [(image, "report")])
+        with pytest.raises(DataError, match=problem) as info:
+            prepare(csv_path, tmp_path / "o3")
+        assert Path(image).name in str(info.value)
+    empty = write_own_csv(tmp_path / "empty.csv", [(str(NIBABEL_DATA / "standard.nii.gz"), "  ")])
+    with pytest.raises(DataError, match=rf"^{empty} line 2: empty report"):
+        prepare(empty, tmp_path / "o4")
+
+    mixed = write_own_csv(
+        tmp_path / "mixed.csv",
+        [(image, "report") for image in cases] + [(str(NIBABEL_DATA / "standard.nii.gz"), "ok")],
+    )
+    manifest = prepare(mixed, tmp_path / "o5", on_error="skip")
+    assert list(manifest["volumes"]) == ["own/standard.npy"]
+    assert manifest["counts"]["skipped"] == 3
+    assert len((tmp_path / "o5" / "skipped.txt").read_text().splitlines()) == 3
+
+
+def test_own_data_colliding_stems_get_distinct_outputs(tmp_path: Path) -> None:
+    for folder in ("p1", "p2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "ct.nii.gz").write_bytes((NIBABEL_DATA / "standard.nii.gz").read_bytes())
+    csv_path = write_own_csv(tmp_path / "own.csv", [("p1/ct.nii.gz", "one"), ("p2/ct.nii.gz", "two")])
+    manifest = prepare(csv_path, tmp_path / "out")
+    outputs = sorted(manifest["volumes"])
+    assert len(outputs) == 2 and all(o.startswith("own/ct_") for o in outputs)
+    assert {manifest["volumes"][o]["source"] for o in outputs} == {"p1/ct.nii.gz", "p2/ct.nii.gz"}
+    assert read_volume_raw(tmp_path / "out" / outputs[0]).shape == tuple(SMALL)
+
