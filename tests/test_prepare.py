@@ -88,7 +88,9 @@ def write_raw_m3d(root: Path, cases: int = 3, slices: int = 10, split_file: bool
     return root
 
 
-def write_own_csv(path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] = ("image", "report")) -> Path:
+def write_own_csv(
+    path: Path, rows: list[tuple[str, str]], columns: tuple[str, str] = ("image", "report")
+) -> Path:
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
@@ -169,7 +171,7 @@ def test_load_nifti_reorients_to_canonical_dhw() -> None:
 
 
 def test_load_nifti_rejects_4d_and_truncated_files(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"example4d\.nii\.gz: expected a 3D volume, got shape \(128, 96, 24, 2\)"):
+    with pytest.raises(DataError, match=r"4d\.nii\.gz: expected a 3D volume, got shape \(128, 96, 24, 2"):
         load_nifti_as_dhw(NIBABEL_DATA / "example4d.nii.gz")
     truncated = tmp_path / "cut.nii.gz"
     truncated.write_bytes((NIBABEL_DATA / "standard.nii.gz").read_bytes()[:-20])
@@ -185,7 +187,8 @@ def test_hash_split_is_deterministic_and_follows_fractions() -> None:
     assert splits == [hash_split(f"{i:06d}", fractions) for i in range(2000)]
     assert 0.75 < splits.count("train") / 2000 < 0.85
     assert hash_split("x", {"train": 0.0, "validation": 0.0, "test": 1.0}) == "test"
-    assert series_key("ct_case/000123/Axial_C__portal_venous_phase.npy") == "ct_case/000123/Axial_C__portal_venous_phase"
+    series = "ct_case/000123/Axial_C__portal_venous_phase"
+    assert series_key(f"{series}.npy") == series_key(f"M3D_Cap/{series}.nii.gz") == series
 
 
 # ----------------------------------------------------------------------------- M3D preparation
@@ -193,7 +196,8 @@ def test_hash_split_is_deterministic_and_follows_fractions() -> None:
 
 def test_m3d_prepare_writes_contract_layout_in_both_formats(tmp_path: Path) -> None:
     raw = write_raw_m3d(tmp_path / "raw", cases=3)
-    Image.fromarray(np.zeros((50, 50), np.uint8)).save(raw / "M3D_Cap/ct_case/000001/Axial_non_contrast/3.jpeg")
+    odd_slice = raw / "M3D_Cap/ct_case/000001/Axial_non_contrast/3.jpeg"
+    Image.fromarray(np.zeros((50, 50), np.uint8)).save(odd_slice)
     volumes = {}
     for fmt in ("npy", "nii.gz"):
         out = tmp_path / f"out_{fmt}"
@@ -209,7 +213,8 @@ def test_m3d_prepare_writes_contract_layout_in_both_formats(tmp_path: Path) -> N
         assert len(listed) == 6
         for item in listed:
             path = out / item["image"]
-            assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest["volumes"][item["image"]]["sha256"]
+            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert sha256 == manifest["volumes"][item["image"]]["sha256"]
             assert (out / item["text"]).read_text().startswith("Case ")
             assert "benign" not in (out / item["text"]).read_text()
         # A case is in exactly one split.
@@ -219,9 +224,10 @@ def test_m3d_prepare_writes_contract_layout_in_both_formats(tmp_path: Path) -> N
             rows = list(csv.DictReader(fh))
         assert len(rows) == 6 and all((out / r["Image Path"]).is_file() for r in rows)
         assert list(rows[0]) == list(VQA_COLUMNS)
-        volumes[fmt] = {i["image"].rsplit(".", 2)[0]: read_volume(out / i["image"], tuple(SMALL)) for i in listed}
+        volumes[fmt] = {i["image"]: read_volume(out / i["image"], tuple(SMALL)) for i in listed}
     for key, volume in volumes["nii.gz"].items():
-        np.testing.assert_allclose(volumes["npy"][key.replace(".nii", "")], volume, atol=1 / 510 + 1e-6)
+        npy = volumes["npy"][key.replace(".nii.gz", ".npy")]
+        np.testing.assert_allclose(npy, volume, atol=1 / 510 + 1e-6)
 
 
 def test_m3d_split_file_is_followed(tmp_path: Path) -> None:
@@ -244,7 +250,8 @@ def test_bad_jpeg_fails_naming_the_file_or_is_skipped_and_listed(tmp_path: Path)
     assert manifest["skipped"][0]["source"] == "M3D_Cap/ct_case/000001/Coronal_arterial_phase"
     assert str(bad) in manifest["skipped"][0]["reason"]
     assert str(bad) in (tmp_path / "skip" / "skipped.txt").read_text()
-    assert manifest["vqa"]["M3D_VQA_train.csv"]["dropped_images"] == ["ct_case/000001/Coronal_arterial_phase.npy"]
+    dropped = manifest["vqa"]["M3D_VQA_train.csv"]["dropped_images"]
+    assert dropped == ["ct_case/000001/Coronal_arterial_phase.npy"]
     assert manifest["counts"]["vqa_rows_kept"] == 3 and manifest["counts"]["vqa_rows_dropped"] == 1
 
 
@@ -304,12 +311,12 @@ def test_prepare_resumes_after_sigkill_with_identical_outputs(tmp_path: Path) ->
         if journal.is_file() and journal.read_text().count("\n") >= 4:  # header + >= 3 volumes
             break
         time.sleep(0.005)
-    assert process.poll() is None, f"prepare ended before it could be killed: {process.stderr.read().decode()}"
+    assert process.poll() is None, f"prepare ended before being killed: {process.stderr.read().decode()}"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done = journal.read_text().count("\n") - 1
     assert 3 <= done < 24 and not (out / "manifest.json").exists()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "resuming:" in result.stdout + result.stderr
     assert checksums(out) == checksums(uninterrupted)
