@@ -188,7 +188,8 @@ class DCFormer(nn.Module):
         kernel_sizes: depthwise kernel of stages s1..s4.
         stem_kernel_sizes, stem_stride: the stem's kernels and the first one's stride.
         layer_scale: initial value of every block's per-channel scale.
-        channels_last: keep weights and activations in ``torch.channels_last_3d``.
+        channels_last: keep weights and activations in ``torch.channels_last_3d`` (faster on CPU).
+            Use this flag rather than ``model.to(memory_format=...)``: see the stem note in ``__init__``.
         compile: wrap each stage in ``torch.compile``.
     """
 
@@ -220,6 +221,8 @@ class DCFormer(nn.Module):
             )
         if num_blocks[0] != 1:
             raise ValueError(f"DCFormer stage s0 is the stem and has exactly 1 block, got num_blocks[0]={num_blocks[0]}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"DCFormer drop_path must be in [0, 1), got {drop_path}")
         stems = {"reference": ReferenceStem, "full": FullStem}
         if stem not in stems:
             raise ValueError(f"DCFormer stem {stem!r} unknown; choose one of {sorted(stems)}")
@@ -227,7 +230,8 @@ class DCFormer(nn.Module):
         self.out_channels: list[int] = list(channels)
         self.stem_stride = stem_stride
         self.channels_last = channels_last
-        rates = torch.linspace(0, drop_path, sum(num_blocks[1:])).tolist()
+        total = sum(num_blocks[1:])
+        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
         stages: list[nn.Module] = [stems[stem](in_channels, channels[0], stem_kernel_sizes, stem_stride)]
         for i in range(1, 5):
             stages.append(nn.Sequential(*(
@@ -238,6 +242,12 @@ class DCFormer(nn.Module):
         self.stages = nn.ModuleList(stages)
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
+            for module in self.modules():
+                # torch 2.13's CPU Conv3d corrupts the heap when the weight or the input of a conv with
+                # one input channel is in channels_last_3d (the stem's first conv, kernel (1, 1, 7),
+                # stride 4); with one input channel both layouts hold the data in the same order.
+                if isinstance(module, nn.Conv3d) and module.in_channels == 1:
+                    module.weight = nn.Parameter(module.weight.detach().clone(memory_format=torch.contiguous_format))
         if compile:
             for stage in self.stages:
                 stage.compile()
@@ -256,7 +266,9 @@ class DCFormer(nn.Module):
             raise ValueError(f"DCFormer expects (B, C, D, H, W), got shape {tuple(x.shape)}")
         x = x.permute(0, 1, 3, 4, 2)
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+            # One input channel stays in the default layout: see the torch note in __init__.
+            layout = torch.channels_last_3d if x.shape[1] > 1 else torch.contiguous_format
+            x = x.contiguous(memory_format=layout)
         outputs = []
         for stage in self.stages:
             x = stage(x)

@@ -88,7 +88,10 @@ def convert_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, rules
             raise ReferenceLayoutError(f"key {key!r} does not start with the expected prefix {prefix!r}")
         ours = _rename(key[len(prefix):], rules)
         if ours is None:
-            raise ReferenceLayoutError(f"key {key!r} is not part of the original {type(model).__name__} layout")
+            raise ReferenceLayoutError(
+                f"key {key!r} is not part of the original {type(model).__name__} layout "
+                f"after removing the prefix {prefix!r} (is the prefix right?)"
+            )
         if ours not in expected:
             raise ReferenceLayoutError(
                 f"key {key!r} (ours: {ours!r}) does not exist in this {type(model).__name__}; "
