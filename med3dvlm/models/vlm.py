@@ -231,6 +231,8 @@ class VisionLanguageModel(nn.Module):
 
 def load_state_strict(module: nn.Module, path: str | os.PathLike) -> None:
     """Load a safetensors file into ``module``; missing, extra or mis-shaped keys are an error."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: weights not found")
     state = load_file(str(path))
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
@@ -242,7 +244,7 @@ def load_state_strict(module: nn.Module, path: str | os.PathLike) -> None:
     for key, value in state.items():
         if value.shape != own[key].shape:
             raise ValueError(
-                f"{path}: key {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+                f"{path}: key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
             )
     module.load_state_dict(state, strict=True)
 

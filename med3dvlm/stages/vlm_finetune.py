@@ -1,0 +1,118 @@
+"""Stage 3, ``stage=finetune``: LoRA on the LLM, projector trainable, encoder trainable or frozen.
+
+The encoder and projector come strictly from the pretrain hand-off (which names the encoder export
+it used); the ``<im_patch>`` row comes from it too. The hand-off written here holds the adapter
+and every other trained tensor; ``python -m med3dvlm.export`` merges it into one model folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from peft import LoraConfig
+from torch import nn
+
+from med3dvlm.models.llm import LanguageModel
+from med3dvlm.models.lora import add_lora
+from med3dvlm.models.vlm import VisionLanguageModel, load_state_strict
+from med3dvlm.stages.handoff import load_image_token_row, read_handoff, save_tensors, write_handoff
+from med3dvlm.stages.vlm_stage import VLMStage
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_COMMAND = "python -m med3dvlm.train stage=pretrain"
+
+
+def load_pretrain_handoff(
+    folder: str | Path, vision_tower: nn.Module, llm: LanguageModel
+) -> tuple[VisionLanguageModel, dict[str, Any]]:
+    """Rebuild the stage-2 VLM: vision tower, projector (strict) and ``<im_patch>`` row from ``folder``."""
+    folder = Path(folder)
+    meta = read_handoff(folder, "projector", PRETRAIN_COMMAND)
+    projector = instantiate(meta["projector"])
+    load_state_strict(projector, folder / "projector.safetensors")
+    language_model = llm.load_model()
+    hidden = language_model.get_input_embeddings().weight.shape[1]
+    if meta["projector"].get("llm_dim", hidden) != hidden:
+        raise ValueError(
+            f"{folder}: the projector was trained for an LLM width of {meta['projector']['llm_dim']} "
+            f"({meta['llm']}), the configured LLM {llm.name_or_path} has {hidden}"
+        )
+    model = VisionLanguageModel(vision_tower, projector, language_model, llm.load_tokenizer(),
+                                image_token=meta["image_token"], reference_placement=meta["reference_placement"])
+    with torch.no_grad():
+        model.image_token_embedding.copy_(load_image_token_row(folder / "image_token.safetensors", hidden))
+    return model, meta
+
+
+class FinetuneStage(VLMStage):
+    """LoRA fine-tuning.
+
+    Args:
+        model: the stage-2 VLM (see ``load_pretrain_handoff``).
+        pretrain_meta: the pretrain hand-off metadata (component configs, recorded in this hand-off).
+        lora: peft ``LoraConfig`` (r, alpha, dropout, target modules; ``all-linear`` by default).
+        train_vision_tower: train the encoder too (the paper does); else frozen in eval mode.
+        train_input_embeddings / train_lm_head: also train the full input embedding / output head.
+    """
+
+    def __init__(
+        self,
+        model: VisionLanguageModel,
+        pretrain_meta: dict[str, Any],
+        pretrain_export: str,
+        vision_tower_config: dict[str, Any],
+        lora: LoraConfig,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        train_vision_tower: bool = True,
+        train_input_embeddings: bool = False,
+        train_lm_head: bool = False,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        experiment: str = "default",
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(optimizer, weight_decay, warmup_ratio, export_dir)
+        self.model = model
+        self.pretrain_meta = pretrain_meta
+        self.pretrain_export = str(pretrain_export)
+        self.vision_tower_config = vision_tower_config
+        self.experiment = experiment
+        add_lora(model, lora)
+        if train_vision_tower:
+            model.vision_tower.requires_grad_(True)
+        else:
+            model.freeze_vision_tower()
+        model.projector.requires_grad_(True)
+        model.image_token_embedding.requires_grad_(True)
+        self.extra_trained: dict[str, nn.Parameter] = {}
+        if train_input_embeddings:
+            self.extra_trained["input_embeddings"] = model.llm.get_input_embeddings().weight
+        if train_lm_head:
+            self.extra_trained["lm_head"] = model.llm.get_output_embeddings().weight
+        for weight in self.extra_trained.values():
+            weight.requires_grad_(True)
+        log.info("finetune: %d trainable parameters", self.trainable_parameter_count())
+
+    def write_export(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.llm.save_pretrained(folder / "adapter")
+        self.model.tokenizer.save_pretrained(folder / "tokenizer")
+        save_tensors(folder / "vision_tower.safetensors", self.model.vision_tower.state_dict())
+        save_tensors(folder / "projector.safetensors", self.model.projector.state_dict())
+        save_tensors(folder / "image_token.safetensors", {"embedding": self.model.image_token_embedding})
+        if self.extra_trained:
+            save_tensors(folder / "embeddings.safetensors", dict(self.extra_trained))
+        meta = {k: v for k, v in self.pretrain_meta.items() if k != "kind"}
+        return write_handoff(folder, "adapter", {
+            **meta,
+            "experiment": self.experiment,
+            "pretrain_export": self.pretrain_export,
+            "vision_tower": self.vision_tower_config,
+            "trained_embeddings": sorted(self.extra_trained),
+        })

@@ -1,0 +1,80 @@
+"""Stage 2, ``stage=pretrain``: train the projector and the ``<im_patch>`` row, everything else frozen.
+
+The stage-1 encoder export is loaded strictly; the encoder runs in eval mode (BatchNorm running
+statistics frozen) and the LLM is frozen. The hand-off holds the projector and the row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from med3dvlm.models.llm import LanguageModel
+from med3dvlm.stages.handoff import save_tensors, write_handoff
+from med3dvlm.stages.vlm_stage import VLMStage, build_vlm
+
+log = logging.getLogger(__name__)
+
+
+class PretrainStage(VLMStage):
+    """Projector pre-training.
+
+    Args:
+        vision_tower: the stage-1 encoder, loaded (strictly) from its export.
+        vision_tower_config: its ``_target_`` config (recorded in the hand-off).
+        encoder_export: where it came from (recorded in the hand-off).
+        projector: projector config node (``_target_`` with derived sizes left open).
+        llm: the causal LM source.
+        input_size: volume size ``(D, H, W)``; fixes the encoder's token counts.
+        optimizer: ``_partial_`` optimiser taking parameter groups.
+        reference_placement: the original's image-token placement (only to continue released weights).
+    """
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        vision_tower_config: dict,
+        encoder_export: str,
+        projector: Mapping,
+        llm: LanguageModel,
+        input_size: tuple[int, int, int],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        reference_placement: bool = False,
+        experiment: str = "default",
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(optimizer, weight_decay, warmup_ratio, export_dir)
+        self.model, self.projector_config = build_vlm(vision_tower, projector, llm, input_size,
+                                                      reference_placement)
+        self.vision_tower_config = vision_tower_config
+        self.encoder_export = str(encoder_export)
+        self.experiment = experiment
+        self.llm_source = llm
+        self.input_size = list(input_size)
+        self.model.freeze_vision_tower()
+        self.model.llm.requires_grad_(False)
+        self.model.projector.requires_grad_(True)
+        self.model.image_token_embedding.requires_grad_(True)
+        log.info("pretrain: %d trainable parameters (projector + <im_patch> row)", self.trainable_parameter_count())
+
+    def write_export(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(folder / "projector.safetensors", self.model.projector.state_dict())
+        save_tensors(folder / "image_token.safetensors", {"embedding": self.model.image_token_embedding})
+        return write_handoff(folder, "projector", {
+            "experiment": self.experiment,
+            "encoder_export": self.encoder_export,
+            "vision_tower": self.vision_tower_config,
+            "projector": self.projector_config,
+            "llm": self.llm_source.name_or_path,
+            "input_size": self.input_size,
+            "image_token": self.model.image_token,
+            "num_image_tokens": self.model.num_image_tokens,
+            "reference_placement": self.model.reference_placement,
+        })

@@ -1,0 +1,159 @@
+"""What stages 2 (pretrain) and 3 (finetune) share: the VLM build, the LM-loss loop, the optimiser.
+
+The LightningModules orchestrate: they build the VLM from component configs and hand-off folders,
+decide what trains, log, and write their hand-off folder at the end of training. The model itself
+lives in ``med3dvlm.models.vlm``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from med3dvlm.models.llm import LanguageModel
+from med3dvlm.models.projectors import encoder_sizes
+from med3dvlm.models.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+def plain_config(node: Mapping | DictConfig) -> dict[str, Any]:
+    """A ``_target_`` node as a plain, resolved dict (what a hand-off records)."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+def build_projector(
+    projector: Mapping, vision_tower: nn.Module, input_size: Iterable[int], llm_dim: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The projector from its config node with the sizes derived from the encoder and LLM, and that
+    completed config (which rebuilds it exactly)."""
+    config = plain_config(projector)
+    config.pop("_partial_", None)
+    config.update(encoder_sizes(vision_tower, tuple(input_size)), llm_dim=llm_dim)
+    return instantiate(config), config
+
+
+def build_vlm(
+    vision_tower: nn.Module,
+    projector: Mapping,
+    llm: LanguageModel,
+    input_size: Iterable[int],
+    reference_placement: bool = False,
+) -> tuple[VisionLanguageModel, dict[str, Any]]:
+    """VLM from a loaded vision tower, a projector config node and an LLM source; also returns the
+    completed projector config."""
+    language_model = llm.load_model()
+    tokenizer = llm.load_tokenizer()
+    hidden = language_model.get_input_embeddings().weight.shape[1]
+    proj, proj_config = build_projector(projector, vision_tower, input_size, hidden)
+    model = VisionLanguageModel(vision_tower, proj, language_model, tokenizer,
+                                reference_placement=reference_placement)
+    return model, proj_config
+
+
+class VLMStage(L.LightningModule):
+    """LM loss on image + prompt + answer batches; trains whatever parameters require grad.
+
+    Batches follow the datamodule contract: ``image (B,1,D,H,W)``, ``input_ids``,
+    ``attention_mask``, ``labels`` (-100 except answer + EOS).
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.export_dir = Path(export_dir) if export_dir else None
+        self.model: VisionLanguageModel
+        self._step_started = 0.0
+
+    # --- Lightning hooks ------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        out = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"],
+                         labels=batch["labels"])
+        return out.loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/padded_length", float(batch["input_ids"].shape[1]), batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_started
+        self.log("train/samples_per_s", batch["input_ids"].shape[0] / max(seconds, 1e-9))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        self.log("test/loss", loss, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
+        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
+        optimizer = self.optimizer_factory([
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ])
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = math.ceil(self.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.export_dir is not None and self.trainer.is_global_zero:
+            folder = self.write_export(self.export_dir)
+            log.info("wrote %s export to %s", type(self).__name__, folder)
+
+    # --- subclass API ---------------------------------------------------------------------
+
+    def write_export(self, folder: Path) -> Path:
+        """Write this stage's hand-off folder."""
+        raise NotImplementedError
+
+    def datamodule_kwargs(self) -> dict[str, Any]:
+        """What the datamodule needs from the model: its tokenizer (with ``<im_patch>``) and token count."""
+        return {
+            "tokenizer": self.model.tokenizer,
+            "image_token": self.model.image_token,
+            "num_image_tokens": self.model.num_image_tokens,
+        }
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
