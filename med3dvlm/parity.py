@@ -40,7 +40,9 @@ class Comparison:
 
 def _compare(name: str, ours: Tensor, ref: Tensor, path: Path) -> Comparison:
     if ours.shape != ref.shape:
-        raise DataError(path, f"{name}: our output has shape {list(ours.shape)}, the reference {list(ref.shape)}")
+        raise DataError(
+            path, f"{name}: our output has shape {list(ours.shape)}, the reference {list(ref.shape)}"
+        )
     ref = ref.float()
     return Comparison(name, (ours - ref).abs().max().item(), ref.abs().max().item())
 
@@ -122,12 +124,19 @@ def compare_file(path: str | Path) -> list[Comparison]:
         return [_compare("output", output, data["output"], path)]
     hidden = model(data["input"].float())
     if len(hidden) != len(data["hidden_states"]):
-        raise DataError(path, f"{len(data['hidden_states'])} hidden_states stored, our model returns {len(hidden)}")
-    rows = [_compare(f"hidden_states[{i}]", o, r, path) for i, (o, r) in enumerate(zip(hidden, data["hidden_states"]))]
+        raise DataError(
+            path, f"{len(data['hidden_states'])} hidden_states stored, our model returns {len(hidden)}"
+        )
+    rows = [
+        _compare(f"hidden_states[{i}]", o, r, path)
+        for i, (o, r) in enumerate(zip(hidden, data["hidden_states"]))
+    ]
     # stage_io lives in the encoder's internal (B, C, H, W, D) frame, which our stages share.
     for name, io in data.get("stage_io", {}).items():
         index = int(name.removeprefix("s"))
-        rows.append(_compare(f"stage_io.{name}", model.stages[index](io["input"].float()), io["output"], path))
+        rows.append(
+            _compare(f"stage_io.{name}", model.stages[index](io["input"].float()), io["output"], path)
+        )
     return rows
 
 
@@ -143,8 +152,11 @@ def format_table(rows: list[Comparison], tolerance: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m med3dvlm.parity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m med3dvlm.parity",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("file", type=Path, help="reference test-vector .pt file")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="maximum relative difference")
     args = parser.parse_args(argv)

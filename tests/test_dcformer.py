@@ -59,9 +59,15 @@ def test_converter_names_the_first_offending_key(reference_keys):
         model = DCFormer("small")
     entries = reference_keys["dcformer"]["small"]["state_dict"]
     tiny = reference_keys["dcformer"]["tiny"]["state_dict"]
-    with pytest.raises(ReferenceLayoutError, match=r"'encoder\.s0\.0\.0\.c1\.0\.weight': shape \[64, 1, 7, 1, 2\].* has \[64, 1, 7, 1, 1\]"):
-        convert_state_dict(_meta_state_dict([["encoder.s0.0.0.c1.0.weight", [64, 1, 7, 1, 2]]] + entries[1:]),
-                           model, DCFORMER_RULES)
+    with pytest.raises(
+        ReferenceLayoutError,
+        match=r"'encoder\.s0\.0\.0\.c1\.0\.weight': shape \[64, 1, 7, 1, 2\].* has \[64, 1, 7, 1, 1\]",
+    ):
+        convert_state_dict(
+            _meta_state_dict([["encoder.s0.0.0.c1.0.weight", [64, 1, 7, 1, 2]]] + entries[1:]),
+            model,
+            DCFORMER_RULES,
+        )
     with pytest.raises(ReferenceLayoutError, match=r"no entry for DCFormer key 'stages\.3\.3\.scale'"):
         convert_state_dict(_meta_state_dict(tiny), model, DCFORMER_RULES)
     with pytest.raises(ReferenceLayoutError, match=r"'encoder\.s9\.0\.scale' is not part of the original"):

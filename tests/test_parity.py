@@ -29,7 +29,9 @@ def test_reference_files_pass(name, reference_dir, capsys):
 
 def test_dcformer_compares_every_output_and_stage(reference_dir):
     rows = compare_file(reference_dir / "dcformer_nano.pt")
-    assert [r.name for r in rows] == [f"hidden_states[{i}]" for i in range(5)] + [f"stage_io.s{i}" for i in range(5)]
+    assert [r.name for r in rows] == [f"hidden_states[{i}]" for i in range(5)] + [
+        f"stage_io.s{i}" for i in range(5)
+    ]
     assert all(r.relative <= 1e-5 and r.max_ref > 0 for r in rows)
 
 
@@ -98,12 +100,18 @@ def test_prefixed_checkpoints_load_through_take_prefix(vectors):
     vlm |= {f"model.mm_projector.{k}": v for k, v in mixer.items()}
     vlm["lm_head.weight"] = torch.zeros(3, 2)
     encoder = DCFormer("nano")
-    load_reference_state_dict(encoder, take_prefix(vlm, "model.vision_tower.vision_tower."),
-                              prefix="model.vision_tower.vision_tower.")
+    load_reference_state_dict(
+        encoder,
+        take_prefix(vlm, "model.vision_tower.vision_tower."),
+        prefix="model.vision_tower.vision_tower.",
+    )
     assert torch.equal(encoder.stages[4][0].scale, nano["encoder.s4.0.scale"])
     projector = MixerProjector([128, 256], [32, 4], 256, (24, 16), (8, 16))
-    load_reference_state_dict(projector, take_prefix(vlm, "model.mm_projector."), prefix="model.mm_projector.")
-    assert torch.equal(projector.high[1].channel_mlp.linears[1].weight,
-                       mixer["high_mixer.1.mlp2.mm_projector.1.1.weight"])
+    load_reference_state_dict(
+        projector, take_prefix(vlm, "model.mm_projector."), prefix="model.mm_projector."
+    )
+    assert torch.equal(
+        projector.high[1].channel_mlp.linears[1].weight, mixer["high_mixer.1.mlp2.mm_projector.1.1.weight"]
+    )
     with pytest.raises(ReferenceLayoutError, match="no key starts with prefix 'vision_encoder.'"):
         take_prefix(vlm, "vision_encoder.")

@@ -31,7 +31,9 @@ def test_paper_mixer_size_and_layout(reference_dir):
 
 def test_mixer_output_is_low_then_high_stream():
     torch.manual_seed(0)
-    mixer = MixerProjector([8, 16, 32], [999, 40, 6], llm_dim=24, low_tokens=(10, 7), high_tokens=(5, 3)).eval()
+    mixer = MixerProjector(
+        [8, 16, 32], [999, 40, 6], llm_dim=24, low_tokens=(10, 7), high_tokens=(5, 3)
+    ).eval()
     stages = [torch.randn(2, 999, 8), torch.randn(2, 40, 16), torch.randn(2, 6, 32)]
     with torch.no_grad():
         out = mixer(stages)
@@ -44,7 +46,9 @@ def test_mixer_output_is_low_then_high_stream():
 
 def test_mixer_layer_matches_its_definition():
     torch.manual_seed(0)
-    mixer = MixerProjector([6, 10], [9, 4], llm_dim=8, low_tokens=(5,), high_tokens=(3,), depth=1, mlp_depth=3)
+    mixer = MixerProjector(
+        [6, 10], [9, 4], llm_dim=8, low_tokens=(5,), high_tokens=(3,), depth=1, mlp_depth=3
+    )
     layer = mixer.low[0]
     x = torch.randn(2, 9, 6)
     expected = _layer_norm(x, layer.token_norm).transpose(1, 2)
@@ -65,11 +69,16 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"low_tokens": (192, 128, 64)}, r"depth=2 needs one low_tokens entry per Mixer layer, got \[192, 128, 64\]"),
+        (
+            {"low_tokens": (192, 128, 64)},
+            r"depth=2 needs one low_tokens entry per Mixer layer, got \[192, 128, 64\]",
+        ),
         ({"high_tokens": (64,)}, r"depth=2 needs one high_tokens entry per Mixer layer"),
         ({"llm_dim": 3583}, r"llm_dim=3583 is not divisible by 2\*\*\(depth-1\)=2"),
-        ({"depth": 3, "low_tokens": (1, 2, 3), "high_tokens": (1, 2, 3), "llm_dim": 6},
-         r"llm_dim=6 is not divisible by 2\*\*\(depth-1\)=4"),
+        (
+            {"depth": 3, "low_tokens": (1, 2, 3), "high_tokens": (1, 2, 3), "llm_dim": 6},
+            r"llm_dim=6 is not divisible by 2\*\*\(depth-1\)=4",
+        ),
         ({"encoder_tokens": [256, 32]}, r"encoder_channels has 5 stages but encoder_tokens has 2"),
         ({"encoder_channels": [768], "encoder_tokens": [32]}, r"needs at least 2 encoder stage\(s\), got 1"),
         ({"mlp_depth": 0}, r"depth and mlp_depth must be >= 1"),
@@ -84,7 +93,9 @@ def test_mixer_size_errors_name_the_sizes(kwargs, message):
 
 def test_mixer_rejects_inputs_of_another_encoder():
     mixer = MixerProjector([16, 32], [8, 2], llm_dim=8, low_tokens=(4, 4), high_tokens=(2, 2))
-    with pytest.raises(ValueError, match=r"low \(stages\[-2\]\) stage: expected \(B, 8, 16\).*got \(1, 9, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"low \(stages\[-2\]\) stage: expected \(B, 8, 16\).*got \(1, 9, 16\)"
+    ):
         mixer([torch.randn(1, 9, 16), torch.randn(1, 2, 32)])
 
 

@@ -55,17 +55,23 @@ def test_stage_selection_and_last_stage_is_normalised():
 
 def test_vit_feeds_the_mixer():
     model = _tiny().eval()
-    mixer = MixerProjector(**encoder_sizes(model, (16, 32, 32)), llm_dim=16, low_tokens=(24, 8), high_tokens=(16, 8))
+    mixer = MixerProjector(
+        **encoder_sizes(model, (16, 32, 32)), llm_dim=16, low_tokens=(24, 8), high_tokens=(16, 8)
+    )
     with torch.no_grad():
         assert mixer(model(torch.rand(2, 1, 16, 32, 32))).shape == (2, 16, 16)
 
 
 def test_errors_name_the_sizes():
-    with pytest.raises(ValueError, match=r"input size \[16, 30, 32\] must be 3 sizes, each a multiple of patch_size"):
+    with pytest.raises(
+        ValueError, match=r"input size \[16, 30, 32\] must be 3 sizes, each a multiple of patch_size"
+    ):
         _tiny().token_counts((16, 30, 32))
     with pytest.raises(ValueError, match="dim=30 is not divisible by heads=4"):
         _tiny(dim=30)
-    with pytest.raises(ValueError, match=r"stage_blocks=\[2, 3\] must be increasing block counts >= 1 ending at depth=4"):
+    with pytest.raises(
+        ValueError, match=r"stage_blocks=\[2, 3\] must be increasing block counts >= 1 ending at depth=4"
+    ):
         _tiny(stage_blocks=(2, 3))
 
 

@@ -28,12 +28,27 @@ def _timings(channels_last: bool, repeats: int) -> list[BenchRow]:
         sum(out.mean() for out in model(x)).backward()
 
     model.eval()
-    rows = [BenchRow("encoder", f"DCFormer-small forward {SHAPE}, eval, {layout}",
-                     median_seconds(forward, repeats), "s", ORIGINAL["forward"], "2 threads, median")]
+    rows = [
+        BenchRow(
+            "encoder",
+            f"DCFormer-small forward {SHAPE}, eval, {layout}",
+            median_seconds(forward, repeats),
+            "s",
+            ORIGINAL["forward"],
+            "2 threads, median",
+        )
+    ]
     model.train()
-    rows.append(BenchRow("encoder", f"DCFormer-small forward+backward {SHAPE}, train, {layout}",
-                         median_seconds(forward_backward, repeats), "s", ORIGINAL["forward+backward"],
-                         "2 threads, median"))
+    rows.append(
+        BenchRow(
+            "encoder",
+            f"DCFormer-small forward+backward {SHAPE}, train, {layout}",
+            median_seconds(forward_backward, repeats),
+            "s",
+            ORIGINAL["forward+backward"],
+            "2 threads, median",
+        )
+    )
     return rows
 
 
@@ -45,8 +60,16 @@ def _coverage() -> list[BenchRow]:
         # input_coverage works in the encoder's internal (H, W, D) frame.
         d, h, w = COVERAGE_SIZE
         fraction = input_coverage(model.stages[0], (h, w, d))
-        rows.append(BenchRow("encoder", f"input voxels reaching the output, stem={stem}, {COVERAGE_SIZE}",
-                             100 * fraction, "%", original, "gradient support of the stem"))
+        rows.append(
+            BenchRow(
+                "encoder",
+                f"input voxels reaching the output, stem={stem}, {COVERAGE_SIZE}",
+                100 * fraction,
+                "%",
+                original,
+                "gradient support of the stem",
+            )
+        )
     return rows
 
 

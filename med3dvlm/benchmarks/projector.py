@@ -27,5 +27,13 @@ def run(quick: bool) -> list[BenchRow]:
         seconds = median_seconds(forward, repeats=2 if quick else 5)
     finally:
         torch.set_num_threads(threads)
-    return [BenchRow("projector", f"Mixer forward, batch {BATCH}, (256x384, 32x768) -> 256x{LLM_DIM}",
-                     seconds, "s", "1.60 s", "2 threads, median")]
+    return [
+        BenchRow(
+            "projector",
+            f"Mixer forward, batch {BATCH}, (256x384, 32x768) -> 256x{LLM_DIM}",
+            seconds,
+            "s",
+            "1.60 s",
+            "2 threads, median",
+        )
+    ]

@@ -67,16 +67,18 @@ class DecompConv3d(nn.Module):
     on all three axes, and no activation follows.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
         for axis, name in enumerate(AXES):
             kernel = [1, 1, 1]
             kernel[axis] = kernel_size
             padding = [0, 0, 0]
             padding[axis] = kernel_size // 2
-            conv = nn.Conv3d(in_channels, out_channels, tuple(kernel), stride=stride,
-                             padding=tuple(padding), groups=groups)
+            conv = nn.Conv3d(
+                in_channels, out_channels, tuple(kernel), stride=stride, padding=tuple(padding), groups=groups
+            )
             self.add_module(name, ConvNorm(conv))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,10 +90,12 @@ class ReferenceStem(nn.Module):
 
     def __init__(self, in_channels: int, channels: int, kernel_sizes: Sequence[int], stride: int) -> None:
         super().__init__()
-        self.layers = nn.Sequential(*(
-            DecompConv3d(in_channels if i == 0 else channels, channels, k, stride if i == 0 else 1)
-            for i, k in enumerate(kernel_sizes)
-        ))
+        self.layers = nn.Sequential(
+            *(
+                DecompConv3d(in_channels if i == 0 else channels, channels, k, stride if i == 0 else 1)
+                for i, k in enumerate(kernel_sizes)
+            )
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
@@ -107,9 +111,9 @@ class FullStem(nn.Module):
         super().__init__()
         self.stride = stride
         first = in_channels * stride**3
-        self.layers = nn.Sequential(*(
-            DecompConv3d(first if i == 0 else channels, channels, k) for i, k in enumerate(kernel_sizes)
-        ))
+        self.layers = nn.Sequential(
+            *(DecompConv3d(first if i == 0 else channels, channels, k) for i, k in enumerate(kernel_sizes))
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         s = self.stride
@@ -149,8 +153,15 @@ class ConvBlock(nn.Module):
     There is no normalisation around the MLP, as in the original.
     """
 
-    def __init__(self, in_channels: int, channels: int, kernel_size: int, downsample: bool,
-                 drop_path_rate: float = 0.0, layer_scale: float = 1e-6) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel_size: int,
+        downsample: bool,
+        drop_path_rate: float = 0.0,
+        layer_scale: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.downsample = downsample
         if downsample:
@@ -220,7 +231,9 @@ class DCFormer(nn.Module):
                 f"{len(channels)} and {len(kernel_sizes)}"
             )
         if num_blocks[0] != 1:
-            raise ValueError(f"DCFormer stage s0 is the stem and has exactly 1 block, got num_blocks[0]={num_blocks[0]}")
+            raise ValueError(
+                f"DCFormer stage s0 is the stem and has exactly 1 block, got num_blocks[0]={num_blocks[0]}"
+            )
         if not 0.0 <= drop_path < 1.0:
             raise ValueError(f"DCFormer drop_path must be in [0, 1), got {drop_path}")
         stems = {"reference": ReferenceStem, "full": FullStem}
@@ -234,11 +247,21 @@ class DCFormer(nn.Module):
         rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
         stages: list[nn.Module] = [stems[stem](in_channels, channels[0], stem_kernel_sizes, stem_stride)]
         for i in range(1, 5):
-            stages.append(nn.Sequential(*(
-                ConvBlock(channels[i - 1], channels[i], kernel_sizes[i - 1], downsample=j == 0,
-                          drop_path_rate=rates.pop(0), layer_scale=layer_scale)
-                for j in range(num_blocks[i])
-            )))
+            stages.append(
+                nn.Sequential(
+                    *(
+                        ConvBlock(
+                            channels[i - 1],
+                            channels[i],
+                            kernel_sizes[i - 1],
+                            downsample=j == 0,
+                            drop_path_rate=rates.pop(0),
+                            layer_scale=layer_scale,
+                        )
+                        for j in range(num_blocks[i])
+                    )
+                )
+            )
         self.stages = nn.ModuleList(stages)
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
@@ -247,7 +270,9 @@ class DCFormer(nn.Module):
                 # one input channel is in channels_last_3d (the stem's first conv, kernel (1, 1, 7),
                 # stride 4); with one input channel both layouts hold the data in the same order.
                 if isinstance(module, nn.Conv3d) and module.in_channels == 1:
-                    module.weight = nn.Parameter(module.weight.detach().clone(memory_format=torch.contiguous_format))
+                    module.weight = nn.Parameter(
+                        module.weight.detach().clone(memory_format=torch.contiguous_format)
+                    )
         if compile:
             for stage in self.stages:
                 stage.compile()

@@ -29,7 +29,8 @@ def encoder_sizes(encoder: nn.Module, input_size: Sequence[int]) -> dict[str, li
 def _check_stages(encoder_channels: Sequence[int], encoder_tokens: Sequence[int], needed: int) -> None:
     if len(encoder_channels) != len(encoder_tokens):
         raise ValueError(
-            f"encoder_channels has {len(encoder_channels)} stages but encoder_tokens has {len(encoder_tokens)}"
+            f"encoder_channels has {len(encoder_channels)} stages "
+            f"but encoder_tokens has {len(encoder_tokens)}"
         )
     if len(encoder_channels) < needed:
         raise ValueError(f"projector needs at least {needed} encoder stage(s), got {len(encoder_channels)}")
@@ -43,7 +44,7 @@ def _check_input(name: str, x: Tensor, tokens: int, channels: int) -> None:
 
 
 class MLP(nn.Module):
-    """``Linear(in, out)`` followed by ``depth - 1`` times ``[GELU, Linear(out, out)]``; no final activation."""
+    """``Linear(in, out)``, then ``depth - 1`` times ``[GELU, Linear(out, out)]``; no final activation."""
 
     def __init__(self, in_features: int, out_features: int, depth: int) -> None:
         super().__init__()
@@ -60,10 +61,11 @@ class MLP(nn.Module):
 
 
 class MixerLayer(nn.Module):
-    """LayerNorm -> token MLP (T -> T') -> LayerNorm -> channel MLP (C -> C'); no residual, as the original."""
+    """LN -> token MLP (T -> T') -> LN -> channel MLP (C -> C'); no residual, as in the original."""
 
-    def __init__(self, tokens_in: int, tokens_out: int, channels_in: int, channels_out: int,
-                 mlp_depth: int) -> None:
+    def __init__(
+        self, tokens_in: int, tokens_out: int, channels_in: int, channels_out: int, mlp_depth: int
+    ) -> None:
         super().__init__()
         self.token_norm = nn.LayerNorm(channels_in)
         self.token_mlp = MLP(tokens_in, tokens_out, mlp_depth)
@@ -119,8 +121,9 @@ class MixerProjector(nn.Module):
         self._num_tokens = low_tokens[-1] + high_tokens[-1]
 
     @staticmethod
-    def _stream(size: tuple[int, int], out_tokens: Sequence[int], llm_dim: int, depth: int,
-                mlp_depth: int) -> nn.Sequential:
+    def _stream(
+        size: tuple[int, int], out_tokens: Sequence[int], llm_dim: int, depth: int, mlp_depth: int
+    ) -> nn.Sequential:
         tokens, channels = size
         layers = []
         for i, tokens_out in enumerate(out_tokens):
@@ -148,7 +151,9 @@ class _SingleStageProjector(nn.Module):
         super().__init__()
         _check_stages(encoder_channels, encoder_tokens, needed=1)
         if not -len(encoder_channels) <= stage < len(encoder_channels):
-            raise ValueError(f"projector stage={stage} is out of range for {len(encoder_channels)} encoder stages")
+            raise ValueError(
+                f"projector stage={stage} is out of range for {len(encoder_channels)} encoder stages"
+            )
         self.stage = stage
         self.in_size = (encoder_tokens[stage], encoder_channels[stage])
 
@@ -166,8 +171,9 @@ class _SingleStageProjector(nn.Module):
 class LinearProjector(_SingleStageProjector):
     """One ``Linear(C, llm_dim)`` applied to every token of ``stages[stage]``."""
 
-    def __init__(self, encoder_channels: Sequence[int], encoder_tokens: Sequence[int], llm_dim: int,
-                 stage: int = -1) -> None:
+    def __init__(
+        self, encoder_channels: Sequence[int], encoder_tokens: Sequence[int], llm_dim: int, stage: int = -1
+    ) -> None:
         super().__init__(encoder_channels, encoder_tokens, stage)
         self.proj = nn.Linear(self.in_size[1], llm_dim)
 
@@ -181,8 +187,15 @@ class MLPProjector(_SingleStageProjector):
     ``depth`` Linear layers; the hidden width defaults to ``llm_dim``.
     """
 
-    def __init__(self, encoder_channels: Sequence[int], encoder_tokens: Sequence[int], llm_dim: int,
-                 stage: int = -1, depth: int = 2, hidden_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        encoder_channels: Sequence[int],
+        encoder_tokens: Sequence[int],
+        llm_dim: int,
+        stage: int = -1,
+        depth: int = 2,
+        hidden_dim: int | None = None,
+    ) -> None:
         super().__init__(encoder_channels, encoder_tokens, stage)
         if depth < 1:
             raise ValueError(f"MLPProjector depth must be >= 1, got {depth}")

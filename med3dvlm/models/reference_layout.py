@@ -20,7 +20,12 @@ from torch import Tensor, nn
 from med3dvlm.models.dcformer import AXES, DCFormer
 from med3dvlm.models.projectors import MixerProjector
 
-DCFORMER_PREFIXES: tuple[str, ...] = ("", "vision_encoder.", "model.vision_tower.vision_tower.", "vision_tower.")
+DCFORMER_PREFIXES: tuple[str, ...] = (
+    "",
+    "vision_encoder.",
+    "model.vision_tower.vision_tower.",
+    "vision_tower.",
+)
 """``pretrained_ViT.bin``, the SigLIP checkpoint, the merged VLM, ``vision_tower.bin``."""
 
 MIXER_PREFIXES: tuple[str, ...] = ("", "model.mm_projector.")
@@ -37,25 +42,36 @@ _BRANCH = {"c1": AXES[0], "c2": AXES[1], "c3": AXES[2]}
 _CONV_OR_NORM = {"0": "conv", "1": "norm"}
 
 DCFORMER_RULES: tuple[Rule, ...] = (
-    (re.compile(r"encoder\.s0\.0\.(\d+)\.(c[123])\.([01])\.(\w+)"),
-     lambda m: f"stages.0.layers.{m[1]}.{_BRANCH[m[2]]}.{_CONV_OR_NORM[m[3]]}.{m[4]}"),
-    (re.compile(r"encoder\.s([1-4])\.(\d+)\.dwconv\.(c[123])\.([01])\.(\w+)"),
-     lambda m: f"stages.{m[1]}.{m[2]}.dwconv.{_BRANCH[m[3]]}.{_CONV_OR_NORM[m[4]]}.{m[5]}"),
-    (re.compile(r"encoder\.s([1-4])\.(\d+)\.mlp\.mlp\.([03])\.(weight|bias)"),
-     lambda m: f"stages.{m[1]}.{m[2]}.mlp.{'fc1' if m[3] == '0' else 'fc2'}.{m[4]}"),
-    (re.compile(r"encoder\.s([1-4])\.(\d+)\.(scale|proj\.weight)"),
-     lambda m: f"stages.{m[1]}.{m[2]}.{m[3]}"),
+    (
+        re.compile(r"encoder\.s0\.0\.(\d+)\.(c[123])\.([01])\.(\w+)"),
+        lambda m: f"stages.0.layers.{m[1]}.{_BRANCH[m[2]]}.{_CONV_OR_NORM[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(r"encoder\.s([1-4])\.(\d+)\.dwconv\.(c[123])\.([01])\.(\w+)"),
+        lambda m: f"stages.{m[1]}.{m[2]}.dwconv.{_BRANCH[m[3]]}.{_CONV_OR_NORM[m[4]]}.{m[5]}",
+    ),
+    (
+        re.compile(r"encoder\.s([1-4])\.(\d+)\.mlp\.mlp\.([03])\.(weight|bias)"),
+        lambda m: f"stages.{m[1]}.{m[2]}.mlp.{'fc1' if m[3] == '0' else 'fc2'}.{m[4]}",
+    ),
+    (re.compile(r"encoder\.s([1-4])\.(\d+)\.(scale|proj\.weight)"), lambda m: f"stages.{m[1]}.{m[2]}.{m[3]}"),
 )
 
 _MIXER_PART = {"ln1": "token_norm", "ln2": "channel_norm", "mlp1": "token_mlp", "mlp2": "channel_mlp"}
 
 MIXER_RULES: tuple[Rule, ...] = (
-    (re.compile(r"(low|high)_mixer\.(\d+)\.(ln[12])\.(weight|bias)"),
-     lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.{m[4]}"),
-    (re.compile(r"(low|high)_mixer\.(\d+)\.(mlp[12])\.mm_projector\.0\.(weight|bias)"),
-     lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.linears.0.{m[4]}"),
-    (re.compile(r"(low|high)_mixer\.(\d+)\.(mlp[12])\.mm_projector\.([1-9]\d*)\.1\.(weight|bias)"),
-     lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.linears.{m[4]}.{m[5]}"),
+    (
+        re.compile(r"(low|high)_mixer\.(\d+)\.(ln[12])\.(weight|bias)"),
+        lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(r"(low|high)_mixer\.(\d+)\.(mlp[12])\.mm_projector\.0\.(weight|bias)"),
+        lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.linears.0.{m[4]}",
+    ),
+    (
+        re.compile(r"(low|high)_mixer\.(\d+)\.(mlp[12])\.mm_projector\.([1-9]\d*)\.1\.(weight|bias)"),
+        lambda m: f"{m[1]}.{m[2]}.{_MIXER_PART[m[3]]}.linears.{m[4]}.{m[5]}",
+    ),
 )
 
 
@@ -66,7 +82,9 @@ def take_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tens
     """
     selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
     if not selected:
-        raise ReferenceLayoutError(f"no key starts with prefix {prefix!r} (first key: {next(iter(state_dict), None)!r})")
+        raise ReferenceLayoutError(
+            f"no key starts with prefix {prefix!r} (first key: {next(iter(state_dict), None)!r})"
+        )
     return selected
 
 
@@ -78,15 +96,16 @@ def _rename(key: str, rules: tuple[Rule, ...]) -> str | None:
     return None
 
 
-def convert_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module, rules: tuple[Rule, ...],
-                       prefix: str = "") -> dict[str, Tensor]:
+def convert_state_dict(
+    state_dict: Mapping[str, Tensor], model: nn.Module, rules: tuple[Rule, ...], prefix: str = ""
+) -> dict[str, Tensor]:
     """Rename ``state_dict`` (original layout, keys starting with ``prefix``) to ``model``'s keys."""
     expected = model.state_dict()
     converted: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         if not key.startswith(prefix):
             raise ReferenceLayoutError(f"key {key!r} does not start with the expected prefix {prefix!r}")
-        ours = _rename(key[len(prefix):], rules)
+        ours = _rename(key[len(prefix) :], rules)
         if ours is None:
             raise ReferenceLayoutError(
                 f"key {key!r} is not part of the original {type(model).__name__} layout "

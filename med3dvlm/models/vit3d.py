@@ -3,9 +3,9 @@
 Unlike the original's ViT (whose MLP width is the constant 4), the MLP width here is
 ``int(dim * mlp_ratio)``. Stages are the token sequences after selected blocks (``stage_blocks``,
 1-based block counts ending at ``depth``; by default after each quarter of the depth), the last one
-after the final LayerNorm. So ``stages[-2:]`` are the tokens after block ``3*depth/4`` and the normalised output,
-usable as the Mixer's low and high streams. All stages have ``dim`` channels and the same tokens,
-in ``(D, H, W)`` raster order of the patch grid.
+after the final LayerNorm. So ``stages[-2:]`` are the tokens after block ``3*depth/4`` and the
+normalised output, usable as the Mixer's low and high streams. All stages have ``dim`` channels
+and the same tokens, in ``(D, H, W)`` raster order of the patch grid.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -77,7 +79,8 @@ class ViT3D(nn.Module):
         stage_blocks = list(stage_blocks or sorted({max(1, depth * q // 4) for q in (1, 2, 3, 4)}))
         if stage_blocks != sorted(set(stage_blocks)) or stage_blocks[0] < 1 or stage_blocks[-1] != depth:
             raise ValueError(
-                f"ViT3D stage_blocks={stage_blocks} must be increasing block counts >= 1 ending at depth={depth}"
+                f"ViT3D stage_blocks={stage_blocks} must be increasing block counts >= 1 "
+                f"ending at depth={depth}"
             )
         self.stage_blocks = stage_blocks
         self.out_channels: list[int] = [dim] * len(stage_blocks)
