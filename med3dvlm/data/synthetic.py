@@ -640,7 +640,7 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
     _remove_stale_cases(ct_case, {case_id(i) for i in range(cases)})
 
     work = functools.partial(_write_case, out=out, config=config)
-    workers = os.cpu_count() or 1 if workers is None else workers
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or cases < 4:
         records = [work(i) for i in range(cases)]
     else:
