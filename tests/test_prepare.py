@@ -392,3 +392,49 @@ def test_own_data_colliding_stems_get_distinct_outputs(tmp_path: Path) -> None:
     assert {manifest["volumes"][o]["source"] for o in outputs} == {"p1/ct.nii.gz", "p2/ct.nii.gz"}
     assert read_volume_raw(tmp_path / "out" / outputs[0]).shape == tuple(SMALL)
 
+
+
+# ----------------------------------------------------------------------------- synthetic -> prepare
+
+
+def test_synthetic_dataset_prepares_in_both_formats(tmp_path: Path) -> None:
+    from med3dvlm.data.synthetic import generate
+
+    summary = generate(tmp_path / "raw", cases=8, seed=3, slices=12, size=32, workers=1)
+    for fmt in ("npy", "nii.gz"):
+        out = tmp_path / fmt
+        manifest = prepare(tmp_path / "raw", out, format=fmt)
+        assert manifest["counts"]["volumes_ok"] == 8 and manifest["split_source"] == "M3D_Cap.json"
+        split = json.loads((out / "M3D_Cap.json").read_text())
+        assert {name: sorted(i["image"].split("/")[2] for i in items) for name, items in split.items()} == {
+            name: sorted(ids) for name, ids in summary.splits.items()
+        }
+        for item in split["train"]:
+            volume = read_volume(out / item["image"], tuple(SMALL))
+            assert 0.0 <= volume.min() and volume.max() <= 1.0 and volume.std() > 0.05
+            raw_report = (tmp_path / "raw" / item["text"]).read_text()
+            findings = raw_report.split("study_findings:", 1)[1].split("discussion:", 1)[0].strip()
+            assert (out / item["text"]).read_text() == findings
+        for name in ("M3D_VQA_train.csv", "M3D_VQA_yn_test.csv"):
+            with open(out / "M3D-VQA" / name, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+            assert rows and all((out / r["Image Path"]).is_file() for r in rows)
+            assert all(r["Image Path"].endswith(f".{fmt}") for r in rows)
+            assert manifest["vqa"][name]["dropped"] == 0
+
+
+def test_synthetic_defects_are_skipped_and_reported(tmp_path: Path) -> None:
+    from med3dvlm.data.synthetic import generate
+
+    summary = generate(tmp_path / "raw", cases=9, seed=1, slices=12, size=32, workers=1, defect_rate=1.0)
+    with pytest.raises(DataError):
+        prepare(tmp_path / "raw", tmp_path / "fail")
+    manifest = prepare(tmp_path / "raw", tmp_path / "out", on_error="skip")
+    assert set(summary.defects.values()) == {"stray_slice", "truncated_jpeg", "empty_report"}
+    broken = {case for case, defect in summary.defects.items() if defect != "stray_slice"}
+    assert {s["source"].split("/")[2] for s in manifest["skipped"]} == broken
+    stray = [case for case, defect in summary.defects.items() if defect == "stray_slice"]
+    assert manifest["counts"]["slices_dropped"] == len(stray)
+    assert manifest["counts"]["volumes_ok"] == 9 - len(broken)
+    dropped = {path.split("/")[1] for v in manifest["vqa"].values() for path in v["dropped_images"]}
+    assert dropped == broken

@@ -281,6 +281,11 @@ class _ErrorPolicy:
         self.skipped.append({"source": source, "reason": str(error)})
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    """Sorted subfolders, without hidden ones (a writer's ``.tmp-*`` staging folders)."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def plan_m3d(raw_root: Path, fmt: str, fractions: Mapping[str, float], policy: _ErrorPolicy) -> Plan:
     """Jobs for every series under ``RAW/M3D_Cap/ct_case`` (and every series the split file names)."""
     cases_dir = raw_root / CAP_DIR / "ct_case"
@@ -291,8 +296,8 @@ def plan_m3d(raw_root: Path, fmt: str, fractions: Mapping[str, float], policy: _
     case_split = {key.split("/")[1]: split for key, split in listed.items()}
     plan = Plan([], {}, {}, {}, policy.skipped, {}, SPLIT_FILE if listed else "hash")
     found: set[str] = set()
-    for case_dir in sorted(p for p in cases_dir.iterdir() if p.is_dir()):
-        series_dirs = sorted(p for p in case_dir.iterdir() if p.is_dir())
+    for case_dir in _subfolders(cases_dir):
+        series_dirs = _subfolders(case_dir)
         keys = [f"ct_case/{case_dir.name}/{s.name}" for s in series_dirs]
         found.update(keys)
         text_rel = f"{CAP_DIR}/ct_case/{case_dir.name}/text.txt"
