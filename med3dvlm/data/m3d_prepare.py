@@ -5,10 +5,11 @@ The layouts are fixed by the data contract (raw: ``RAW/M3D_Cap/ct_case/<id>/<ser
 ``image,report``). The prepared folder holds one volume and one report text per series, an
 ``M3D_Cap.json`` split file, rewritten VQA CSVs, ``manifest.json`` and ``skipped.txt``.
 
-Resuming: every finished volume is appended to ``.prepare-journal.jsonl`` (one JSON line each, a
-torn last line is ignored). A rerun reuses a volume listed there or in an earlier
-``manifest.json`` when the settings match and the file's SHA-256 is still the recorded one;
-everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
+Resuming: every finished volume is appended to ``.prepare-journal.jsonl`` (one JSON line with its
+manifest entry and the file's size and mtime; a torn last line is ignored). A rerun with the same
+settings reuses a volume listed there whose file still has that size and mtime (no re-read, so
+resuming a large run is quick), or one listed in an earlier ``manifest.json`` whose SHA-256 still
+matches; everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
 pipeline is deterministic, so a killed and restarted run ends with the same files as an
 uninterrupted one.
 """
@@ -388,15 +389,24 @@ def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _
 # ----------------------------------------------------------------------------- resume state
 
 
-def _load_previous(out: Path, settings: Settings) -> dict[str, dict[str, Any]]:
-    """Entries of earlier runs with the same settings: the last manifest, then the journal."""
-    previous: dict[str, dict[str, Any]] = {}
+def _file_stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _journal_line(output: str, entry: Mapping[str, Any], out: Path) -> str:
+    return json.dumps({"output": output, "entry": entry, "stat": _file_stat(out / output)}) + "\n"
+
+
+def _load_previous(out: Path, settings: Settings) -> dict[str, tuple[dict[str, Any], list[int] | None]]:
+    """``output -> (entry, file stat)`` of earlier runs with the same settings (manifest, then journal)."""
+    previous: dict[str, tuple[dict[str, Any], list[int] | None]] = {}
     manifest_path = out / MANIFEST_FILE
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             if manifest.get("settings") == settings.fingerprint():
-                previous.update(manifest.get("volumes", {}))
+                previous.update((k, (v, None)) for k, v in manifest.get("volumes", {}).items())
         except (OSError, json.JSONDecodeError):
             log.warning("ignoring unreadable %s", manifest_path)
     journal = out / JOURNAL_FILE
@@ -406,8 +416,8 @@ def _load_previous(out: Path, settings: Settings) -> dict[str, dict[str, Any]]:
         if header and header.get("settings") == settings.fingerprint():
             for line in lines[1:]:
                 record = _parse_json_line(line)
-                if record and "output" in record and "entry" in record:
-                    previous[record["output"]] = record["entry"]
+                if record and {"output", "entry", "stat"} <= set(record):
+                    previous[record["output"]] = (record["entry"], record["stat"])
     return previous
 
 
@@ -419,15 +429,17 @@ def _parse_json_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _still_valid(out: Path, output: str, entry: Mapping[str, Any] | None, label: str) -> bool:
+def _still_valid(
+    out: Path, output: str, record: tuple[Mapping[str, Any], list[int] | None] | None, label: str
+) -> bool:
+    """A recorded output is reusable if its file is unchanged (same size and mtime, or same SHA-256)."""
     path = out / output
-    return bool(
-        entry
-        and entry.get("status") == "ok"
-        and entry.get("source") == label
-        and path.is_file()
-        and file_sha256(path) == entry.get("sha256")
-    )
+    if record is None or not path.is_file():
+        return False
+    entry, stat = record
+    if entry.get("status") != "ok" or entry.get("source") != label:
+        return False
+    return stat == _file_stat(path) or file_sha256(path) == entry.get("sha256")
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -568,15 +580,15 @@ def prepare_dataset(
     todo = []
     for job in plan.jobs:
         if _still_valid(out, job.output, previous.get(job.output), job.label):
-            volumes[job.output] = previous[job.output]
+            volumes[job.output] = previous[job.output][0]
         else:
             todo.append(job)
     if volumes:
         log.info("resuming: %d of %d volumes already prepared", len(volumes), len(plan.jobs))
 
     journal_path = out / JOURNAL_FILE
-    records = [{"settings": settings.fingerprint()}] + [{"output": o, "entry": e} for o, e in volumes.items()]
-    atomic_write_text(journal_path, "".join(json.dumps(r) + "\n" for r in records))
+    header = json.dumps({"settings": settings.fingerprint()}) + "\n"
+    atomic_write_text(journal_path, header + "".join(_journal_line(o, e, out) for o, e in volumes.items()))
     label_of = {job.output: job.label for job in plan.jobs}
     outcomes = _run_jobs(todo, out, settings, workers or _default_workers(), progress)
     with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
@@ -585,7 +597,7 @@ def prepare_dataset(
                 policy.handle(label_of[outcome.output], DataError(outcome.error_path, outcome.error_problem))
                 continue
             volumes[outcome.output] = outcome.entry
-            journal.write(json.dumps({"output": outcome.output, "entry": outcome.entry}) + "\n")
+            journal.write(_journal_line(outcome.output, outcome.entry, out))
             journal.flush()
 
     volumes = dict(sorted(volumes.items()))
@@ -621,6 +633,5 @@ def prepare_dataset(
         },
     }
     _write_json(out / MANIFEST_FILE, manifest)
-    journal_path.unlink()
     log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))
     return manifest
