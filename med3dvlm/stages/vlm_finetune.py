@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from peft import LoraConfig
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoTokenizer
 
 from med3dvlm.models.llm import LanguageModel
-from med3dvlm.models.lora import add_lora
+from med3dvlm.models.lora import add_lora, load_lora, merge_lora
 from med3dvlm.models.vlm import VisionLanguageModel, load_state_strict
 from med3dvlm.stages.handoff import load_image_token_row, read_handoff, save_tensors, write_handoff
 from med3dvlm.stages.vlm_stage import VLMStage
@@ -116,3 +118,41 @@ class FinetuneStage(VLMStage):
             "vision_tower": self.vision_tower_config,
             "trained_embeddings": sorted(self.extra_trained),
         })
+
+
+FINETUNE_COMMAND = "python -m med3dvlm.train stage=finetune"
+
+
+def load_finetune_handoff(folder: str | Path, dtype: str = "float32") -> tuple[VisionLanguageModel, dict[str, Any]]:
+    """Rebuild the stage-3 VLM (LoRA attached, not merged) from its hand-off folder, strictly."""
+    folder = Path(folder)
+    meta = read_handoff(folder, "adapter", FINETUNE_COMMAND)
+    vision_tower = instantiate(meta["vision_tower"])
+    load_state_strict(vision_tower, folder / "vision_tower.safetensors")
+    projector = instantiate(meta["projector"])
+    load_state_strict(projector, folder / "projector.safetensors")
+    source = LanguageModel(meta["llm"], dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    model = VisionLanguageModel(vision_tower, projector, source.load_model(), tokenizer,
+                                image_token=meta["image_token"], reference_placement=meta["reference_placement"])
+    if meta["trained_embeddings"]:
+        tensors = load_file(str(folder / "embeddings.safetensors"))
+        targets = {"input_embeddings": model.llm.get_input_embeddings().weight,
+                   "lm_head": model.llm.get_output_embeddings().weight}
+        with torch.no_grad():
+            for name in meta["trained_embeddings"]:
+                if tensors[name].shape != targets[name].shape:
+                    raise ValueError(f"{folder}/embeddings.safetensors: {name} has shape "
+                                     f"{tuple(tensors[name].shape)}, the LLM expects {tuple(targets[name].shape)}")
+                targets[name].copy_(tensors[name])
+    with torch.no_grad():
+        model.image_token_embedding.copy_(load_image_token_row(folder / "image_token.safetensors", model.hidden_size))
+    load_lora(model, folder / "adapter")
+    return model.eval(), meta
+
+
+def export_merged(handoff: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """Merge a finetune hand-off's adapter and write one reloadable model folder (see ``load_pretrained``)."""
+    model, meta = load_finetune_handoff(handoff, dtype)
+    merge_lora(model)
+    return model.save_pretrained(out, meta["vision_tower"], meta["projector"])

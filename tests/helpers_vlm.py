@@ -1,0 +1,77 @@
+"""Shared fixtures for the VLM stage and export tests: tiny Qwen, nano DCFormer, toy batches."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.models.llm import LanguageModel
+from med3dvlm.models.tiny_qwen import build_tiny_qwen
+
+INPUT_SIZE = (32, 64, 64)
+ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
+PROJECTOR_CONFIG = {
+    "_target_": "med3dvlm.models.projectors.MixerProjector",
+    "encoder_channels": "???", "encoder_tokens": "???", "llm_dim": "???",
+    "low_tokens": [4, 4], "high_tokens": [2, 4], "depth": 2, "mlp_depth": 2,
+}
+CORPUS = [
+    f"Is there a {size} lesion in the {organ}? {answer}"
+    for size in ("small", "large") for organ in ("liver", "spleen", "kidney") for answer in ("Yes", "No")
+]
+
+
+def tiny_llm(root: Path) -> LanguageModel:
+    path = root / "tiny_qwen"
+    if not path.exists():
+        build_tiny_qwen(path, CORPUS, vocab_size=400, hidden_size=64)
+    return LanguageModel(str(path))
+
+
+def encoder(seed: int = 0) -> DCFormer:
+    torch.manual_seed(seed)
+    return DCFormer(variant="nano")
+
+
+def optimizer(lr: float = 1e-2):
+    return functools.partial(torch.optim.AdamW, lr=lr)
+
+
+def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Image-dependent yes/no batches in the datamodule's format (right padding, labels = answer + EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    tok = model.tokenizer
+    batches = []
+    for _ in range(count):
+        images = torch.rand(batch_size, 1, *INPUT_SIZE, generator=g) * 0.2
+        rows = []
+        for b in range(batch_size):
+            bright = bool(torch.rand(1, generator=g) < 0.5)
+            if bright:
+                images[b, :, 8:24, 16:48, 16:48] += 0.8
+            prompt = tok(model.image_prompt() + "Is there a large lesion in the liver?")["input_ids"]
+            answer = tok(" Yes" if bright else " No")["input_ids"] + [tok.eos_token_id]
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        longest = max(len(ids) for ids, _ in rows)
+        ids = torch.full((batch_size, longest), tok.pad_token_id)
+        labels = torch.full((batch_size, longest), -100)
+        mask = torch.zeros(batch_size, longest, dtype=torch.long)
+        for b, (row_ids, row_labels) in enumerate(rows):
+            ids[b, : len(row_ids)] = torch.tensor(row_ids)
+            labels[b, : len(row_ids)] = torch.tensor(row_labels)
+            mask[b, : len(row_ids)] = 1
+        batches.append({"image": images, "input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def fit(stage: L.LightningModule, batches: list[dict], steps: int) -> None:
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(stage, loader)

@@ -1,0 +1,140 @@
+"""Stages 2 and 3 on tiny assets: what trains, strict hand-offs, loss decreases, LoRA merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_vlm import (
+    ENCODER_CONFIG,
+    INPUT_SIZE,
+    PROJECTOR_CONFIG,
+    encoder,
+    fit,
+    optimizer,
+    tiny_llm,
+    toy_batches,
+)
+from peft import LoraConfig
+
+from med3dvlm.models.lora import merge_lora
+from med3dvlm.stages.handoff import resolve_handoff
+from med3dvlm.stages.vlm_finetune import FinetuneStage, load_pretrain_handoff
+from med3dvlm.stages.vlm_pretrain import PretrainStage
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tmp_path_factory.mktemp("assets")
+
+
+def pretrain_stage(assets, reference_placement=False, lr=1e-2, export_dir=None) -> PretrainStage:
+    torch.manual_seed(0)
+    return PretrainStage(encoder(), ENCODER_CONFIG, "encoder-export", PROJECTOR_CONFIG, tiny_llm(assets),
+                         INPUT_SIZE, optimizer(lr), reference_placement=reference_placement,
+                         experiment="unit", export_dir=export_dir)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("reference_placement", [False, True])
+def test_pretrain_changes_only_projector_and_image_row(assets, reference_placement):
+    stage = pretrain_stage(assets, reference_placement)
+    before = snapshot(stage.model)
+    fit(stage, toy_batches(stage.model), steps=3)
+    after = snapshot(stage.model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing trained"
+    assert all(k.startswith("projector.") or k == "image_token_embedding" for k in changed), sorted(changed)
+    assert len([k for k in changed if k.startswith("projector.")]) == len(
+        [k for k in before if k.startswith("projector.")])
+    # the row only receives gradient where the original's placement leaves it in the sequence
+    assert ("image_token_embedding" in changed) == reference_placement
+    assert not stage.model.vision_tower.training  # BN statistics stayed frozen (buffers unchanged above)
+
+
+def mean_loss(stage, batches) -> float:
+    stage.eval()
+    with torch.no_grad():
+        return sum(float(stage(b)) for b in batches) / len(batches)
+
+
+def test_pretrain_loss_decreases(assets):
+    # The frozen tiny LLM is untrained, so the projector alone moves the loss only a little.
+    stage = pretrain_stage(assets, lr=1e-2)
+    batches = toy_batches(stage.model, count=4)
+    start = mean_loss(stage, batches)
+    fit(stage, batches * 5, steps=20)
+    assert mean_loss(stage, batches) < 0.95 * start
+
+
+def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
+    stage = pretrain_stage(assets, export_dir=str(tmp_path / "run" / "export"))
+    fit(stage, toy_batches(stage.model, count=1), steps=1)
+    folder = resolve_handoff(None, tmp_path, "projector", "unit", "python -m med3dvlm.train stage=pretrain")
+    assert folder == tmp_path / "run" / "export"
+    model, meta = load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
+    torch.testing.assert_close(snapshot(model.projector), snapshot(stage.model.projector))
+    torch.testing.assert_close(model.image_token_embedding, stage.model.image_token_embedding)
+    assert meta["vision_tower"] == ENCODER_CONFIG and meta["num_image_tokens"] == 8
+
+    with pytest.raises(FileNotFoundError, match="python -m med3dvlm.train stage=pretrain"):
+        resolve_handoff(None, tmp_path, "projector", "other-experiment", "python -m med3dvlm.train stage=pretrain")
+    # a projector trained for a different configuration does not load
+    meta_file = folder / "handoff.json"
+    meta_file.write_text(meta_file.read_text().replace('"low_tokens": [\n      4,\n      4\n    ]',
+                                                       '"low_tokens": [\n      4,\n      6\n    ]'))
+    with pytest.raises(ValueError, match="projector.safetensors.*has shape"):
+        load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
+    (folder / "handoff.json").unlink()
+    with pytest.raises(FileNotFoundError, match="stage=pretrain"):
+        load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
+
+
+def finetune_stage(assets, tmp_path, train_vision_tower=True) -> FinetuneStage:
+    pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
+    fit(pre, toy_batches(pre.model, count=1), steps=1)
+    model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(), tiny_llm(assets))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2),
+                         train_vision_tower=train_vision_tower, experiment="unit",
+                         export_dir=str(tmp_path / "fine"))
+
+
+def test_finetune_trains_lora_projector_encoder_not_base(assets, tmp_path):
+    stage = finetune_stage(assets, tmp_path)
+    before = snapshot(stage.model)
+    fit(stage, toy_batches(stage.model), steps=3)
+    after = snapshot(stage.model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    lora_keys = {k for k in before if "lora_" in k}
+    assert lora_keys and {k for k in lora_keys if "lora_B" in k} <= changed
+    assert any(k.startswith("projector.") for k in changed)
+    assert any(k.startswith("vision_tower.") for k in changed)
+    base_llm = {k for k in changed if k.startswith("llm.") and "lora_" not in k}
+    assert not base_llm, sorted(base_llm)[:5]
+    linear_names = {k.split(".lora_A")[0] for k in lora_keys if ".lora_A" in k}
+    assert len(linear_names) == 7 * stage.model.llm.config.num_hidden_layers  # every linear but lm_head
+
+
+def test_lora_merge_keeps_outputs(assets, tmp_path):
+    stage = finetune_stage(assets, tmp_path, train_vision_tower=False)
+    batches = toy_batches(stage.model)
+    fit(stage, batches, steps=3)
+    model = stage.model.eval()
+    batch = batches[0]
+    with torch.no_grad():
+        unmerged = model(batch["input_ids"], batch["attention_mask"], images=batch["image"]).logits
+        merge_lora(model)
+        merged = model(batch["input_ids"], batch["attention_mask"], images=batch["image"]).logits
+    assert (merged - unmerged).abs().max() < 1e-5
+    assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_finetune_loss_decreases(assets, tmp_path):
+    stage = finetune_stage(assets, tmp_path)
+    batches = toy_batches(stage.model, count=4)
+    start = mean_loss(stage, batches)
+    fit(stage, batches * 5, steps=20)
+    assert mean_loss(stage, batches) < 0.9 * start
