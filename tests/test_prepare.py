@@ -282,6 +282,10 @@ def test_resume_reuses_valid_outputs_and_redoes_damaged_ones(tmp_path: Path) -> 
     prepare(raw, out)
     assert kept.stat().st_mtime_ns == kept_mtime
     assert checksums(out) == reference
+    manifest = prepare(raw, out, spatial_size=[4, 8, 8])  # other settings: nothing is reused
+    assert kept.stat().st_mtime_ns != kept_mtime
+    assert read_volume_raw(kept).shape == (4, 8, 8)
+    assert {tuple(v["shape"]) for v in manifest["volumes"].values()} == {(4, 8, 8)}
     with pytest.raises(DataError, match=r"nowhere: not found"):
         prepare(tmp_path / "nowhere", out)
 

@@ -553,7 +553,8 @@ def prepare_dataset(
     """Prepare raw M3D (``source`` = the folder holding ``M3D_Cap/``) or own data (``source`` = CSV).
 
     ``split`` gives train/validation/test fractions where no split file decides (hash of the case
-    id for M3D, of the image path for own data). ``workers=None`` uses every available core.
+    id for M3D, of the image path for own data). ``workers=None`` uses every available core, 0 or 1
+    runs in this process.
     Returns the manifest that was written to ``out/manifest.json``.
     """
     if format not in FORMATS:
@@ -576,6 +577,8 @@ def prepare_dataset(
         _write_text_if_changed(out / text_rel, text)
 
     previous = _load_previous(out, settings)
+    # Until this run finishes, the folder must not look like a complete prepared dataset.
+    (out / MANIFEST_FILE).unlink(missing_ok=True)
     volumes: dict[str, dict[str, Any]] = {}
     todo = []
     for job in plan.jobs:
@@ -590,7 +593,7 @@ def prepare_dataset(
     header = json.dumps({"settings": settings.fingerprint()}) + "\n"
     atomic_write_text(journal_path, header + "".join(_journal_line(o, e, out) for o, e in volumes.items()))
     label_of = {job.output: job.label for job in plan.jobs}
-    outcomes = _run_jobs(todo, out, settings, workers or _default_workers(), progress)
+    outcomes = _run_jobs(todo, out, settings, _default_workers() if workers is None else workers, progress)
     with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
         for outcome in outcomes:
             if outcome.entry is None:

@@ -56,11 +56,10 @@ def read_slice(path: str | os.PathLike) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now so truncated files fail here, naming the file
-            if image.mode not in ("L", "I", "I;16", "F"):
-                image = image.convert("L")
-            array = np.asarray(image)
+        with Image.open(path) as opened:
+            opened.load()  # decode now so truncated files fail here, naming the file
+            gray = opened if opened.mode in ("L", "I", "I;16", "F") else opened.convert("L")
+            array = np.asarray(gray)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
         raise DataError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})") from exc
     if array.ndim != 2 or array.size == 0:
