@@ -82,6 +82,8 @@ class VisionLanguageModel(nn.Module):
         row = llm.get_input_embeddings().weight[self.image_token_id].detach().clone()
         self.image_token_embedding = nn.Parameter(row)
         self.vision_tower_frozen = False
+        # Volume size (D, H, W) the vision tower and projector were built for; set by loaders.
+        self.input_size: tuple[int, int, int] | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -200,12 +202,17 @@ class VisionLanguageModel(nn.Module):
     # --- one-folder export ----------------------------------------------------------------
 
     def save_pretrained(
-        self, path: str | os.PathLike, vision_tower_config: dict, projector_config: dict
+        self,
+        path: str | os.PathLike,
+        vision_tower_config: dict,
+        projector_config: dict,
+        input_size: tuple[int, int, int] | list[int],
     ) -> Path:
         """Write LLM + tokenizer (``llm/``), vision tower, projector and ``config.json`` to ``path``.
 
         The component configs are the ``_target_`` nodes that rebuild the vision tower and the
-        projector. ``config.json`` is written last, so a folder with it is complete.
+        projector; ``input_size`` is the volume size ``(D, H, W)`` they were built for.
+        ``config.json`` is written last, so a folder with it is complete.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,7 @@ class VisionLanguageModel(nn.Module):
             "image_token": self.image_token,
             "num_image_tokens": self.num_image_tokens,
             "reference_placement": self.reference_placement,
+            "input_size": list(input_size),
             "vision_tower": vision_tower_config,
             "projector": projector_config,
         }
@@ -272,6 +280,7 @@ def load_pretrained(
     model = VisionLanguageModel(
         vision_tower, projector, llm, tokenizer, image_token=config["image_token"], reference_placement=placement
     )
+    model.input_size = tuple(config["input_size"])
     if model.num_image_tokens != config["num_image_tokens"]:
         raise ValueError(
             f"{config_file}: num_image_tokens {config['num_image_tokens']} but the projector gives "

@@ -155,4 +155,4 @@ def export_merged(handoff: str | Path, out: str | Path, dtype: str = "float32") 
     """Merge a finetune hand-off's adapter and write one reloadable model folder (see ``load_pretrained``)."""
     model, meta = load_finetune_handoff(handoff, dtype)
     merge_lora(model)
-    return model.save_pretrained(out, meta["vision_tower"], meta["projector"])
+    return model.save_pretrained(out, meta["vision_tower"], meta["projector"], meta["input_size"])

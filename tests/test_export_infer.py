@@ -1,0 +1,85 @@
+"""Merged export: one folder, reload in one call, same outputs as the training-time model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers_vlm import (
+    ENCODER_CONFIG,
+    INPUT_SIZE,
+    PROJECTOR_CONFIG,
+    encoder,
+    fit,
+    optimizer,
+    tiny_llm,
+    toy_batches,
+)
+from peft import LoraConfig
+
+from med3dvlm.models.vlm import load_pretrained
+from med3dvlm.stages.vlm_finetune import FinetuneStage, export_merged, load_pretrain_handoff
+from med3dvlm.stages.vlm_pretrain import PretrainStage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    """A trained finetune stage and its hand-off folder."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,
+                        optimizer(), experiment="unit", export_dir=str(root / "pre"))
+    fit(pre, toy_batches(pre.model, count=1), steps=1)
+    model, meta = load_pretrain_handoff(root / "pre", encoder(), tiny_llm(root))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(),
+                          train_input_embeddings=True, train_lm_head=True, experiment="unit",
+                          export_dir=str(root / "fine"))
+    batches = toy_batches(stage.model)
+    fit(stage, batches, steps=3)
+    return stage.model.eval(), root / "fine", batches, root
+
+
+def test_export_reload_gives_identical_outputs(finetuned, tmp_path):
+    trained, handoff, batches, _ = finetuned
+    folder = export_merged(handoff, tmp_path / "model")
+    assert {p.name for p in folder.iterdir()} >= {"config.json", "llm", "vision_tower.safetensors",
+                                                  "projector.safetensors"}
+    reloaded = load_pretrained(folder)
+    assert reloaded.input_size == INPUT_SIZE and reloaded.num_image_tokens == trained.num_image_tokens
+    for batch in batches[:2]:
+        with torch.no_grad():
+            want = trained(batch["input_ids"], batch["attention_mask"], images=batch["image"]).logits
+            got = reloaded(batch["input_ids"], batch["attention_mask"], images=batch["image"]).logits
+        assert (want - got).abs().max() < 1e-5
+
+
+def test_export_of_a_damaged_handoff_names_the_file(finetuned, tmp_path):
+    _, handoff, _, _ = finetuned
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(handoff), str(broken)], check=True)
+    (broken / "projector.safetensors").write_bytes((handoff / "vision_tower.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="projector.safetensors: does not fit MixerProjector"):
+        export_merged(broken, tmp_path / "model")
+
+
+def run_module(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+
+
+def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
+    _, _, _, root = finetuned
+    done = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=unit",
+                       f"out={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "model" / "config.json").is_file()
+    missing = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=nothing",
+                          f"hydra.run.dir={tmp_path / 'run2'}"])
+    assert missing.returncode != 0 and "python -m med3dvlm.train stage=finetune" in missing.stderr
