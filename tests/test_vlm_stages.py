@@ -138,3 +138,19 @@ def test_finetune_loss_decreases(assets, tmp_path):
     start = mean_loss(stage, batches)
     fit(stage, batches * 5, steps=20)
     assert mean_loss(stage, batches) < 0.9 * start
+
+
+def test_feature_cache_gives_the_same_loss_and_computes_each_volume_once(assets):
+    plain = pretrain_stage(assets)
+    cached = pretrain_stage(assets)
+    cached.cache_encoder_features = True
+    batches = toy_batches(plain.model, count=2)
+    calls = []
+    cached.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    for stage in (plain, cached):
+        stage.train()
+    with torch.no_grad():
+        for _ in range(2):
+            for batch in batches:
+                torch.testing.assert_close(cached(batch), plain(batch))
+    assert len(calls) == len(batches) and len(cached.feature_cache) == 2 * len(batches)

@@ -6,9 +6,11 @@ statistics frozen) and the LLM is frozen. The hand-off holds the projector and t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,10 @@ class PretrainStage(VLMStage):
         input_size: volume size ``(D, H, W)``; fixes the encoder's token counts.
         optimizer: ``_partial_`` optimiser taking parameter groups.
         reference_placement: the original's image-token placement (only to continue released weights).
+        cache_encoder_features: keep each volume's encoder outputs after the first epoch (keyed by a
+            hash of the volume), valid because the encoder is frozen in eval mode. Only with
+            augmentation off (each augmented volume is new, so the cache would only grow); it holds
+            every stage output of every volume in memory, so it suits small inputs.
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class PretrainStage(VLMStage):
         reference_placement: bool = False,
         experiment: str = "default",
         export_dir: str | None = None,
+        cache_encoder_features: bool = False,
     ) -> None:
         super().__init__(optimizer, weight_decay, warmup_ratio, export_dir)
         self.model, self.projector_config = build_vlm(vision_tower, projector, llm, input_size,
@@ -61,7 +68,27 @@ class PretrainStage(VLMStage):
         self.model.llm.requires_grad_(False)
         self.model.projector.requires_grad_(True)
         self.model.image_token_embedding.requires_grad_(True)
+        self.cache_encoder_features = cache_encoder_features
+        self.feature_cache: dict[str, list[torch.Tensor]] = {}
         log.info("pretrain: %d trainable parameters (projector + <im_patch> row)", self.trainable_parameter_count())
+
+    def encoder_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder outputs for ``images``, computed once per distinct volume when caching."""
+        keys = [hashlib.sha1(img.detach().cpu().numpy().tobytes()).hexdigest() for img in images]
+        missing = [i for i, key in enumerate(keys) if key not in self.feature_cache]
+        if missing:
+            with torch.no_grad():
+                outputs = self.model.encode_images(images[missing])
+            for row, i in enumerate(missing):
+                self.feature_cache[keys[i]] = [out[row].detach() for out in outputs]
+        return [torch.stack(stage) for stage in zip(*(self.feature_cache[k] for k in keys))]
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        if not self.cache_encoder_features:
+            return super().forward(batch)
+        out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                         encoder_outputs=self.encoder_outputs(batch["image"]))
+        return out.loss
 
     def write_export(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
