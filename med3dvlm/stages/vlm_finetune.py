@@ -8,7 +8,7 @@ and every other trained tensor; ``python -m med3dvlm.export`` merges it into one
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,13 @@ from transformers import AutoTokenizer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.lora import add_lora, load_lora, merge_lora
 from med3dvlm.models.vlm import VisionLanguageModel, load_state_strict
-from med3dvlm.stages.handoff import load_image_token_row, read_handoff, save_tensors, write_handoff
+from med3dvlm.stages.handoff import (
+    load_image_token_row,
+    read_handoff,
+    resolve_handoff,
+    save_tensors,
+    write_handoff,
+)
 from med3dvlm.stages.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
@@ -156,3 +162,33 @@ def export_merged(handoff: str | Path, out: str | Path, dtype: str = "float32") 
     model, meta = load_finetune_handoff(handoff, dtype)
     merge_lora(model)
     return model.save_pretrained(out, meta["vision_tower"], meta["projector"], meta["input_size"])
+
+
+def finetune_stage(
+    pretrain_export: str | None,
+    experiment: str,
+    log_dir: str,
+    llm: Mapping,
+    lora: Mapping,
+    optimizer: Mapping,
+    export_dir: str,
+    train_vision_tower: bool = True,
+    train_input_embeddings: bool = False,
+    train_lm_head: bool = False,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.03,
+) -> FinetuneStage:
+    """Hydra entry: resolve the pretrain hand-off (explicit path, else the latest of ``experiment``),
+    load encoder, projector and ``<im_patch>`` row strictly, then build the stage."""
+    folder = resolve_handoff(pretrain_export, log_dir, "projector", experiment, PRETRAIN_COMMAND)
+    meta = read_handoff(folder, "projector", PRETRAIN_COMMAND)
+    from med3dvlm.exports import load_encoder_export
+
+    vision_tower, vision_tower_config = load_encoder_export(meta["encoder_export"])
+    model, meta = load_pretrain_handoff(folder, vision_tower, instantiate(llm))
+    return FinetuneStage(
+        model, meta, str(folder), vision_tower_config, instantiate(lora), instantiate(optimizer),
+        train_vision_tower=train_vision_tower, train_input_embeddings=train_input_embeddings,
+        train_lm_head=train_lm_head, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        experiment=experiment, export_dir=export_dir,
+    )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from med3dvlm.models.llm import LanguageModel
@@ -105,3 +106,42 @@ class PretrainStage(VLMStage):
             "num_image_tokens": self.model.num_image_tokens,
             "reference_placement": self.model.reference_placement,
         })
+
+
+SIGLIP_COMMAND = "python -m med3dvlm.train stage=siglip"
+
+
+def pretrain_stage(
+    encoder_export: str | None,
+    experiment: str,
+    projector: Mapping,
+    llm: Mapping,
+    input_size: tuple[int, int, int],
+    optimizer: Mapping,
+    export_dir: str,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.03,
+    reference_placement: bool = False,
+    cache_encoder_features: bool = False,
+) -> PretrainStage:
+    """Hydra entry: resolve and strictly load the stage-1 encoder export (explicit path, else the latest
+    completed ``siglip`` export of ``experiment``), then build the stage from the config nodes."""
+    from med3dvlm.exports import latest_export, load_encoder_export
+
+    if encoder_export:
+        path = encoder_export
+    else:
+        path = latest_export("siglip", experiment)
+        if path is None:
+            raise FileNotFoundError(
+                f"no completed siglip export of experiment {experiment!r}; run `{SIGLIP_COMMAND}` "
+                f"first or pass stage.encoder_export=PATH"
+            )
+        log.info("encoder: the latest siglip export of experiment %r: %s", experiment, path)
+    vision_tower, vision_tower_config = load_encoder_export(path)
+    return PretrainStage(
+        vision_tower, vision_tower_config, str(path), projector, instantiate(llm), input_size,
+        instantiate(optimizer), weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        reference_placement=reference_placement, experiment=experiment, export_dir=export_dir,
+        cache_encoder_features=cache_encoder_features,
+    )
