@@ -64,6 +64,8 @@ def retrieval_metrics(
             f"and {tuple(text_emb.shape)}"
         )
     image_emb, text_emb = image_emb.float(), text_emb.float()
+    if not (torch.isfinite(image_emb).all() and torch.isfinite(text_emb).all()):
+        raise ValueError("retrieval embeddings contain NaN or Inf (diverged training?)")
     metrics: dict[str, float] = {}
     held = subset_sizes(image_emb.shape[0], sizes)
     for n in held:
