@@ -1,0 +1,74 @@
+"""Callbacks of the SigLIP stage: a W&B table of validation examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+
+def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
+    """Axial, coronal and sagittal middle slices of a ``(1, D, H, W)`` or ``(D, H, W)`` volume in
+    ``[0, 1]`` as uint8 images."""
+    vol = volume.detach().float().cpu().reshape(volume.shape[-3:])
+    d, h, w = vol.shape
+    planes = [vol[d // 2], vol[:, h // 2, :], vol[:, :, w // 2]]
+    return [(p.clamp(0, 1) * 255).round().to(torch.uint8).numpy() for p in planes]
+
+
+class RetrievalExamples(L.Callback):
+    """After each validation, log to W&B a table of the first ``count`` validation pairs: the
+    volume's mid-slices in three planes, the report, and the rank of the true report among all
+    validation reports for that volume (1 = retrieved first).
+
+    Reads the gathered evaluation ranks the SigLIP stage leaves in ``last_retrieval``; does
+    nothing without a ``WandbLogger``.
+    """
+
+    def __init__(self, count: int = 4, key: str = "val/examples") -> None:
+        self.count = count
+        self.key = key
+        self._examples: list[dict[str, Any]] = []
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._examples = []
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.is_global_zero or len(self._examples) >= self.count:
+            return
+        for image, text, sample_id in zip(batch["image"], batch["text"], batch["sample_id"]):
+            if len(self._examples) < self.count:
+                index = int(str(sample_id).rsplit("/", 1)[-1])
+                self._examples.append({"index": index, "slices": mid_slices(image), "text": text})
+
+    def rows(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """The examples with the rank of their true match (``None`` if not evaluated)."""
+        result = getattr(pl_module, "last_retrieval", {})
+        position = {int(i): p for p, i in enumerate(result.get("indices", torch.empty(0)).tolist())}
+        ranks = result.get("i2t_rank")
+        return [
+            {**ex, "rank": int(ranks[position[ex["index"]]]) if ex["index"] in position else None}
+            for ex in self._examples
+        ]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self._examples:
+            return
+        import wandb
+
+        data = [
+            [row["index"], *(wandb.Image(s) for s in row["slices"]), row["text"], row["rank"]]
+            for row in self.rows(pl_module)
+        ]
+        columns = ["index", "axial", "coronal", "sagittal", "report", "rank_of_true_report"]
+        for logger in loggers:
+            logger.log_table(key=self.key, columns=columns, data=data, step=trainer.global_step)
