@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from med3dvlm.data.volume_io import write_volume
+from med3dvlm.models.tiny_qwen import train_tokenizer
 
 SHAPE = (8, 16, 16)
 IMAGE_TOKEN = "<im_patch>"
@@ -78,16 +78,10 @@ def make_prepared(root: Path, fmt: str = "npy", shape: tuple[int, int, int] = SH
 
 
 def make_tokenizer(extra_corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the test texts, with pad, EOS and ``<im_patch>``."""
+    """The project's byte-level BPE trained on the test texts, plus ``<im_patch>``."""
     corpus = [report(c) for cases in CASES.values() for c in cases] + [
         "Which organ holds the lesion? Choices: A. Liver B. Spleen C. Kidney D. Pancreas",
         "Is there a lesion in the liver? Yes No", *(extra_corpus or [])]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return fast
+    tok = train_tokenizer(corpus, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tok

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
