@@ -8,6 +8,7 @@ import logging
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,13 +30,15 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, **module.datamodule_kwargs())
     callbacks = _instantiate_all(cfg.get("callbacks")) + _instantiate_all(cfg.stage.get("callbacks"))
     loggers = _instantiate_all(cfg.get("logger"))
+    if not loggers:  # logger=none: Lightning refuses an LR monitor without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if cfg.get("test") and not trainer.fast_dev_run:
+    if cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})

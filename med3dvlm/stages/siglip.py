@@ -88,6 +88,8 @@ class SigLIPStage(L.LightningModule):
         self.last_retrieval: dict[str, Any] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._step_started = 0.0
+        # Pretrained towers load in eval mode; everything trains here (BatchNorm as ``freeze_bn`` says).
+        self.train()
 
     # --- model -----------------------------------------------------------------------------
 
