@@ -12,7 +12,9 @@ from med3dvlm.losses import ClipLoss, SigLIPLoss, clip_loss, siglip_loss
 from med3dvlm.stages.optim import split_decay
 
 
-def reference_siglip(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def reference_siglip(
+    x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, b: torch.Tensor
+) -> torch.Tensor:
     """-(1/|B|) sum_ij log sigmoid(z_ij (exp(t') x_i.y_j + b)), z = +1 on the diagonal, -1 elsewhere."""
     z = 2 * torch.eye(x.shape[0], dtype=torch.float64) - 1
     logits = t_prime.exp() * x @ y.T + b
@@ -27,7 +29,9 @@ def reference_clip(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor) -> t
     return (image_to_text + text_to_image) / 2
 
 
-def embeddings(batch: int, dim: int, seed: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+def embeddings(
+    batch: int, dim: int, seed: int, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(batch, dim, generator=gen, dtype=torch.float64), dim=-1)
     # Texts correlated with their images, so positives and negatives both matter.
@@ -48,9 +52,7 @@ def test_siglip_matches_reference_values_and_gradients(chunk_size, t_prime, b):
     x, y = embeddings(10, 6, seed=1)
     scalars = (torch.tensor([t_prime], dtype=torch.float64), torch.tensor([b], dtype=torch.float64))
     expected, expected_grads = value_and_grads(reference_siglip, x, y, *scalars)
-    got, got_grads = value_and_grads(
-        lambda *a: siglip_loss(*a, chunk_size=chunk_size), x, y, *scalars
-    )
+    got, got_grads = value_and_grads(lambda *a: siglip_loss(*a, chunk_size=chunk_size), x, y, *scalars)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     for name, g, e in zip(("image", "text", "log_scale", "bias"), got_grads, expected_grads):

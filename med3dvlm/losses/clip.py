@@ -78,7 +78,9 @@ class ClipLoss(nn.Module):
         rank, world = placement
         local = image_emb.shape[0]
         first = rank * local
-        total = _cross_entropy_sum(image_emb, gather_rows(text_emb), self.log_scale, first, self.max_log_scale)
+        total = _cross_entropy_sum(
+            image_emb, gather_rows(text_emb), self.log_scale, first, self.max_log_scale
+        )
         total = total + _cross_entropy_sum(
             text_emb, gather_rows(image_emb), self.log_scale, first, self.max_log_scale
         )
