@@ -5,7 +5,7 @@ its destination and renamed into place with a completion marker, so a folder is 
 build or absent. ``ensure_*`` functions build on first use and reuse the folder afterwards; they
 are what the ``text_encoder=tiny`` / ``llm=tiny`` configs call.
 
-* tiny BERT (this module): ``BertModel`` + WordPiece tokenizer trained on the synthetic corpus; the
+* tiny BERT (this module): ``BertModel`` + WordPiece tokenizer built from the synthetic corpus; the
   stand-in for ``medicalai/ClinicalBERT`` in the SigLIP stage.
 * tiny Qwen2: ``med3dvlm.models.tiny_qwen`` (the stand-in for Qwen2.5-7B-Instruct).
 """
@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
 DONE_MARKER = ".asset_complete"
@@ -53,16 +54,36 @@ def is_built(out_dir: str | os.PathLike) -> bool:
     return (Path(out_dir) / DONE_MARKER).is_file()
 
 
+def wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
+    """A deterministic WordPiece vocabulary: special tokens, every character (alone and as a
+    ``##`` continuation), then whole words by falling frequency (ties alphabetical).
+
+    The ``tokenizers`` WordPiece trainer breaks frequency ties in hash order, so its ids differ
+    between runs; this keeps the build reproducible byte for byte.
+    """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    tokens = [*BERT_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    if len(tokens) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(tokens)} special and character tokens")
+    known = set(tokens)
+    words = sorted((w for w in counts if w not in known), key=lambda w: (-counts[w], w))
+    tokens += words[: vocab_size - len(tokens)]
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int, max_length: int) -> BertTokenizerFast:
-    """A lower-casing BERT WordPiece tokenizer (``[CLS] text [SEP]``) trained on ``texts``."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    """A lower-casing BERT WordPiece tokenizer (``[CLS] text [SEP]``) with a vocabulary from ``texts``."""
+    vocab = wordpiece_vocab(texts, vocab_size)
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )

@@ -1,0 +1,104 @@
+"""Encoder exports: round trip, strict loading, atomic replacement, latest-export lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from med3dvlm.exports import (
+    EXPORT_FILE,
+    WEIGHTS_FILE,
+    latest_export,
+    load_encoder_export,
+    read_export,
+    write_encoder_export,
+)
+from med3dvlm.models.dcformer import DCFormer
+
+NANO = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
+
+
+def _export(folder, experiment="unit", which="final", seed=0):
+    torch.manual_seed(seed)
+    encoder = DCFormer(variant="nano")
+    write_encoder_export(folder, encoder, NANO, (32, 64, 64), "siglip", experiment, which)
+    return encoder
+
+
+def test_round_trip_gives_identical_outputs(tmp_path):
+    encoder = _export(tmp_path / "export").eval()
+    loaded, config = load_encoder_export(tmp_path / "export")
+    loaded.eval()
+    assert config == NANO
+    assert read_export(tmp_path / "export" / WEIGHTS_FILE)["input_size"] == [32, 64, 64]
+    x = torch.rand(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(encoder(x), loaded(x)):
+            assert torch.equal(a, b)
+
+
+def test_missing_export_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stage=siglip"):
+        load_encoder_export(tmp_path / "nothing")
+
+
+def test_missing_weights_file(tmp_path):
+    _export(tmp_path / "export")
+    (tmp_path / "export" / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
+        load_encoder_export(tmp_path / "export")
+
+
+def test_mismatched_config_is_a_clear_error(tmp_path):
+    _export(tmp_path / "export")
+    meta_file = tmp_path / "export" / EXPORT_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["encoder"]["variant"] = "tiny"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE}.*(missing|shape)"):
+        load_encoder_export(tmp_path / "export")
+
+
+def test_dropped_key_is_a_clear_error(tmp_path):
+    _export(tmp_path / "export")
+    weights = tmp_path / "export" / WEIGHTS_FILE
+    state = load_file(str(weights))
+    state.pop(min(state))
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="missing keys"):
+        load_encoder_export(tmp_path / "export")
+
+
+def test_not_an_export(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / EXPORT_FILE).write_text('{"kind": "projector"}')
+    with pytest.raises(ValueError, match="not an encoder export"):
+        read_export(tmp_path / "x")
+
+
+def test_rewrite_replaces_the_folder_and_leaves_no_temporaries(tmp_path):
+    _export(tmp_path / "export", seed=0)
+    second = _export(tmp_path / "export", seed=1)
+    loaded, _ = load_encoder_export(tmp_path / "export")
+    for a, b in zip(second.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_latest_export_by_stage_experiment_and_kind(tmp_path):
+    _export(tmp_path / "run1" / "export", experiment="a")
+    _export(tmp_path / "run2" / "export", experiment="b")
+    _export(tmp_path / "run3" / "export", experiment="a")
+    _export(tmp_path / "run3" / "export_best", experiment="a", which="best")
+    # a half-written staging folder must never be picked up
+    staging = tmp_path / "run4" / ".tmp-export-x"
+    staging.mkdir(parents=True)
+    (staging / EXPORT_FILE).write_text((tmp_path / "run1" / "export" / EXPORT_FILE).read_text())
+    assert latest_export("siglip", "a", tmp_path) == tmp_path / "run3" / "export"
+    assert latest_export("siglip", "a", tmp_path, which="best") == tmp_path / "run3" / "export_best"
+    assert latest_export("siglip", "b", tmp_path) == tmp_path / "run2" / "export"
+    assert latest_export("siglip", "c", tmp_path) is None
+    assert latest_export("pretrain", "a", tmp_path) is None
