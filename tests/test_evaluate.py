@@ -1,0 +1,165 @@
+"""Evaluation runner with a fake generate function: outputs, per-type scores, resume, entry point."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions
+from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, OpenVQATask
+from med3dvlm.metrics import nltk_setup
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTIONS = [  # (question type, answer letter, the fake model's output)
+    ("1", "A", "A. Axial"), ("1", "B", "A. B."), ("2", "C", "C"), ("3", "D", "The answer is D."),
+    ("3", "A", "B. Liver"), ("4", "B", "B. Yes"), ("5", "C", "c. left"),
+]
+
+
+class FakeClosedVQA(Dataset):
+    """Prompt-only samples shaped like ClosedVQADataset's, with prompts of different lengths."""
+
+    def __len__(self) -> int:
+        return len(QUESTIONS)
+
+    def __getitem__(self, index: int) -> dict:
+        qtype, letter, _ = QUESTIONS[index]
+        return {"image": torch.full((1, 2, 2, 2), float(index)), "input_ids": torch.arange(1, 3 + index),
+                "question": f"question {index}?", "answer": f"{letter}. text {index}", "answer_choice": letter,
+                "question_type": qtype, "image_path": f"vol/{index}.npy"}
+
+
+class FakeModel:
+    """Answers by the image's fill value; records the batches it saw; can fail after N calls."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.fail_after = fail_after
+        self.seen: list[int] = []
+
+    def __call__(self, batch) -> list[str]:
+        if self.fail_after is not None and len(self.seen) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        mask = batch["attention_mask"]
+        assert bool((mask[:, -1] == 1).all()), "prompts must be left-padded"
+        indices = [int(img.flatten()[0]) for img in batch["image"]]
+        self.seen += indices
+        return [QUESTIONS[i][2] for i in indices]
+
+
+def context(tmp_path: Path, **kw) -> EvalContext:
+    return EvalContext(out_dir=str(tmp_path), data_dir=str(tmp_path), batch_size=3, progress=False, **kw)
+
+
+def test_closed_vqa_outputs_and_per_type_accuracy(tmp_path):
+    result = ClosedVQATask().evaluate(context(tmp_path), FakeClosedVQA(), FakeModel(), pad_token_id=0)
+    acc, strict = result.metrics["metrics"]["accuracy"], result.metrics["metrics"]["accuracy_strict"]
+    # substring: A. Axial ok, "A. B." ok for B, "C" no, "The answer is D." ok, B for A no, B ok, c no.
+    assert acc == {"Plane": 1.0, "Phase": 0.0, "Organ": 0.5, "Abnormality": 1.0, "Location": 0.0,
+                   "Overall": pytest.approx(4 / 7)}
+    assert strict == {"Plane": 0.5, "Phase": 1.0, "Organ": 0.5, "Abnormality": 1.0, "Location": 0.0,
+                      "Overall": pytest.approx(4 / 7)}
+    with open(result.files["predictions"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:6] == ["Question Type", "Question", "Answer", "Answer Choice", "Pred", "Image Path"]
+    assert [r["Correct"] for r in rows] == ["1", "1", "0", "1", "0", "1", "0"]
+    assert json.loads(result.files["metrics"].read_text())["metrics"]["count"]["Organ"] == 2
+    assert "| Organ | 50.00 | 50.00 | 2 |" in result.files["table"].read_text()
+    assert result.files["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "greedy decoding" in result.table
+
+
+def test_resume_after_interruption_generates_only_the_rest(tmp_path):
+    reference = ClosedVQATask().evaluate(context(tmp_path / "full"), FakeClosedVQA(), FakeModel(), 0)
+    first = FakeModel(fail_after=1)  # dies during the second batch
+    with pytest.raises(KeyboardInterrupt):
+        ClosedVQATask().evaluate(context(tmp_path / "run"), FakeClosedVQA(), first, 0)
+    csv_path = tmp_path / "run" / "predictions_vqa_closed.csv"
+    with open(csv_path, "a") as fh:  # a torn row from the kill
+        fh.write('3,"question 3?",D. te')
+    second = FakeModel()
+    resumed = ClosedVQATask().evaluate(context(tmp_path / "run"), FakeClosedVQA(), second, 0)
+    assert first.seen == [0, 1, 2] and second.seen == [3, 4, 5, 6]
+    assert resumed.files["predictions"].read_text() == reference.files["predictions"].read_text()
+    assert resumed.metrics["metrics"] == reference.metrics["metrics"]
+
+
+def test_resume_refuses_rows_of_other_data(tmp_path):
+    csv_path = tmp_path / "p.csv"
+    columns = ["Question", "Pred"]
+    csv_path.write_text("Question,Pred\nsomething else?,A.\n")
+
+    def row_of(batch, i):
+        return {"Question": batch["question"][i]}
+
+    with pytest.raises(ValueError, match="does not match sample 0"):
+        generate_predictions(FakeClosedVQA(), row_of, FakeModel(), csv_path, columns, 0)
+    csv_path.write_text("Other,Pred\nx,y\n")
+    with pytest.raises(ValueError, match="another task"):
+        generate_predictions(FakeClosedVQA(), row_of, FakeModel(), csv_path, columns, 0)
+
+
+def test_generation_settings_are_explicit():
+    assert GenerationSettings().kwargs() == {"max_new_tokens": 256, "do_sample": False}
+    sampled = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9).kwargs()
+    assert sampled == {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationSettings(max_new_tokens=0).kwargs()
+
+
+@pytest.fixture(scope="module")
+def nltk_data(tmp_path_factory) -> str:
+    if not nltk_setup.missing_nltk_data(nltk_setup.DEFAULT_NLTK_DATA):
+        return str(nltk_setup.DEFAULT_NLTK_DATA)
+    try:
+        return str(nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data")))
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(f"WordNet / punkt not installed (make nltk-data): {exc}")
+
+
+def test_open_vqa_scores_per_type(tmp_path, nltk_data):
+    class Open(FakeClosedVQA):
+        def __getitem__(self, index):
+            sample = super().__getitem__(index)
+            sample["answer"] = QUESTIONS[index][2]  # the fake model answers exactly
+            return sample
+
+    result = OpenVQATask().evaluate(context(tmp_path, nltk_data=nltk_data), Open(), FakeModel(), 0)
+    metrics = result.metrics["metrics"]
+    assert metrics["bleu"]["Overall"] == pytest.approx(1.0)
+    assert metrics["rouge1"]["Organ"] == pytest.approx(1.0)
+    # METEOR's fragmentation penalty keeps exact one-word answers at 0.5.
+    assert metrics["meteor"]["Phase"] == pytest.approx(0.5)
+    assert metrics["meteor"]["Overall"] > 0.8
+    assert result.metrics["bertscore"] is None and "BERTScore not computed" in result.table
+
+
+def test_entry_point_leakage_on_prepared_layout(tmp_path):
+    data = tmp_path / "prepared"
+    cases = {"train": [("000001", "axial", "Liver cyst.")],
+             "test": [("000001", "coronal", "Other."), ("000002", "axial", "Liver cyst."), ("000003", "axial", "X.")]}
+    split_file = {}
+    for split, items in cases.items():
+        split_file[split] = []
+        for case, series, text in items:
+            folder = data / "M3D_Cap" / "ct_case" / case
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{series}.txt").write_text(text)
+            split_file[split].append({"image": f"M3D_Cap/ct_case/{case}/{series}.npy",
+                                      "text": f"M3D_Cap/ct_case/{case}/{series}.txt"})
+    (data / "M3D_Cap.json").write_text(json.dumps(split_file))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "med3dvlm.evaluate", "task=leakage", f"data_dir={data}",
+                           f"hydra.run.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "| leaking_test_items | 2 |" in proc.stdout
+    report = json.loads((out / "leakage.json").read_text())
+    assert report["captions"]["leaking"] == {"M3D_Cap/ct_case/000001/coronal.npy": ["case"],
+                                             "M3D_Cap/ct_case/000002/axial.npy": ["text"]}
