@@ -163,3 +163,46 @@ def test_entry_point_leakage_on_prepared_layout(tmp_path):
     report = json.loads((out / "leakage.json").read_text())
     assert report["captions"]["leaking"] == {"M3D_Cap/ct_case/000001/coronal.npy": ["case"],
                                              "M3D_Cap/ct_case/000002/axial.npy": ["text"]}
+
+
+@pytest.fixture(scope="module")
+def exported_model(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny exported VLM (untrained) and a prepared folder at its input size."""
+    from helpers_data import make_prepared
+    from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, optimizer, tiny_llm
+
+    from med3dvlm.stages.vlm_pretrain import PretrainStage
+
+    root = tmp_path_factory.mktemp("eval_model")
+    stage = PretrainStage(encoder(), ENCODER_CONFIG, "-", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE, optimizer())
+    folder = stage.model.save_pretrained(root / "model", ENCODER_CONFIG, stage.projector_config, INPUT_SIZE)
+    return folder, make_prepared(root / "prepared", shape=INPUT_SIZE)
+
+
+def test_entry_point_closed_vqa_on_an_exported_model(exported_model, tmp_path):
+    model, data = exported_model
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "med3dvlm.evaluate", "task=vqa_closed", f"model={model}", f"data_dir={data}",
+            "context.generation.max_new_tokens=3", "context.batch_size=2", "context.progress=false",
+            f"hydra.run.dir={out}"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "| Overall |" in proc.stdout and "Accuracy (substring)" in proc.stdout
+    with open(out / "predictions_vqa_closed.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and all(r["Correct"] in ("0", "1") for r in rows)
+    for name in ("metrics_vqa_closed.json", "metrics_vqa_closed.md", "scores_vqa_closed.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_report_task_runs_the_model_batched(exported_model, tmp_path, nltk_data):
+    from med3dvlm.evaluation.tasks import ReportTask
+
+    model, data = exported_model
+    ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(data), model=str(model), batch_size=3, progress=False,
+                      generation=GenerationSettings(max_new_tokens=3), nltk_data=nltk_data)
+    result = ReportTask(limit=2).run(ctx)
+    assert result.metrics["num_samples"] == 2
+    assert set(result.metrics["metrics"]) == {"bleu", "rouge1", "meteor"}
+    with open(result.files["predictions"], newline="") as fh:
+        assert list(next(csv.DictReader(fh)))[:3] == ["Question", "Ground Truth", "pred"]
