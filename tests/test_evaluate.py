@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions
-from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, OpenVQATask
+from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
 from med3dvlm.metrics import nltk_setup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_open_vqa_scores_per_type(tmp_path, nltk_data):
     assert result.metrics["bertscore"] is None and "BERTScore not computed" in result.table
 
 
-def test_entry_point_leakage_on_prepared_layout(tmp_path):
+def test_leakage_task_on_prepared_layout(tmp_path):
     data = tmp_path / "prepared"
     cases = {"train": [("000001", "axial", "Liver cyst.")],
              "test": [("000001", "coronal", "Other."), ("000002", "axial", "Liver cyst."), ("000003", "axial", "X.")]}
@@ -154,12 +154,9 @@ def test_entry_point_leakage_on_prepared_layout(tmp_path):
             split_file[split].append({"image": f"M3D_Cap/ct_case/{case}/{series}.npy",
                                       "text": f"M3D_Cap/ct_case/{case}/{series}.txt"})
     (data / "M3D_Cap.json").write_text(json.dumps(split_file))
+    result = LeakageTask().run(EvalContext(out_dir=str(tmp_path / "run"), data_dir=str(data)))
+    assert "| leaking_test_items | 2 |" in result.table
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "med3dvlm.evaluate", "task=leakage", f"data_dir={data}",
-                           f"hydra.run.dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "| leaking_test_items | 2 |" in proc.stdout
     report = json.loads((out / "leakage.json").read_text())
     assert report["captions"]["leaking"] == {"M3D_Cap/ct_case/000001/coronal.npy": ["case"],
                                              "M3D_Cap/ct_case/000002/axial.npy": ["text"]}
