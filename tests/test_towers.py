@@ -88,6 +88,8 @@ def test_text_tower_keys_gradients_and_errors(bert_dir):
     assert prefixes == {"language_encoder", "mm_language_proj"}
     input_ids, attention_mask = token_batch()
     tower(input_ids, attention_mask).sum().backward()
+    # Every parameter trains (BERT's unused pooler is dropped): DDP rejects parameters without gradient.
+    assert [name for name, p in tower.named_parameters() if p.grad is None] == []
     assert tower.language_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=f"17 tokens exceed the {POSITIONS} positions"):
         tower(torch.ones(1, 17, dtype=torch.long), torch.ones(1, 17, dtype=torch.long))

@@ -45,6 +45,10 @@ class TextTower(nn.Module):
         self.language_encoder = AutoModel.from_pretrained(
             str(model_name_or_path), trust_remote_code=trust_remote_code
         )
+        if isinstance(getattr(self.language_encoder, "pooler", None), nn.Module):
+            # BERT-style poolers (a dense layer on [CLS]) are not used here; left in, their parameters
+            # get no gradient, which DDP rejects and the optimiser would carry for nothing.
+            self.language_encoder.pooler = None
         config = self.language_encoder.config
         # DistilBERT names the width ``dim``; its config maps ``hidden_size`` onto it.
         self.hidden_size: int = int(config.hidden_size)
