@@ -1,5 +1,6 @@
 """Distributed SigLIP/CLIP with 2 and 3 gloo processes equal the single-process loss on the
-concatenated batch: the value on every rank, and the gradients once averaged over ranks (DDP)."""
+concatenated batch: the value on every rank, and the gradients once averaged over ranks (DDP).
+The ranks hold different numbers of pairs, as a last partial batch can."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from med3dvlm.losses import ClipLoss, SigLIPLoss
 
-LOCAL_BATCH = 3
+ROWS_PER_RANK = [3, 2, 4]
 IN_DIM = 5
 EMBED_DIM = 4
 # (loss class, keyword arguments): every distributed implementation, dense and chunked.
@@ -37,9 +38,15 @@ def free_port() -> int:
 
 def global_inputs(world: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(world)
-    images = torch.randn(world * LOCAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
-    texts = images + 0.5 * torch.randn(world * LOCAL_BATCH, IN_DIM, generator=gen, dtype=torch.float64)
+    rows = sum(ROWS_PER_RANK[:world])
+    images = torch.randn(rows, IN_DIM, generator=gen, dtype=torch.float64)
+    texts = images + 0.5 * torch.randn(rows, IN_DIM, generator=gen, dtype=torch.float64)
     return images, texts
+
+
+def rows_of(rank: int) -> slice:
+    start = sum(ROWS_PER_RANK[:rank])
+    return slice(start, start + ROWS_PER_RANK[rank])
 
 
 class Towers(torch.nn.Module):
@@ -83,7 +90,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     try:
         images, texts = global_inputs(world)
-        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        mine = rows_of(rank)
         results = []
         for loss_class, kwargs in CASES:
             result = loss_and_grads(Towers(loss_class(**kwargs)), images[mine], texts[mine])
@@ -125,7 +132,7 @@ def test_mode_none_under_distributed_is_the_local_loss(distributed_run):
     world, per_rank = distributed_run
     images, texts = global_inputs(world)
     for rank, saved in enumerate(per_rank):
-        mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        mine = rows_of(rank)
         expected = loss_and_grads(Towers(SigLIPLoss(distributed="none")), images[mine], texts[mine])["loss"]
         torch.testing.assert_close(saved["local_only"], expected, rtol=1e-12, atol=1e-12)
     # The local losses differ from the global one: the check above cannot pass by accident.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from med3dvlm.losses.distributed import data_parallel_rank, gather_rows, global_value
+from med3dvlm.losses.distributed import data_parallel_rank, gather_rows, global_value, rows_per_rank
 
 
 def _cross_entropy_sum(
@@ -76,12 +76,12 @@ class ClipLoss(nn.Module):
         if placement is None or self.distributed == "none":
             return clip_loss(image_emb, text_emb, self.log_scale, self.max_log_scale)
         rank, world = placement
-        local = image_emb.shape[0]
-        first = rank * local
+        sizes = rows_per_rank(image_emb)
+        first = sum(sizes[:rank])
         total = _cross_entropy_sum(
-            image_emb, gather_rows(text_emb), self.log_scale, first, self.max_log_scale
+            image_emb, gather_rows(text_emb, sizes), self.log_scale, first, self.max_log_scale
         )
         total = total + _cross_entropy_sum(
-            text_emb, gather_rows(image_emb), self.log_scale, first, self.max_log_scale
+            text_emb, gather_rows(image_emb, sizes), self.log_scale, first, self.max_log_scale
         )
-        return global_value(total / (2 * local * world), world)
+        return global_value(total / (2 * sum(sizes)), world)

@@ -29,7 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from med3dvlm.losses.distributed import data_parallel_rank, gather_rows, global_value, ring_shift
+from med3dvlm.losses.distributed import (
+    data_parallel_rank,
+    gather_rows,
+    global_value,
+    ring_shift,
+    rows_per_rank,
+)
 
 DistributedMode = Literal["none", "gather", "neighbour"]
 DISTRIBUTED_MODES: tuple[str, ...] = ("none", "gather", "neighbour")
@@ -147,8 +153,8 @@ class SigLIPLoss(nn.Module):
 
     With ``gather`` and ``neighbour`` every rank returns the value of the single-process loss on the
     concatenated global batch, and the gradients, once AVERAGED over ranks as DDP and FSDP do, equal
-    that loss's gradients (see ``med3dvlm.losses.distributed.global_value``). Every rank must hold
-    the same number of pairs. Without a multi-process group all modes are the plain loss.
+    that loss's gradients (see ``med3dvlm.losses.distributed.global_value``). Ranks may hold
+    different numbers of pairs. Without a multi-process group all modes are the plain loss.
 
     ``chunk_size``: score that many images at a time and recompute in the backward pass instead of
     storing the logits (same value and gradients, memory ``chunk_size x`` texts).
@@ -180,17 +186,19 @@ class SigLIPLoss(nn.Module):
         if placement is None or self.distributed == "none":
             return siglip_loss(image_emb, text_emb, self.log_scale, self.bias, self.chunk_size)
         rank, world = placement
-        local = image_emb.shape[0]
+        sizes = rows_per_rank(image_emb)
         if self.distributed == "gather":
+            texts = gather_rows(text_emb, sizes)
             total = pairwise_sigmoid_sum(
-                image_emb, gather_rows(text_emb), self.log_scale, self.bias, rank * local, self.chunk_size
+                image_emb, texts, self.log_scale, self.bias, sum(sizes[:rank]), self.chunk_size
             )
         else:
             total = pairwise_sigmoid_sum(image_emb, text_emb, self.log_scale, self.bias, 0, self.chunk_size)
             block = text_emb
-            for _ in range(world - 1):
-                block = ring_shift(block)
+            for step in range(1, world):
+                # After ``step`` shifts this rank holds the texts of rank ``rank - step``.
+                block = ring_shift(block, sizes[(rank - step) % world])
                 total = total + pairwise_sigmoid_sum(
                     image_emb, block, self.log_scale, self.bias, None, self.chunk_size
                 )
-        return global_value(total / (local * world), world)
+        return global_value(total / sum(sizes), world)
