@@ -152,9 +152,15 @@ def _ddp_run(tmp_path: Path, bert: Path, batches: list[dict], devices: int, out:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         half = batches[0]["image"].shape[0] // devices
         rank_batches = [{k: v[rank * half:(rank + 1) * half] for k, v in b.items()} for b in batches]
+    # Per-process batch statistics and dropout draws would differ from one process: BatchNorm frozen,
+    # dropout off.
+    module = stage(bert, freeze_bn=True)
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
     trainer(tmp_path, devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=len(batches),
             callbacks=[StepLosses(out)], limit_val_batches=0, use_distributed_sampler=False).fit(
-        stage(bert), torch.utils.data.DataLoader(rank_batches, batch_size=None))
+        module, torch.utils.data.DataLoader(rank_batches, batch_size=None))
 
 
 @pytest.mark.slow
