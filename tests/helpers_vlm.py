@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
+from med3dvlm.stages.optim import cosine_with_warmup
 
 INPUT_SIZE = (32, 64, 64)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
@@ -40,6 +41,10 @@ def encoder(seed: int = 0) -> DCFormer:
 
 def optimizer(lr: float = 1e-2):
     return functools.partial(torch.optim.AdamW, lr=lr)
+
+
+def scheduler():
+    return functools.partial(cosine_with_warmup, warmup_ratio=0.03)
 
 
 def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from helpers_vlm import (
     encoder,
     fit,
     optimizer,
+    scheduler,
     tiny_llm,
     toy_batches,
 )
@@ -33,11 +34,11 @@ def finetuned(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,
-                        optimizer(), experiment="unit", export_dir=str(root / "pre"))
+                        optimizer(), scheduler(), experiment="unit", export_dir=str(root / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
     model, meta = load_pretrain_handoff(root / "pre", encoder(), tiny_llm(root))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(),
+    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(), scheduler(),
                           train_input_embeddings=True, train_lm_head=True, experiment="unit",
                           export_dir=str(root / "fine"))
     batches = toy_batches(stage.model)

@@ -11,6 +11,7 @@ from helpers_vlm import (
     encoder,
     fit,
     optimizer,
+    scheduler,
     tiny_llm,
     toy_batches,
 )
@@ -30,7 +31,7 @@ def assets(tmp_path_factory):
 def pretrain_stage(assets, reference_placement=False, lr=1e-2, export_dir=None) -> PretrainStage:
     torch.manual_seed(0)
     return PretrainStage(encoder(), ENCODER_CONFIG, "encoder-export", PROJECTOR_CONFIG, tiny_llm(assets),
-                         INPUT_SIZE, optimizer(lr), reference_placement=reference_placement,
+                         INPUT_SIZE, optimizer(lr), scheduler(), reference_placement=reference_placement,
                          experiment="unit", export_dir=export_dir)
 
 
@@ -97,7 +98,7 @@ def finetune_stage(assets, tmp_path, train_vision_tower=True) -> FinetuneStage:
     fit(pre, toy_batches(pre.model, count=1), steps=1)
     model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(), tiny_llm(assets))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2),
+    return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2), scheduler(),
                          train_vision_tower=train_vision_tower, experiment="unit",
                          export_dir=str(tmp_path / "fine"))
 

@@ -14,6 +14,7 @@ from med3dvlm.benchmarks import BenchRow, median_seconds
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
+from med3dvlm.stages.optim import cosine_with_warmup
 from med3dvlm.stages.vlm_finetune import FinetuneStage
 from med3dvlm.stages.vlm_pretrain import PretrainStage
 
@@ -54,8 +55,9 @@ def run(quick: bool) -> list[BenchRow]:
     with tempfile.TemporaryDirectory() as tmp:
         llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", CORPUS, vocab_size=512)))
         optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
+        scheduler = functools.partial(cosine_with_warmup, warmup_ratio=0.03)
         torch.manual_seed(0)
-        pre = PretrainStage(DCFormer("nano"), ENCODER, "-", PROJECTOR, llm, INPUT_SIZE, optimizer)
+        pre = PretrainStage(DCFormer("nano"), ENCODER, "-", PROJECTOR, llm, INPUT_SIZE, optimizer, scheduler)
         batch = _batch(pre.model, batch_size, "right")
         rows = [BenchRow(SECTION, f"pretrain step, batch {batch_size}", batch_size / _step_seconds(pre, batch, repeats),
                          "samples/s", note=f"tiny Qwen + DCFormer-nano, {INPUT_SIZE}, "
@@ -65,7 +67,7 @@ def run(quick: bool) -> list[BenchRow]:
                              batch_size / _step_seconds(pre, batch, repeats), "samples/s",
                              note="frozen encoder, augmentation off"))
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-        fine = FinetuneStage(pre.model, {}, "-", ENCODER, lora, optimizer)
+        fine = FinetuneStage(pre.model, {}, "-", ENCODER, lora, optimizer, scheduler)
         rows.append(BenchRow(SECTION, f"finetune step (LoRA, encoder trained), batch {batch_size}",
                              batch_size / _step_seconds(fine, batch, repeats), "samples/s"))
         model = fine.model.eval()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer
 
+from med3dvlm.exports import load_encoder_export
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.lora import add_lora, load_lora, merge_lora
 from med3dvlm.models.vlm import VisionLanguageModel, load_state_strict
@@ -29,6 +30,7 @@ from med3dvlm.stages.handoff import (
     save_tensors,
     write_handoff,
 )
+from med3dvlm.stages.optim import SchedulerFactory
 from med3dvlm.stages.vlm_stage import VLMStage
 
 log = logging.getLogger(__name__)
@@ -77,15 +79,15 @@ class FinetuneStage(VLMStage):
         vision_tower_config: dict[str, Any],
         lora: LoraConfig,
         optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: SchedulerFactory,
         train_vision_tower: bool = True,
         train_input_embeddings: bool = False,
         train_lm_head: bool = False,
         weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
         experiment: str = "default",
         export_dir: str | None = None,
     ) -> None:
-        super().__init__(optimizer, weight_decay, warmup_ratio, export_dir)
+        super().__init__(optimizer, scheduler, weight_decay, export_dir)
         self.model = model
         self.pretrain_meta = pretrain_meta
         self.pretrain_export = str(pretrain_export)
@@ -171,24 +173,22 @@ def finetune_stage(
     llm: Mapping,
     lora: Mapping,
     optimizer: Mapping,
+    scheduler: Mapping,
     export_dir: str,
     train_vision_tower: bool = True,
     train_input_embeddings: bool = False,
     train_lm_head: bool = False,
     weight_decay: float = 0.0,
-    warmup_ratio: float = 0.03,
 ) -> FinetuneStage:
     """Hydra entry: resolve the pretrain hand-off (explicit path, else the latest of ``experiment``),
     load encoder, projector and ``<im_patch>`` row strictly, then build the stage."""
     folder = resolve_handoff(pretrain_export, log_dir, "projector", experiment, PRETRAIN_COMMAND)
     meta = read_handoff(folder, "projector", PRETRAIN_COMMAND)
-    from med3dvlm.exports import load_encoder_export
-
     vision_tower, vision_tower_config = load_encoder_export(meta["encoder_export"])
     model, meta = load_pretrain_handoff(folder, vision_tower, instantiate(llm))
     return FinetuneStage(
         model, meta, str(folder), vision_tower_config, instantiate(lora), instantiate(optimizer),
-        train_vision_tower=train_vision_tower, train_input_embeddings=train_input_embeddings,
-        train_lm_head=train_lm_head, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        instantiate(scheduler), train_vision_tower=train_vision_tower,
+        train_input_embeddings=train_input_embeddings, train_lm_head=train_lm_head, weight_decay=weight_decay,
         experiment=experiment, export_dir=export_dir,
     )

@@ -16,8 +16,10 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from med3dvlm.exports import latest_export, load_encoder_export
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.stages.handoff import save_tensors, write_handoff
+from med3dvlm.stages.optim import SchedulerFactory
 from med3dvlm.stages.vlm_stage import VLMStage, build_vlm
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class PretrainStage(VLMStage):
         llm: the causal LM source.
         input_size: volume size ``(D, H, W)``; fixes the encoder's token counts.
         optimizer: ``_partial_`` optimiser taking parameter groups.
+        scheduler: ``_partial_`` schedule taking ``(optimizer, total_steps)``.
         reference_placement: the original's image-token placement (only to continue released weights).
         cache_encoder_features: keep each volume's encoder outputs after the first epoch (keyed by a
             hash of the volume), valid because the encoder is frozen in eval mode. Only with
@@ -50,14 +53,14 @@ class PretrainStage(VLMStage):
         llm: LanguageModel,
         input_size: tuple[int, int, int],
         optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: SchedulerFactory,
         weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
         reference_placement: bool = False,
         experiment: str = "default",
         export_dir: str | None = None,
         cache_encoder_features: bool = False,
     ) -> None:
-        super().__init__(optimizer, weight_decay, warmup_ratio, export_dir)
+        super().__init__(optimizer, scheduler, weight_decay, export_dir)
         self.model, self.projector_config = build_vlm(vision_tower, projector, llm, input_size,
                                                       reference_placement)
         self.vision_tower_config = vision_tower_config
@@ -118,20 +121,19 @@ def pretrain_stage(
     llm: Mapping,
     input_size: tuple[int, int, int],
     optimizer: Mapping,
+    scheduler: Mapping,
     export_dir: str,
+    log_dir: str | None = None,
     weight_decay: float = 0.0,
-    warmup_ratio: float = 0.03,
     reference_placement: bool = False,
     cache_encoder_features: bool = False,
 ) -> PretrainStage:
     """Hydra entry: resolve and strictly load the stage-1 encoder export (explicit path, else the latest
     completed ``siglip`` export of ``experiment``), then build the stage from the config nodes."""
-    from med3dvlm.exports import latest_export, load_encoder_export
-
     if encoder_export:
         path = encoder_export
     else:
-        path = latest_export("siglip", experiment)
+        path = latest_export("siglip", experiment, log_dir)
         if path is None:
             raise FileNotFoundError(
                 f"no completed siglip export of experiment {experiment!r}; run `{SIGLIP_COMMAND}` "
@@ -141,7 +143,7 @@ def pretrain_stage(
     vision_tower, vision_tower_config = load_encoder_export(path)
     return PretrainStage(
         vision_tower, vision_tower_config, str(path), projector, instantiate(llm), input_size,
-        instantiate(optimizer), weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        instantiate(optimizer), instantiate(scheduler), weight_decay=weight_decay,
         reference_placement=reference_placement, experiment=experiment, export_dir=export_dir,
         cache_encoder_features=cache_encoder_features,
     )

@@ -8,7 +8,6 @@ lives in ``med3dvlm.models.vlm``.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.projectors import encoder_sizes
 from med3dvlm.models.vlm import VisionLanguageModel
+from med3dvlm.stages.optim import SchedulerFactory, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ class VLMStage(L.LightningModule):
     def __init__(
         self,
         optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: SchedulerFactory,
         weight_decay: float = 0.0,
-        warmup_ratio: float = 0.03,
         export_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.weight_decay = weight_decay
-        self.warmup_ratio = warmup_ratio
         self.export_dir = Path(export_dir) if export_dir else None
         self.model: VisionLanguageModel
         self._step_started = 0.0
@@ -117,23 +117,9 @@ class VLMStage(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim >= 2 and "norm" not in n.lower()]
-        no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "norm" not in n.lower())]
-        optimizer = self.optimizer_factory([
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ])
+        optimizer = self.optimizer_factory(param_groups(self, self.weight_decay))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(self.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
