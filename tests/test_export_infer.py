@@ -84,3 +84,19 @@ def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
     missing = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=nothing",
                           f"hydra.run.dir={tmp_path / 'run2'}"])
     assert missing.returncode != 0 and "python -m med3dvlm.train stage=finetune" in missing.stderr
+
+
+def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    _, handoff, _, _ = finetuned
+    folder = export_merged(handoff, tmp_path / "model")
+    volume = np.random.default_rng(0).normal(100, 30, size=(50, 41, 23)).astype(np.int16)  # (x, y, z)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
+    done = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'scan.nii.gz'}",
+                       "question=Is there a large lesion in the liver?", "max_new_tokens=4"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()  # an answer was printed
+    missing = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'nope.nii.gz'}"])
+    assert missing.returncode != 0 and "nope.nii.gz: file not found" in missing.stderr
