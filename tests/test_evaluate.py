@@ -166,7 +166,15 @@ def test_leakage_task_on_prepared_layout(tmp_path):
 def exported_model(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny exported VLM (untrained) and a prepared folder at its input size."""
     from helpers_data import make_prepared
-    from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, optimizer, scheduler, tiny_llm
+    from helpers_vlm import (
+        ENCODER_CONFIG,
+        INPUT_SIZE,
+        PROJECTOR_CONFIG,
+        encoder,
+        optimizer,
+        scheduler,
+        tiny_llm,
+    )
 
     from med3dvlm.stages.vlm_pretrain import PretrainStage
 

@@ -1,0 +1,112 @@
+"""``python -m med3dvlm.demo [--cases N] [--fresh]`` (``make demo``): the whole chain offline on CPU.
+
+synthetic data -> prepare -> DataModule batch -> siglip -> pretrain -> finetune -> export ->
+evaluation, each step a normal command of this package (printed before it runs), then one table.
+Re-running reuses the data and every stage export already built; ``--fresh`` retrains the stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from med3dvlm.config import PROJECT_ROOT
+from med3dvlm.exports import latest_export
+from med3dvlm.stages.handoff import latest_handoff
+
+DATA = PROJECT_ROOT / "data" / "demo"
+OUTPUTS = PROJECT_ROOT / "outputs"
+EXPERIMENT = "demo"
+CHANCE = {"closed VQA accuracy": 0.25, "retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05,
+          "retrieval i2t R@10 (100)": 0.10}
+
+
+def run(step: str, args: list[str]) -> None:
+    """Run ``python -m med3dvlm.<args>`` in the project root, failing the demo if it fails."""
+    command = [sys.executable, "-m", *args]
+    print(f"\n=== {step}: {shlex.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=PROJECT_ROOT, check=True)
+    print(f"=== {step} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def train_stage(stage: str, run_dir: Path, fresh: bool) -> Path:
+    """Train ``stage`` of the demo experiment unless a completed export exists; return its folder."""
+    existing = latest_export(stage, EXPERIMENT, OUTPUTS) if stage == "siglip" else \
+        latest_handoff(OUTPUTS, "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
+    if existing is not None and not fresh:
+        print(f"\n=== {stage}: reusing {existing}")
+        return existing.parent
+    run(stage, ["med3dvlm.train", f"experiment={EXPERIMENT}", f"stage={stage}", f"hydra.run.dir={run_dir / stage}"])
+    return run_dir / stage
+
+
+def retrieval_scores(siglip_dir: Path) -> dict[str, float]:
+    """The last logged test retrieval figures at 100 pairs from the stage's CSV log."""
+    scores: dict[str, float] = {}
+    for path in siglip_dir.glob("**/metrics.csv"):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for k in (1, 5, 10):
+                    value = row.get(f"test/i2t_R@{k}_n100")
+                    if value:
+                        scores[f"retrieval i2t R@{k} (100)"] = float(value)
+    return scores
+
+
+def evaluation_scores(eval_dir: Path) -> dict[str, float]:
+    """Overall closed-VQA accuracy and open-VQA/report text scores from the metrics JSON files."""
+    scores: dict[str, float] = {}
+    closed = eval_dir / "metrics_vqa_closed.json"
+    if closed.is_file():
+        metrics = json.loads(closed.read_text())["metrics"]
+        scores["closed VQA accuracy"] = metrics["accuracy"]["Overall"]
+    for task, label in (("vqa_open", "open VQA"), ("report", "report")):
+        path = eval_dir / f"metrics_{task}.json"
+        if path.is_file():
+            metrics = json.loads(path.read_text())["metrics"]
+            for name in ("bleu", "rouge", "meteor"):
+                if name in metrics:
+                    scores[f"{label} {name}"] = metrics[name]["Overall"]
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=1000, help="synthetic cases (10%% form the test split)")
+    parser.add_argument("--fresh", action="store_true", help="retrain every stage even if exports exist")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    run_dir = OUTPUTS / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+    raw, prepared = DATA / "raw", DATA / "prepared"
+    if not (raw / "M3D_Cap" / "M3D_Cap.json").is_file():
+        run("synthetic data", ["med3dvlm.synthetic", f"out={raw}", f"cases={args.cases}", "seed=0"])
+    run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
+    siglip_dir = train_stage("siglip", run_dir, args.fresh)
+    train_stage("pretrain", run_dir, args.fresh)
+    train_stage("finetune", run_dir, args.fresh)
+    model = run_dir / "model"
+    run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
+    eval_dir = run_dir / "eval"
+    for task in ("vqa_closed", "vqa_open", "report"):
+        run(f"evaluate {task}", ["med3dvlm.evaluate", f"task={task}", f"model={model}", f"data_dir={prepared}",
+                                 f"hydra.run.dir={eval_dir}"])
+
+    scores = {**retrieval_scores(siglip_dir), **evaluation_scores(eval_dir)}
+    print("\n| demo score | value | chance |\n|---|---:|---:|")
+    for name, value in scores.items():
+        chance = CHANCE.get(name)
+        print(f"| {name} | {value:.3f} | {'' if chance is None else f'{chance:.2f}'} |")
+    print(f"\nrun folders: {run_dir} (stages reused from earlier runs are named above)")
+    print(f"total wall time: {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
