@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions
+from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions, model_generate_fn
 from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
 from med3dvlm.metrics import nltk_setup
 
@@ -103,6 +103,34 @@ def test_resume_refuses_rows_of_other_data(tmp_path):
     csv_path.write_text("Other,Pred\nx,y\n")
     with pytest.raises(ValueError, match="another task"):
         generate_predictions(FakeClosedVQA(), row_of, FakeModel(), csv_path, columns, 0)
+
+
+class _RecordingModel(torch.nn.Module):
+    """Stands in for a VLM: records the volumes it is given and answers with token id 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[torch.Tensor] = []
+        self.tokenizer = type("Tok", (), {"batch_decode": lambda self, ids, **kw: ["A." for _ in ids]})()
+
+    def generate(self, images, input_ids, attention_mask, **kwargs):
+        self.seen.append(images)
+        return torch.ones(len(input_ids), 1, dtype=torch.long)
+
+
+@pytest.mark.parametrize("zero_images", [False, True])
+def test_zero_images_control_replaces_only_the_volumes(zero_images):
+    model = _RecordingModel()
+    batch = {"image": torch.rand(2, 1, 4, 4, 4) + 0.1, "input_ids": torch.ones(2, 3, dtype=torch.long),
+             "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    answers = model_generate_fn(model, GenerationSettings(max_new_tokens=2), zero_images=zero_images)(batch)
+    assert answers == ["A.", "A."]
+    (seen,) = model.seen
+    assert seen.shape == batch["image"].shape
+    assert bool((seen == 0).all()) is zero_images
+    if not zero_images:
+        assert torch.equal(seen, batch["image"])
 
 
 def test_generation_settings_are_explicit():

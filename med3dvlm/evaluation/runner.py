@@ -48,13 +48,20 @@ class GenerationSettings:
         return kwargs
 
 
-def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings) -> GenerateFn:
-    """A batch -> decoded answers function for a VLM (batches must be left-padded)."""
+def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False) -> GenerateFn:
+    """A batch -> decoded answers function for a VLM (batches must be left-padded).
+
+    ``zero_images`` feeds all-zero volumes instead of the batch's: the control that shows how much
+    of a score comes from the image rather than from the text alone.
+    """
     param = next(model.parameters())
     kwargs = settings.kwargs()
 
     def generate(batch: Mapping[str, Any]) -> list[str]:
-        out = model.generate(batch["image"].to(param.device, param.dtype), batch["input_ids"].to(param.device),
+        images = batch["image"].to(param.device, param.dtype)
+        if zero_images:
+            images = torch.zeros_like(images)
+        out = model.generate(images, batch["input_ids"].to(param.device),
                              batch["attention_mask"].to(param.device), **kwargs)
         return [text.strip() for text in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 

@@ -62,6 +62,8 @@ class EvalContext:
     bertscore: Mapping[str, Any] | None = None
     loggers: Sequence[Any] = ()
     progress: bool = True
+    # All-zero volumes instead of the real ones: the text-only control of an image-grounded score.
+    zero_images: bool = False
 
 
 @dataclass
@@ -103,7 +105,8 @@ class GenerationTask:
         model = load_pretrained(ctx.model, dtype=ctx.dtype).to(ctx.device)
         prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, ctx.max_length)
         dataset = self.dataset(ctx.data_dir, prompts, VolumeReader(spatial_size=model.input_size))
-        return self.evaluate(ctx, dataset, model_generate_fn(model, ctx.generation), model.tokenizer.pad_token_id)
+        return self.evaluate(ctx, dataset, model_generate_fn(model, ctx.generation, ctx.zero_images),
+                             model.tokenizer.pad_token_id)
 
     def evaluate(self, ctx: EvalContext, dataset: Dataset, generate: GenerateFn, pad_token_id: int) -> EvalResult:
         out = Path(ctx.out_dir)
@@ -115,7 +118,7 @@ class GenerationTask:
         )
         metrics, by_metric = self.score(rows, ctx)
         metrics = {"task": self.name, "model": ctx.model, "split": self.split, "num_samples": len(rows),
-                   "generation": vars(ctx.generation), **metrics}
+                   "generation": vars(ctx.generation), "zero_images": ctx.zero_images, **metrics}
         columns = [*self.generation_columns, *self.score_columns]
         files = {
             "predictions": write_scored_csv(csv_path, rows, columns),
