@@ -71,9 +71,8 @@ def evaluation_scores(eval_dir: Path) -> dict[str, float]:
         path = eval_dir / f"metrics_{task}.json"
         if path.is_file():
             metrics = json.loads(path.read_text())["metrics"]
-            for name in ("bleu", "rouge", "meteor"):
-                if name in metrics:
-                    scores[f"{label} {name}"] = metrics[name]["Overall"]
+            for name in ("bleu", "rouge1", "meteor"):
+                scores[f"{label} {name}"] = metrics[name]["Overall"]
     return scores
 
 
