@@ -9,8 +9,6 @@ already holds a complete build is reused.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,11 +16,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from med3dvlm.models.tiny_assets import build_asset, is_built
+
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN]
 # Marks a finished build; written last.
-DONE_MARKER = ".tiny_qwen_complete"
 
 # General English so that words outside the synthetic corpus still tokenise into sensible pieces.
 ENGLISH_TEXT = (
@@ -91,30 +90,23 @@ def build_tiny_qwen(
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    torch.random.set_rng_state(generator_state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / DONE_MARKER).write_text("ok\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return build_asset(out_dir, write)
 
 
 def ensure_tiny_qwen(out_dir: str | os.PathLike, corpus: Callable[[], Iterable[str]], **sizes: int) -> str:
     """Path of the tiny Qwen folder, building it from ``corpus()`` on first use."""
     out_dir = Path(out_dir)
-    if not (out_dir / DONE_MARKER).is_file():
+    if not is_built(out_dir):
         build_tiny_qwen(out_dir, corpus(), **sizes)
     return str(out_dir)
