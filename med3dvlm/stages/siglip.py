@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from med3dvlm.exports import write_encoder_export
 from med3dvlm.metrics.retrieval import retrieval_metrics, true_match_ranks
+from med3dvlm.sharding import ShardedStage, full_weights
 from med3dvlm.stages.optim import SchedulerFactory, param_groups
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def sample_indices(batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.tensor([int(str(sid).rsplit("/", 1)[-1]) for sid in batch["sample_id"]], dtype=torch.long)
 
 
-class SigLIPStage(L.LightningModule):
+class SigLIPStage(ShardedStage, L.LightningModule):
     """SigLIP training of ``image_tower`` (``encoder`` + head) and ``text_tower``.
 
     Args:
@@ -218,8 +219,9 @@ class SigLIPStage(L.LightningModule):
             return
         if metrics["recall_mean"] > self.best_score:
             self.best_score = metrics["recall_mean"]
-            if self.trainer.is_global_zero:
-                self.export(self.best_export_dir, "best", {"val/recall_mean": self.best_score})
+            with full_weights(self):  # every rank (FSDP gathers the shards)
+                if self.trainer.is_global_zero:
+                    self.export(self.best_export_dir, "best", {"val/recall_mean": self.best_score})
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -234,9 +236,12 @@ class SigLIPStage(L.LightningModule):
         )
 
     def on_train_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            folder = self.export(self.export_dir, "final")
-            log.info("wrote the siglip encoder export to %s", folder)
+        if self.export_dir is None:
+            return
+        with full_weights(self):  # every rank (FSDP gathers the shards)
+            if self.trainer.is_global_zero:
+                folder = self.export(self.export_dir, "final")
+                log.info("wrote the siglip encoder export to %s", folder)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["siglip_best_score"] = self.best_score

@@ -100,14 +100,17 @@ class FinetuneStage(VLMStage):
             model.freeze_vision_tower()
         model.projector.requires_grad_(True)
         model.image_token_embedding.requires_grad_(True)
-        self.extra_trained: dict[str, nn.Parameter] = {}
-        if train_input_embeddings:
-            self.extra_trained["input_embeddings"] = model.llm.get_input_embeddings().weight
-        if train_lm_head:
-            self.extra_trained["lm_head"] = model.llm.get_output_embeddings().weight
-        for weight in self.extra_trained.values():
+        self.extra_trained = [name for name, on in (("input_embeddings", train_input_embeddings),
+                                                    ("lm_head", train_lm_head)) if on]
+        for weight in self.extra_trained_weights().values():
             weight.requires_grad_(True)
         log.info("finetune: %d trainable parameters", self.trainable_parameter_count())
+
+    def extra_trained_weights(self) -> dict[str, nn.Parameter]:
+        """The fully trained embedding matrices, looked up now (sharding replaces the parameters)."""
+        weights = {"input_embeddings": lambda: self.model.llm.get_input_embeddings().weight,
+                   "lm_head": lambda: self.model.llm.get_output_embeddings().weight}
+        return {name: weights[name]() for name in self.extra_trained}
 
     def write_export(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,7 @@ class FinetuneStage(VLMStage):
         save_tensors(folder / "projector.safetensors", self.model.projector.state_dict())
         save_tensors(folder / "image_token.safetensors", {"embedding": self.model.image_token_embedding})
         if self.extra_trained:
-            save_tensors(folder / "embeddings.safetensors", dict(self.extra_trained))
+            save_tensors(folder / "embeddings.safetensors", self.extra_trained_weights())
         meta = {k: v for k, v in self.pretrain_meta.items() if k != "kind"}
         return write_handoff(folder, "adapter", {
             **meta,

@@ -90,9 +90,9 @@ class PretrainStage(VLMStage):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         if not self.cache_encoder_features:
             return super().forward(batch)
-        out = self.model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+        out = self.model(batch["input_ids"], batch["attention_mask"],
                          encoder_outputs=self.encoder_outputs(batch["image"]))
-        return out.loss
+        return self.lm_loss(out.logits, batch["labels"])
 
     def write_export(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.projectors import encoder_sizes
 from med3dvlm.models.vlm import VisionLanguageModel
+from med3dvlm.sharding import ShardedStage, full_weights
 from med3dvlm.stages.optim import SchedulerFactory, param_groups
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def build_vlm(
     return model, proj_config
 
 
-class VLMStage(L.LightningModule):
+class VLMStage(ShardedStage, L.LightningModule):
     """LM loss on image + prompt + answer batches; trains whatever parameters require grad.
 
     Batches follow the datamodule contract: ``image (B,1,D,H,W)``, ``input_ids``,
@@ -88,9 +90,21 @@ class VLMStage(L.LightningModule):
     # --- Lightning hooks ------------------------------------------------------------------
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        out = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"],
-                         labels=batch["labels"])
-        return out.loss
+        out = self.model(batch["input_ids"], batch["attention_mask"], images=batch["image"])
+        return self.lm_loss(out.logits, batch["labels"])
+
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token loss averaged over the answer tokens of the global batch.
+
+        Each process divides its token-loss sum by the global token count over the number of
+        processes: the gradient that DDP/FSDP average then equals the one-process gradient, and
+        the mean over processes of this value is the global mean, however the answer tokens are
+        spread over the processes.
+        """
+        count = (labels[:, 1:] != -100).sum()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum") / self.trainer.world_size
+        return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=count)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -98,7 +112,7 @@ class VLMStage(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/padded_length", float(batch["input_ids"].shape[1]), batch_size=size)
         return loss
 
@@ -123,9 +137,12 @@ class VLMStage(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero:
-            folder = self.write_export(self.export_dir)
-            log.info("wrote %s export to %s", type(self).__name__, folder)
+        if self.export_dir is None:
+            return
+        with full_weights(self):  # every rank (FSDP gathers the shards)
+            if self.trainer.is_global_zero:
+                folder = self.write_export(self.export_dir)
+                log.info("wrote %s export to %s", type(self).__name__, folder)
 
     # --- subclass API ---------------------------------------------------------------------
 

@@ -1,0 +1,204 @@
+"""FSDP2 for the training stages: the strategy behind ``trainer=fsdp``, what each stage shards, and
+full weights for exports.
+
+``FSDP2Strategy`` is Lightning's ``ModelParallelStrategy`` used for pure data parallelism (every
+process holds one shard; no tensor parallelism) plus the sharding options. A stage inherits
+``ShardedStage`` and its ``configure_model`` hook applies ``fully_shard`` bottom-up:
+
+1. transformer layers: the classes every Hugging Face model inside names in ``_no_split_modules``
+   (the LLM's decoder layers, the text encoder's layers and embeddings);
+2. each stage of a volume encoder (DCFormer ``stages``, ViT3D ``blocks``), then the encoder;
+3. the components the stage calls directly: each child of the LightningModule with parameters (the
+   VLM; the SigLIP towers and loss) and the VLM's vision tower and projector;
+4. the LightningModule itself (the root).
+
+Whatever is left (the LLM's embeddings, final norm and head, the ``<im_patch>`` row, the towers'
+heads) is sharded with the smallest unit that holds it. With another strategy (single device,
+``ddp``) the hook does nothing. On CPU (gloo) the weights stay float32; on GPU ``param_dtype``
+(bf16 by default) is the compute and all-gather dtype while the sharded master weights and the
+gradient reduction (``reduce_dtype``) stay float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.models.vit3d import ViT3D
+from med3dvlm.models.vlm import VisionLanguageModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"trainer.strategy.{key}={name!r}: expected one of {sorted(DTYPES)} or null")
+    return DTYPES[name]
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) over all processes; the stage's ``configure_model`` shards it.
+
+    Args:
+        param_dtype: compute / all-gather dtype on GPU (``bfloat16``, ``float16``, ``float32`` or
+            ``None`` = the weights' own dtype). Ignored on CPU, which trains in float32.
+        reduce_dtype: gradient reduce-scatter dtype on GPU (``None`` = ``param_dtype``).
+        activation_checkpointing: recompute each transformer layer's and encoder stage's
+            activations in the backward pass (less memory, about a third more compute).
+        reshard_after_forward: free the gathered weights after each unit's forward (ZeRO-3);
+            ``False`` keeps them until the backward pass (ZeRO-2: more memory, fewer all-gathers).
+        sync_batchnorm: BatchNorm statistics over the global batch (GPU only; on CPU freeze
+            BatchNorm instead, e.g. ``stage.module.freeze_bn=true``).
+        save_distributed_checkpoint: checkpoints as a folder of shards (fast, every rank writes its
+            own); ``False``: one file assembled on rank 0. ``python -m med3dvlm.consolidate`` turns
+            a folder into one file; ``ckpt_path=`` resumes from either.
+        process_group_backend: ``None`` = nccl on GPU, gloo on CPU.
+    """
+
+    def __init__(
+        self,
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        sync_batchnorm: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+        self.param_dtype = _dtype(param_dtype, "param_dtype")
+        self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
+        self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
+        self.sync_batchnorm = sync_batchnorm
+
+    def setup_environment(self) -> None:
+        # Pure data parallelism: one data-parallel group of all processes, tensor-parallel size 1
+        # (ModelParallelStrategy's "auto" would make every process of a node a tensor-parallel rank).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def mixed_precision(self) -> MixedPrecisionPolicy:
+        if self.root_device.type == "cpu":
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+
+def transformer_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers every Hugging Face model inside ``module`` declares unsplittable, outermost first."""
+    names = {name for m in module.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
+    return [m for m in module.modules() if type(m).__name__ in names]
+
+
+def encoder_stages(module: nn.Module) -> list[nn.Module]:
+    """The stages of every volume encoder inside ``module``."""
+    stages: list[nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, DCFormer):
+            stages.extend(m.stages)
+        elif isinstance(m, ViT3D):
+            stages.extend(m.blocks)
+    return stages
+
+
+def components(stage: nn.Module) -> list[nn.Module]:
+    """Units the stage code may call directly (not only through their parent's forward), inner first."""
+    units: list[nn.Module] = [m for m in stage.modules() if isinstance(m, DCFormer | ViT3D)]
+    for vlm in (m for m in stage.modules() if isinstance(m, VisionLanguageModel)):
+        units += [vlm.vision_tower, vlm.projector]
+    units += [child for child in stage.children() if any(True for _ in child.parameters())]
+    return list(dict.fromkeys(units))  # a vision tower can be both an encoder and a VLM part
+
+
+def shard_plan(stage: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(units to shard, bottom-up and ending with ``stage``; the subset to activation-checkpoint)."""
+    layers = transformer_layers(stage) + encoder_stages(stage)
+    units = list(dict.fromkeys([*layers, *components(stage), stage]))
+    return units, layers
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+def shard_stage(stage: L.LightningModule) -> None:
+    """Apply FSDP2 to ``stage`` as ``shard_plan`` says when the trainer uses ``FSDP2Strategy``."""
+    strategy = stage.trainer.strategy
+    if not isinstance(strategy, FSDP2Strategy) or is_sharded(stage):
+        return  # another strategy, or already sharded (configure_model runs again for test)
+    on_gpu = strategy.root_device.type != "cpu"
+    if strategy.sync_batchnorm:
+        if not on_gpu:
+            raise ValueError("trainer.strategy.sync_batchnorm=true needs GPUs (SyncBatchNorm); on CPU "
+                             "freeze BatchNorm instead (e.g. stage.module.freeze_bn=true)")
+        nn.SyncBatchNorm.convert_sync_batchnorm(stage)
+    units, layers = shard_plan(stage)
+    if strategy.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        for layer in layers:
+            checkpoint(layer)
+    mesh = stage.device_mesh["data_parallel"]
+    policy = strategy.mixed_precision()
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
+    # Decide the root now: stage code calls components directly (validation embeds without the
+    # stage's forward), and FSDP2 would otherwise make the first unit to run the root.
+    stage._get_fsdp_state()._lazy_init()
+
+
+class ShardedStage:
+    """Mixin for the stage LightningModules (list it before ``LightningModule``): FSDP2 under
+    ``trainer=fsdp``, nothing under other strategies."""
+
+    def configure_model(self) -> None:
+        shard_stage(self)
+
+
+@contextmanager
+def full_weights(module: nn.Module) -> Iterator[None]:
+    """Inside, the sharded parameters of ``module`` are whole (float32 master weights, on the CPU) on
+    global rank 0, so ``state_dict()`` and attribute access there see full tensors (for exports).
+
+    Collective under FSDP: every rank must enter it; other ranks see their shards. A no-op when
+    ``module`` is not sharded.
+    """
+    if not is_sharded(module):
+        yield
+        return
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()  # registered parameters are the sharded ones from here on
+    rank_zero = torch.distributed.get_rank() == 0
+    full: dict[int, nn.Parameter] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    # Same traversal on every rank, so the all-gathers pair up; a tied parameter is gathered once.
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if not isinstance(param, DTensor):
+                continue
+            if id(param) not in full:
+                whole = param.detach().full_tensor().cpu()
+                full[id(param)] = nn.Parameter(whole, requires_grad=param.requires_grad) if rank_zero else param
+            if rank_zero:
+                swapped.append((owner, name, param))
+                owner._parameters[name] = full[id(param)]
+    try:
+        yield
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
+
