@@ -7,27 +7,26 @@ original evaluation generates one sample at a time.
 
 from __future__ import annotations
 
-import functools
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from med3dvlm.benchmarks import BenchRow
+from med3dvlm.benchmarks import BenchRow, median_seconds
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions, model_generate_fn
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
-from med3dvlm.stages.vlm_pretrain import PretrainStage
+from med3dvlm.stages.vlm_stage import build_vlm
 
 SECTION = "generation"
 INPUT_SIZE = (32, 64, 64)
 ENCODER = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
-PROJECTOR = {"_target_": "med3dvlm.models.projectors.MixerProjector", "low_tokens": [32, 32],
-             "high_tokens": [16, 32], "depth": 2, "mlp_depth": 2}
+# The demo's model (experiments/demo.yaml): 32 image tokens, tiny Qwen with a 1,024-token vocabulary.
+PROJECTOR = {"_target_": "med3dvlm.models.projectors.MixerProjector", "low_tokens": [16, 16],
+             "high_tokens": [8, 16], "depth": 2, "mlp_depth": 2}
 QUESTIONS = [f"Which organ contains the {size} lesion? Choices: A. liver B. spleen C. kidney D. pancreas"
              + " Describe it." * extra for size in ("small", "large") for extra in range(4)]
 
@@ -51,29 +50,33 @@ def run(quick: bool) -> list[BenchRow]:
     count = 16 if quick else 48
     batched = 8
     settings = GenerationSettings(max_new_tokens=16)
-    with tempfile.TemporaryDirectory() as tmp:
-        llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", QUESTIONS, vocab_size=512)))
-        torch.manual_seed(0)
-        stage = PretrainStage(DCFormer("nano"), ENCODER, "-", PROJECTOR, llm, INPUT_SIZE,
-                              functools.partial(torch.optim.AdamW, lr=1e-4))
-        model = stage.model.eval()
-        prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, 1024)
-        dataset = _Prompts(prompts, count)
-        generate = model_generate_fn(model, settings)
+    threads = torch.get_num_threads()
+    # One thread: on a small shared CPU a contended second thread slows the big batched matmuls far
+    # more than batch-1 steps, so the ratio would measure the neighbours instead of batching.
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", QUESTIONS, vocab_size=1024)))
+            torch.manual_seed(0)
+            model = build_vlm(DCFormer("nano"), PROJECTOR, llm, INPUT_SIZE)[0].eval()
+            prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, 1024)
+            dataset = _Prompts(prompts, count)
+            generate = model_generate_fn(model, settings)
 
-        def samples_per_second(batch_size: int) -> float:
-            csv_path = Path(tmp) / f"predictions_b{batch_size}.csv"
-            csv_path.unlink(missing_ok=True)
-            start = time.perf_counter()
-            generate_predictions(dataset, lambda batch, i: {"Question": batch["question"][i]}, generate, csv_path,
-                                 ["Question", "Pred"], model.tokenizer.pad_token_id, batch_size=batch_size,
-                                 progress=False)
-            return count / (time.perf_counter() - start)
+            def evaluate(batch_size: int) -> None:
+                csv_path = Path(tmp) / f"predictions_b{batch_size}.csv"
+                csv_path.unlink(missing_ok=True)
+                generate_predictions(dataset, lambda batch, i: {"Question": batch["question"][i]}, generate,
+                                     csv_path, ["Question", "Pred"], model.tokenizer.pad_token_id,
+                                     batch_size=batch_size, progress=False)
 
-        samples_per_second(batched)  # warm-up
-        single = samples_per_second(1)
-        together = samples_per_second(batched)
-    note = f"{count} prompts, up to {settings.max_new_tokens} new tokens, greedy, tiny Qwen + DCFormer-nano"
+            repeats = 1 if quick else 3
+            single = count / median_seconds(lambda: evaluate(1), repeats)
+            together = count / median_seconds(lambda: evaluate(batched), repeats)
+    finally:
+        torch.set_num_threads(threads)
+    note = (f"{count} prompts, {settings.max_new_tokens} new tokens, greedy, demo model shape (tiny Qwen + "
+            "DCFormer-nano, 32 image tokens), 1 thread, median")
     return [
         BenchRow(SECTION, "evaluation generation, batch 1", single, "samples/s", original="batch 1 only", note=note),
         BenchRow(SECTION, f"evaluation generation, batch {batched} (left padding)", together, "samples/s",
