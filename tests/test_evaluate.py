@@ -12,7 +12,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions, model_generate_fn
+from med3dvlm.evaluation.runner import (
+    GenerationSettings,
+    distinct_rows,
+    generate_predictions,
+    model_generate_fn,
+)
 from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
 from med3dvlm.metrics import nltk_setup
 
@@ -103,34 +108,6 @@ def test_resume_refuses_rows_of_other_data(tmp_path):
     csv_path.write_text("Other,Pred\nx,y\n")
     with pytest.raises(ValueError, match="another task"):
         generate_predictions(FakeClosedVQA(), row_of, FakeModel(), csv_path, columns, 0)
-
-
-class _RecordingModel(torch.nn.Module):
-    """Stands in for a VLM: records the volumes it is given and answers with token id 1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[torch.Tensor] = []
-        self.tokenizer = type("Tok", (), {"batch_decode": lambda self, ids, **kw: ["A." for _ in ids]})()
-
-    def generate(self, images, input_ids, attention_mask, **kwargs):
-        self.seen.append(images)
-        return torch.ones(len(input_ids), 1, dtype=torch.long)
-
-
-@pytest.mark.parametrize("zero_images", [False, True])
-def test_zero_images_control_replaces_only_the_volumes(zero_images):
-    model = _RecordingModel()
-    batch = {"image": torch.rand(2, 1, 4, 4, 4) + 0.1, "input_ids": torch.ones(2, 3, dtype=torch.long),
-             "attention_mask": torch.ones(2, 3, dtype=torch.long)}
-    answers = model_generate_fn(model, GenerationSettings(max_new_tokens=2), zero_images=zero_images)(batch)
-    assert answers == ["A.", "A."]
-    (seen,) = model.seen
-    assert seen.shape == batch["image"].shape
-    assert bool((seen == 0).all()) is zero_images
-    if not zero_images:
-        assert torch.equal(seen, batch["image"])
 
 
 def test_generation_settings_are_explicit():
@@ -240,3 +217,36 @@ def test_report_task_runs_the_model_batched(exported_model, tmp_path, nltk_data)
     assert set(result.metrics["metrics"]) == {"bleu", "rouge1", "meteor"}
     with open(result.files["predictions"], newline="") as fh:
         assert list(next(csv.DictReader(fh)))[:3] == ["Question", "Ground Truth", "pred"]
+
+
+def test_distinct_rows():
+    rows, inverse = distinct_rows(["a", "a", "b", "a", "c", "b"])
+    assert rows == [0, 2, 4] and inverse.tolist() == [0, 0, 1, 0, 2, 1]
+
+
+@pytest.mark.parametrize("zero_images", [False, True])
+def test_model_generate_encodes_each_volume_once_and_matches_the_model(exported_model, zero_images):
+    from med3dvlm.data.collate import PadCollate
+    from med3dvlm.data.prompts import PromptBuilder
+    from med3dvlm.models.vlm import load_pretrained
+
+    model = load_pretrained(exported_model[0])
+    prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, 512)
+    g = torch.Generator().manual_seed(0)
+    volumes = {name: torch.rand(1, *model.input_size, generator=g) for name in ("a", "b")}
+    names = ["a", "a", "b", "a"]
+    samples = [{"image": volumes[name], "image_path": name,
+                "input_ids": torch.tensor(prompts.tokenize(prompts.prompt("Is there a lesion?" + " Where?" * i),
+                                                           None).input_ids)} for i, name in enumerate(names)]
+    batch = PadCollate(model.tokenizer.pad_token_id, padding_side="left")(samples)
+    encoded: list[int] = []
+    model.vision_tower.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    settings = GenerationSettings(max_new_tokens=4)
+    answers = model_generate_fn(model, settings, zero_images=zero_images)(batch)
+    assert encoded == [2]  # two distinct volumes
+    assert all(answers), answers
+    images = torch.zeros_like(batch["image"]) if zero_images else batch["image"]
+    expected = model.generate(images, batch["input_ids"], batch["attention_mask"], **settings.kwargs())
+    assert answers == [t.strip() for t in model.tokenizer.batch_decode(expected, skip_special_tokens=True)]
+    with pytest.raises(ValueError, match="left-padded"):
+        model_generate_fn(model, settings)(PadCollate(model.tokenizer.pad_token_id)(samples))

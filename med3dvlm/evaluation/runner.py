@@ -48,21 +48,42 @@ class GenerationSettings:
         return kwargs
 
 
+def distinct_rows(keys: Sequence[Any]) -> tuple[list[int], torch.Tensor]:
+    """The first row of every distinct key, and for each row the index of its key among them."""
+    first: dict[Any, int] = {}
+    inverse = [first.setdefault(key, len(first)) for key in keys]
+    rows = [0] * len(first)
+    for row, slot in reversed(list(enumerate(inverse))):
+        rows[slot] = row
+    return rows, torch.tensor(inverse, dtype=torch.long)
+
+
 def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False) -> GenerateFn:
     """A batch -> decoded answers function for a VLM (batches must be left-padded).
 
-    ``zero_images`` feeds all-zero volumes instead of the batch's: the control that shows how much
-    of a score comes from the image rather than from the text alone.
+    Questions about the same volume (M3D-VQA asks five per scan, in consecutive rows) share one
+    encoding: each distinct ``image_path`` of a batch goes through the vision tower and projector
+    once and its image features are repeated for its questions. ``zero_images`` feeds all-zero
+    volumes instead of the batch's: the control that shows how much of a score comes from the image
+    rather than from the text alone.
     """
     param = next(model.parameters())
     kwargs = settings.kwargs()
+    kwargs.setdefault("pad_token_id", model.tokenizer.pad_token_id)
+    kwargs.setdefault("eos_token_id", model.tokenizer.eos_token_id)
 
+    @torch.no_grad()
     def generate(batch: Mapping[str, Any]) -> list[str]:
-        images = batch["image"].to(param.device, param.dtype)
+        attention_mask = batch["attention_mask"].to(param.device)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generation needs left-padded prompts (a sample ends with padding)")
+        rows, inverse = distinct_rows(batch.get("image_path") or range(len(batch["image"])))
+        images = batch["image"][rows].to(param.device, param.dtype)
         if zero_images:
             images = torch.zeros_like(images)
-        out = model.generate(images, batch["input_ids"].to(param.device),
-                             batch["attention_mask"].to(param.device), **kwargs)
+        features = model.project(model.encode_images(images))[inverse.to(param.device)]
+        embeds = model.embed(batch["input_ids"].to(param.device), features)
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
         return [text.strip() for text in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     return generate
