@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from med3dvlm.exports import write_encoder_export
+from med3dvlm.exports import siglip_files, write_encoder_export
 from med3dvlm.metrics.retrieval import retrieval_metrics, true_match_ranks
 from med3dvlm.sharding import ShardedStage, full_weights
 from med3dvlm.stages.optim import SchedulerFactory, param_groups
@@ -229,10 +229,14 @@ class SigLIPStage(ShardedStage, L.LightningModule):
     # --- export ----------------------------------------------------------------------------
 
     def export(self, folder: Path, which: str, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write the encoder export (``which``: ``final`` or ``best``) to ``folder``."""
+        """Write the export (``which``: ``final`` or ``best``) to ``folder``: the encoder for stage 2,
+        and the text encoder, tokenizer and heads for retrieval evaluation."""
+        towers = ("image_tower.encoder.", "text_tower.language_encoder.")
+        heads = {k: v for k, v in self.state_dict().items() if not k.startswith(towers)}
         return write_encoder_export(
             folder, self.encoder, self.encoder_config, self.input_size, STAGE, self.experiment, which,
-            {"global_step": int(self.global_step), **(extra or {})},
+            {"global_step": int(self.global_step), "text_tower": {"pooling": self.text_tower.pooling}, **(extra or {})},
+            siglip_files(self.text_tower.language_encoder, self.tokenizer, heads),
         )
 
     def on_train_end(self) -> None:
