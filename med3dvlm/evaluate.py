@@ -1,4 +1,4 @@
-"""``python -m med3dvlm.evaluate task=vqa_closed|vqa_open|report|leakage model=PATH``: score a model."""
+"""``python -m med3dvlm.evaluate task=vqa_closed|vqa_open|report|retrieval|leakage model=PATH``: score a model."""
 
 from __future__ import annotations
 

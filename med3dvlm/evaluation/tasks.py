@@ -1,5 +1,5 @@
-"""Evaluation tasks: closed VQA, open VQA, report generation (M3D benchmark protocol) and the
-train/test leakage report. Each task is built from ``configs/task/<name>.yaml`` and run with an
+"""Evaluation tasks: closed VQA, open VQA, report generation, image-text retrieval (M3D benchmark
+protocol) and the train/test leakage report. Each task is built from ``configs/task/<name>.yaml`` and run with an
 :class:`EvalContext`; the generation tasks can also be run on any dataset and generate function
 (:meth:`GenerationTask.evaluate`), which is how they are tested without a model."""
 
@@ -11,12 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from med3dvlm.data.collate import PadCollate
 from med3dvlm.data.datasets import (
     CaptionDataset,
     ClosedVQADataset,
     OpenVQADataset,
+    RetrievalDataset,
     VolumeReader,
     read_caption_split,
     read_csv_columns,
@@ -34,6 +38,15 @@ from med3dvlm.evaluation.outputs import (
 )
 from med3dvlm.evaluation.runner import GenerateFn, GenerationSettings, generate_predictions, model_generate_fn
 from med3dvlm.metrics.leakage import Item, case_id, format_leakage, split_leakage
+from med3dvlm.metrics.retrieval import (
+    DIRECTIONS,
+    RECALL_AT,
+    SUBSET_SIZES,
+    metric_name,
+    retrieval_metrics,
+    subset_sizes,
+    true_match_ranks,
+)
 from med3dvlm.metrics.text import TEXT_METRICS, BERTScorer, mean, text_scores
 from med3dvlm.metrics.vqa import closed_vqa_metrics, open_vqa_metrics
 from med3dvlm.utils.atomic import atomic_write_text
@@ -240,6 +253,77 @@ class ReportTask(_TextScoredTask):
         scores, info = self.text_metrics(rows, ctx)
         metrics = {name: {"Overall": mean(values)} for name, values in scores.items()}
         return {"metrics": metrics, **info}, metrics
+
+
+class RetrievalTask:
+    """Image->text and text->image recall@K of a SigLIP export on the first N test pairs of M3D-Cap,
+    for each N in ``sizes`` the split holds (all pairs when it holds fewer than the smallest)."""
+
+    name = "retrieval"
+    title = "Image-text retrieval"
+
+    def __init__(self, split: str = "test", sizes: Sequence[int] = SUBSET_SIZES,
+                 recall_at: Sequence[int] = RECALL_AT) -> None:
+        self.split = split
+        self.sizes = tuple(int(n) for n in sizes)
+        self.recall_at = tuple(int(k) for k in recall_at)
+
+    def run(self, ctx: EvalContext) -> EvalResult:
+        from med3dvlm.exports import load_siglip_export
+
+        if not ctx.model:
+            raise ValueError("retrieval needs model=PATH: a stage-1 export (<siglip run folder>/export) or the "
+                             "SigLIP folder `python -m med3dvlm.import_weights` writes")
+        towers = load_siglip_export(ctx.model)
+        max_length = min(ctx.max_length, towers.text_tower.max_length)
+        dataset = RetrievalDataset(ctx.data_dir, self.split, towers.tokenizer, VolumeReader(towers.input_size),
+                                   max_length, limit=max(self.sizes))
+        image_emb, text_emb = self.embed(towers.image_tower.to(ctx.device), towers.text_tower.to(ctx.device),
+                                         dataset, towers.tokenizer.pad_token_id, ctx)
+        return self.evaluate(ctx, image_emb, text_emb, [dataset.images[i] for i in range(len(dataset))],
+                             [dataset.texts[i] for i in range(len(dataset))])
+
+    @staticmethod
+    @torch.no_grad()
+    def embed(image_tower: torch.nn.Module, text_tower: torch.nn.Module, dataset: Dataset, pad_token_id: int,
+              ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_emb, text_emb)``, ``(num_pairs, E)`` each, in dataset order."""
+        loader = DataLoader(dataset, batch_size=ctx.batch_size, shuffle=False, num_workers=ctx.num_workers,
+                            collate_fn=PadCollate(pad_token_id))
+        images, texts = [], []
+        for batch in tqdm(loader, desc="embedding pairs", disable=not ctx.progress):
+            images.append(image_tower(batch["image"].to(ctx.device)).float().cpu())
+            texts.append(text_tower(batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device))
+                         .float().cpu())
+        return torch.cat(images), torch.cat(texts)
+
+    def evaluate(self, ctx: EvalContext, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                 image_paths: Sequence[str], text_paths: Sequence[str]) -> EvalResult:
+        """Score the embeddings of the test pairs (row i of both belongs to pair i) and write the
+        outputs: per-pair ranks CSV, metrics JSON, Markdown table, bar chart, W&B table."""
+        out = Path(ctx.out_dir)
+        flat = retrieval_metrics(image_emb, text_emb, self.sizes, self.recall_at)
+        held = subset_sizes(image_emb.shape[0], self.sizes)
+        by_metric = {f"R@{k}": {f"{d} n={n}": flat[metric_name(d, k, n)] for n in held for d in DIRECTIONS}
+                     for k in self.recall_at}
+        ranks = true_match_ranks(image_emb[: held[-1]] @ text_emb[: held[-1]].T)
+        columns = ["Image Path", "Text Path", f"i2t rank (n={held[-1]})", f"t2i rank (n={held[-1]})"]
+        rows = [dict(zip(columns, (image_paths[i], text_paths[i], int(ranks["i2t"][i]), int(ranks["t2i"][i]))))
+                for i in range(held[-1])]
+        metrics = {"task": self.name, "model": ctx.model, "split": self.split, "num_pairs": int(image_emb.shape[0]),
+                   "subsets": held, "metrics": flat}
+        table = (f"## {self.title}\n\n" + markdown_table(by_metric) +
+                 f"\n\nRecall in %, first N of {metrics['num_pairs']} {self.split} pairs; i2t: image query, text "
+                 "candidates; t2i: the reverse. Ties count against the query.")
+        files = {
+            "predictions": write_scored_csv(out / f"predictions_{self.name}.csv", rows, columns),
+            "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
+            "chart": bar_chart(out / f"scores_{self.name}.png", by_metric, self.title),
+            "table": out / f"metrics_{self.name}.md",
+        }
+        atomic_write_text(files["table"], table + "\n")
+        log_wandb_table(ctx.loggers, f"eval/{self.name}/ranks", rows, columns, flatten(flat, f"eval/{self.name}/"))
+        return EvalResult(metrics, table, files)
 
 
 class LeakageTask:
