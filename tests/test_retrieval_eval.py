@@ -126,3 +126,34 @@ def test_entry_point_config_builds_the_retrieval_task(exported, tmp_path):
     result = task.run(instantiate(cfg.context, _convert_="all"))
     assert result.metrics["subsets"] == [24]  # fewer pairs than the smallest subset: all of them
     assert (tmp_path / "metrics_retrieval.md").is_file()
+
+
+def test_loader_reads_what_the_importer_writes(tmp_path, reference_dir):
+    """The released DEC_CLIP layout (tiny) through ``import_siglip``, then ``load_siglip_export``."""
+    import torch.nn.functional as F
+    from test_import_weights import NANO, siglip_state, write_siglip
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from med3dvlm.import_released import import_siglip
+    from med3dvlm.models.tiny_qwen import train_tokenizer
+
+    text_model = tmp_path / "distilbert"
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                     max_position_embeddings=64)).save_pretrained(text_model)
+    train_tokenizer(["a small scan of the chest", "no mass seen"], 300).save_pretrained(text_model)
+    refs = {"nano": torch.load(reference_dir / "dcformer_nano.pt", weights_only=True)}
+    state = siglip_state(refs, text_model)
+    out = import_siglip(write_siglip(tmp_path / "release", state, text_model), tmp_path / "out", NANO)
+
+    towers = load_siglip_export(out)
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        hidden = DistilBertModel.from_pretrained(text_model).eval()
+        hidden.load_state_dict({k[len("language_encoder."):]: v.float() for k, v in state.items()
+                                if k.startswith("language_encoder.") and "position_ids" not in k})
+        first = hidden(input_ids=ids).last_hidden_state[:, 0]
+        expected = F.normalize(first @ state["mm_language_proj.weight"].float().T
+                               + state["mm_language_proj.bias"].float(), dim=-1)
+        assert torch.allclose(towers.text_tower(ids, torch.ones_like(ids)), expected, atol=1e-5)
+    assert towers.input_size == (64, 128, 128) and towers.log_scale == pytest.approx(2.5)
