@@ -22,6 +22,7 @@ def main(cfg: DictConfig) -> None:
         split=OmegaConf.to_container(cfg.split),
         foreground_threshold=cfg.foreground_threshold,
         progress=cfg.progress,
+        strict_split=cfg.strict_split,
     )
 
 

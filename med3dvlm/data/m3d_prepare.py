@@ -12,6 +12,10 @@ resuming a large run is quick), or one listed in an earlier ``manifest.json`` wh
 matches; everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
 pipeline is deterministic, so a killed and restarted run ends with the same files as an
 uninterrupted one.
+
+``strict_split``: test items whose case (the volume's folder; for own data, the volume itself) or
+exact report text also occurs in train move to train (``med3dvlm.metrics.leakage.strict_split``),
+and so do the VQA test rows about a case that train now holds; the manifest records what moved.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from med3dvlm.data.preprocess import (
     stack_series,
 )
 from med3dvlm.data.volume_io import FORMATS, read_volume_raw, to_float, volume_suffix, write_volume
+from med3dvlm.metrics.leakage import case_id
+from med3dvlm.metrics.leakage import strict_split as move_leaking_test_items
 from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -462,12 +468,17 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
-def rewrite_vqa_csvs(raw_root: Path, out: Path, prepared: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def rewrite_vqa_csvs(
+    raw_root: Path, out: Path, prepared: Mapping[str, str], train_cases: set[str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Copy the VQA CSVs with ``Image Path`` pointing at the prepared volumes; drop rows without one.
 
     ``prepared`` maps series keys (``ct_case/<id>/<series>``) to prepared paths relative to OUT.
+    ``train_cases`` (strict split): the caption train split's cases; a test CSV row about one of
+    them, or about a case of its train CSV, moves to that train CSV.
     """
     report: dict[str, dict[str, Any]] = {}
+    tables: dict[str, tuple[list[str], list[dict[str, str]]]] = {}
     for name in VQA_FILES:
         source = raw_root / VQA_DIR / name
         if not source.is_file():
@@ -489,11 +500,7 @@ def rewrite_vqa_csvs(raw_root: Path, out: Path, prepared: Mapping[str, str]) -> 
                 kept.append({**row, "Image Path": prepared[key]})
             else:
                 dropped_images.add(row["Image Path"])
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(kept)
-        atomic_write_text(out / VQA_DIR / name, buffer.getvalue())
+        tables[name] = (columns, kept)
         report[name] = {
             "rows": len(rows),
             "kept": len(kept),
@@ -502,6 +509,30 @@ def rewrite_vqa_csvs(raw_root: Path, out: Path, prepared: Mapping[str, str]) -> 
         }
         if dropped_images:
             log.warning("%s: dropped %d rows whose volume was not prepared", name, len(rows) - len(kept))
+    if train_cases is not None:
+        for kind in ("", "yn_"):
+            train_name, test_name = f"M3D_VQA_{kind}train.csv", f"M3D_VQA_{kind}test.csv"
+            if test_name not in tables:
+                continue
+            train_rows = tables[train_name][1] if train_name in tables else []
+            held = train_cases | {case_id(row["Image Path"]) for row in train_rows}
+            moved, kept = [], []
+            for row in tables[test_name][1]:
+                (moved if case_id(row["Image Path"]) in held else kept).append(row)
+            if moved and train_name not in tables:
+                raise DataError(raw_root / VQA_DIR / train_name,
+                                f"file not found; strict_split must move {len(moved)} rows of {test_name} into it")
+            tables[test_name] = (tables[test_name][0], kept)
+            if moved:
+                tables[train_name] = (tables[train_name][0], train_rows + moved)
+            report[test_name]["moved_to_train"] = len(moved)
+            report[test_name]["moved_images"] = sorted({row["Image Path"] for row in moved})
+    for name, (columns, rows) in tables.items():
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / VQA_DIR / name, buffer.getvalue())
     return report
 
 
@@ -549,12 +580,13 @@ def prepare_dataset(
     split: Mapping[str, float] | None = None,
     foreground_threshold: float = 0.0,
     progress: bool = True,
+    strict_split: bool = False,
 ) -> dict[str, Any]:
     """Prepare raw M3D (``source`` = the folder holding ``M3D_Cap/``) or own data (``source`` = CSV).
 
     ``split`` gives train/validation/test fractions where no split file decides (hash of the case
     id for M3D, of the image path for own data). ``workers=None`` uses every available core, 0 or 1
-    runs in this process.
+    runs in this process. ``strict_split`` moves leaking test items to train (module docstring).
     Returns the manifest that was written to ``out/manifest.json``.
     """
     if format not in FORMATS:
@@ -607,12 +639,21 @@ def prepare_dataset(
     split_lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
     for output in volumes:
         split_lists[plan.split_of[output]].append({"image": output, "text": plan.text_of[output]})
+    moved = None
+    if strict_split:
+        # Own volumes have no case folder: each is its own case.
+        split_lists, report = move_leaking_test_items(
+            split_lists, image_of=lambda entry: entry["image"], text_of=lambda entry: plan.texts[entry["text"]],
+            case_of=str if is_csv else case_id,
+        )
+        moved = {"captions": report.to_dict()}
     _write_json(out / SPLIT_FILE, split_lists)
 
     vqa = {}
     if not is_csv:
         prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
-        vqa = rewrite_vqa_csvs(source_path, out, prepared)
+        train_cases = {case_id(entry["image"]) for entry in split_lists["train"]} if strict_split else None
+        vqa = rewrite_vqa_csvs(source_path, out, prepared, train_cases)
 
     skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
     atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
@@ -626,6 +667,7 @@ def prepare_dataset(
         "volumes": volumes,
         "skipped": skipped,
         "vqa": vqa,
+        "strict_split": moved,
         "counts": {
             "volumes_ok": len(volumes),
             "skipped": len(skipped),
@@ -633,6 +675,9 @@ def prepare_dataset(
             **{f"split_{name}": len(entries) for name, entries in split_lists.items()},
             "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
             "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
+            **({"strict_split_moved": len(moved["captions"]["leaking"]),
+                "strict_split_vqa_rows_moved": sum(v.get("moved_to_train", 0) for v in vqa.values())}
+               if moved else {}),
         },
     }
     _write_json(out / MANIFEST_FILE, manifest)
