@@ -23,11 +23,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
@@ -91,10 +99,57 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if self._save_distributed_checkpoint:
+            return super().optimizer_state(optimizer)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_optimizer_state_dict(self.model, optimizer, options=options)
+        return positional_optimizer_state(state) if self.global_rank == 0 else {}
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        # One file (consolidated, or saved with save_distributed_checkpoint=false). Lightning would
+        # number its optimiser states in module order; they are in optimiser order (PyTorch's layout).
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        strict = self.lightning_module.strict_loading
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+        set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
+        for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", []), strict=True):
+            named = named_optimizer_state(state, optimizer, self.model)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named, options=options)
+        return checkpoint
+
     def mixed_precision(self) -> MixedPrecisionPolicy:
         if self.root_device.type == "cpu":
             return MixedPrecisionPolicy()
         return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+
+
+def positional_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Optimiser state keyed by parameter name (torch.distributed.checkpoint's layout) -> PyTorch's
+    own layout, parameters numbered in optimiser order (what ``Optimizer.load_state_dict`` takes)."""
+    index: dict[str, int] = {}
+    groups = [{**group, "params": [index.setdefault(name, len(index)) for name in group["params"]]}
+              for group in state["param_groups"]]
+    unknown = sorted(set(state["state"]) - set(index))
+    if unknown:
+        raise ValueError(f"optimizer state for parameters in no parameter group: {unknown[:3]}")
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def named_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+    """The inverse of ``positional_optimizer_state`` for the live ``optimizer`` over ``module``."""
+    name_of = {id(p): name for name, p in module.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    sizes = [len(group["params"]) for group in state["param_groups"]]
+    if sum(sizes) != len(names) or len(sizes) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint optimizer state has parameter groups of sizes {sizes}, the optimizer "
+                         f"{[len(g['params']) for g in optimizer.param_groups]}")
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
+    return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
 
 
 def transformer_layers(module: nn.Module) -> list[nn.Module]:
@@ -154,7 +209,10 @@ def shard_stage(stage: L.LightningModule) -> None:
     mesh = stage.device_mesh["data_parallel"]
     policy = strategy.mixed_precision()
     for unit in units:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=strategy.reshard_after_forward)
+        # Components keep their gathered weights until the backward pass (as FSDP does for a root):
+        # stage code reads some of them between forward and backward (SigLIP logs its temperature).
+        reshard = strategy.reshard_after_forward and unit in layers
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     # Decide the root now: stage code calls components directly (validation embeds without the
     # stage's forward), and FSDP2 would otherwise make the first unit to run the root.
     stage._get_fsdp_state()._lazy_init()

@@ -1,0 +1,300 @@
+"""Every stage on 2 CPU processes (gloo) under ``ddp`` and ``fsdp`` (FSDP2): the same losses as one
+process on the same global batch, exports from sharded weights, sharded checkpoints, consolidation
+and resume from either; the ``trainer=ddp|fsdp`` presets through the CLI.
+
+One 2-process script (``run_worker``) runs every distributed fit, so the processes start once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers_siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
+from helpers_siglip import ResumableLoader, prepared_data, tiny_bert
+from helpers_siglip import stage as siglip_stage
+from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, scheduler, tiny_llm
+from lightning.pytorch.callbacks import ModelCheckpoint
+from peft import LoraConfig
+from safetensors.torch import load_file
+
+from med3dvlm.consolidate import consolidate
+from med3dvlm.data.datamodule import M3DDataModule
+from med3dvlm.sharding import FSDP2Strategy
+from med3dvlm.stages.optim import param_groups
+from med3dvlm.stages.vlm_finetune import FinetuneStage
+from med3dvlm.stages.vlm_pretrain import PretrainStage
+from med3dvlm.stages.vlm_stage import build_vlm
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("siglip", "pretrain", "finetune")
+STEPS = 3
+CHECKPOINT_STEP = 2
+ANSWERS = ("Yes", "No", "a large lesion in the liver", "No. The spleen is small", "Yes, in the kidney",
+           "a small lesion")
+
+
+# --- stages and batches (built identically in every process) ------------------------------------------
+
+
+def deterministic(module: L.LightningModule) -> L.LightningModule:
+    """Dropout off and BatchNorm on its running statistics: per-process batch statistics and dropout
+    draws would differ from one process (on GPUs, ``sync_batchnorm`` covers BatchNorm)."""
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(lambda bn, _: bn.train(False) and None)
+    return module
+
+
+def build_stage(name: str, root: Path, export_dir: Path | None = None) -> L.LightningModule:
+    """The stage with SGD + momentum: unlike Adam, its updates scale with the gradient (a wrongly
+    scaled gradient shows in the next losses), and it does not blow float noise in near-zero
+    gradients up to full-size steps (the exports of 1 and 2 processes stay comparable)."""
+    sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    if name == "siglip":
+        module = siglip_stage(root / "tiny_bert", export_dir=export_dir)
+        module.optimizer_factory = sgd
+        return deterministic(module)
+    torch.manual_seed(0)
+    if name == "pretrain":
+        return deterministic(PretrainStage(encoder(), ENCODER_CONFIG, "encoder-export", PROJECTOR_CONFIG,
+                                           tiny_llm(root), INPUT_SIZE, sgd, scheduler(), experiment="unit",
+                                           export_dir=export_dir))
+    model, projector_config = build_vlm(encoder(), PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE)
+    meta = {"projector": projector_config, "llm": str(root / "tiny_qwen"), "input_size": list(INPUT_SIZE),
+            "image_token": model.image_token, "reference_placement": False}
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return deterministic(FinetuneStage(model, meta, "pretrain-export", ENCODER_CONFIG, lora, sgd, scheduler(), train_vision_tower=True, train_input_embeddings=True,
+                                       train_lm_head=True, experiment="unit", export_dir=export_dir))
+
+
+def siglip_batches(data: Path, bert: Path, count: int, batch_size: int = 4) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    dm = M3DDataModule(data, mixture="retrieval", tokenizer=AutoTokenizer.from_pretrained(bert), max_length=128,
+                       batch_size=batch_size, num_workers=0, augment=False, spatial_size=SIGLIP_INPUT_SIZE)
+    dm.setup("fit")
+    loader = torch.utils.data.DataLoader(dm.datasets["train"], batch_size=batch_size, shuffle=False,
+                                         collate_fn=dm.collate())
+    keys = ("image", "input_ids", "attention_mask")
+    return [{k: b[k] for k in keys} for b, _ in zip(loader, range(count))]
+
+
+def answer_batches(model, count: int, batch_size: int = 4) -> list[dict]:
+    """Right-padded image + question + answer batches whose halves hold different numbers of answer
+    tokens (so a per-process token mean would differ from the global one)."""
+    g = torch.Generator().manual_seed(0)
+    tok = model.tokenizer
+    prompt = tok(model.image_prompt() + "Is there a lesion?")["input_ids"]
+    batches = []
+    for i in range(count):
+        rows = []
+        for b in range(batch_size):
+            answer = tok(" " + ANSWERS[(i + b * (1 + b)) % len(ANSWERS)])["input_ids"] + [tok.eos_token_id]
+            rows.append((prompt + answer, [-100] * len(prompt) + answer))
+        longest = max(len(ids) for ids, _ in rows)
+        ids = torch.full((batch_size, longest), tok.pad_token_id)
+        labels = torch.full((batch_size, longest), -100)
+        mask = torch.zeros(batch_size, longest, dtype=torch.long)
+        for b, (row_ids, row_labels) in enumerate(rows):
+            ids[b, : len(row_ids)] = torch.tensor(row_ids)
+            labels[b, : len(row_ids)] = torch.tensor(row_labels)
+            mask[b, : len(row_ids)] = 1
+        images = torch.rand(batch_size, 1, *INPUT_SIZE, generator=g)
+        batches.append({"image": images, "input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches
+
+
+def rank_share(batches: list[dict], rank: int, world: int) -> list[dict]:
+    """This process's contiguous part of every global batch (no distributed sampler: a fixed order)."""
+    size = batches[0]["input_ids"].shape[0] // world
+    return [{k: v[rank * size:(rank + 1) * size] for k, v in b.items()} for b in batches]
+
+
+class GlobalLoss(L.Callback):
+    """Every step's training loss averaged over the processes (the global-batch loss), to a JSON file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")))
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.losses))
+
+
+def fit(module, batches, out: Path, strategy="auto", devices: int = 1, max_steps: int = STEPS,
+        ckpt_path: str | None = None, callbacks=()) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
+                        logger=False,
+                        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        use_distributed_sampler=False, gradient_clip_val=1.0, default_root_dir=out,
+                        callbacks=list(callbacks))
+    trainer.fit(module, ResumableLoader(batches), ckpt_path=ckpt_path)
+
+
+# --- the 2-process script -------------------------------------------------------------------------------
+
+
+def run_worker(root: Path, out: Path) -> None:
+    """Every distributed fit, in 2 processes: each stage under ddp and fsdp; the fsdp finetune run
+    checkpoints at step 2 as a shard folder, which is consolidated, the fsdp siglip run as one file;
+    then fsdp resumes from the folder and from the consolidated file."""
+    world = 2
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    batches = torch.load(out / "batches.pt")
+    for strategy in ("ddp", "fsdp"):
+        for name in STAGES:
+            callbacks = [GlobalLoss(out / strategy / f"{name}.json")]
+            chosen = "ddp" if strategy == "ddp" else FSDP2Strategy(save_distributed_checkpoint=name != "siglip")
+            if strategy == "fsdp" and name != "pretrain":
+                callbacks.append(ModelCheckpoint(dirpath=out / f"ckpt_{name}", filename="{step}",
+                                                 every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1))
+            module = build_stage(name, root, export_dir=out / strategy / f"{name}_export")
+            fit(module, rank_share(batches[name], rank, world), out / strategy / name, chosen, world,
+                callbacks=callbacks)
+    sharded = out / "ckpt_finetune" / f"step={CHECKPOINT_STEP}.ckpt"
+    if rank == 0:
+        consolidate(sharded, out / "consolidated.ckpt")
+    torch.distributed.barrier()
+    for source, path in (("folder", sharded), ("file", out / "consolidated.ckpt")):
+        fit(build_stage("finetune", root), rank_share(batches["finetune"], rank, world), out / source,
+            FSDP2Strategy(), world, ckpt_path=str(path), callbacks=[GlobalLoss(out / f"resume_{source}.json")])
+
+
+WORKER = """import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_distributed_stages import run_worker
+run_worker(Path({root!r}), Path({out!r}))
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Assets, global batches, one-process references, then the 2-process script (timed)."""
+    root = tmp_path_factory.mktemp("distributed")
+    data = prepared_data(root / "demo")
+    bert = tiny_bert(root, data)
+    tiny_llm(root)
+    out = root / "out"
+    out.mkdir()
+    vlm = build_stage("pretrain", root).model
+    batches = {"siglip": siglip_batches(data, bert, STEPS), "pretrain": answer_batches(vlm, STEPS),
+               "finetune": answer_batches(vlm, STEPS)}
+    torch.save(batches, out / "batches.pt")
+    for name in STAGES:
+        fit(build_stage(name, root, export_dir=out / "one" / f"{name}_export"), batches[name], out / "one" / name,
+            callbacks=[GlobalLoss(out / "one" / f"{name}.json")])
+    script = root / "worker.py"
+    script.write_text(WORKER.format(tests=str(REPO / "tests"), root=str(root), out=str(out)))
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    print(f"2-process script: {time.perf_counter() - started:.1f} s")
+    return root, out, batches
+
+
+def losses(path: Path) -> list[float]:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", STAGES)
+def test_two_processes_match_one_process(run, name, strategy):
+    _, out, _ = run
+    one = losses(out / "one" / f"{name}.json")
+    two = losses(out / strategy / f"{name}.json")
+    assert len(one) == len(two) == STEPS
+    assert len(set(one)) == STEPS  # the steps change the weights: later losses depend on earlier steps
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
+
+
+def export_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.rglob("*.safetensors")):
+        tensors.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(str(file)).items()})
+    return tensors
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_exports_from_sharded_weights_equal_the_one_process_exports(run, name):
+    _, out, _ = run
+    one = export_tensors(out / "one" / f"{name}_export")
+    assert one
+    for strategy in ("ddp", "fsdp"):
+        two = export_tensors(out / strategy / f"{name}_export")
+        assert two.keys() == one.keys()
+        for key, tensor in one.items():
+            assert two[key].shape == tensor.shape, key
+            torch.testing.assert_close(two[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_consolidated_checkpoint_is_one_standard_file(run):
+    root, out, _ = run
+    checkpoint = torch.load(out / "consolidated.ckpt", weights_only=True)
+    module = build_stage("finetune", root)
+    expected = module.state_dict()
+    assert checkpoint["state_dict"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert checkpoint["state_dict"][key].shape == value.shape, key
+    assert checkpoint["global_step"] == CHECKPOINT_STEP
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    # PyTorch's layout: the parameters numbered in optimiser order, so a plain optimiser over the
+    # same parameter groups takes the state as it is
+    in_order = [p for group in param_groups(module, module.weight_decay) for p in group["params"]]
+    positions = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    assert positions == list(range(len(in_order)))
+    shapes = {i: s["momentum_buffer"].shape for i, s in optimizer_state["state"].items()}
+    assert shapes == {i: p.shape for i, p in enumerate(in_order)}
+
+
+def test_fsdp_single_file_checkpoint_is_standard_and_resumes_on_one_process(run, tmp_path):
+    root, out, batches = run
+    path = out / "ckpt_siglip" / f"step={CHECKPOINT_STEP}.ckpt"
+    assert path.is_file()
+    checkpoint = torch.load(path, weights_only=True)
+    module = build_stage("siglip", root)
+    assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == {
+        k: v.shape for k, v in module.state_dict().items()}
+    (optimizer_state,) = checkpoint["optimizer_states"]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert sorted(i for g in optimizer_state["param_groups"] for i in g["params"]) == list(range(len(trainable)))
+    fit(module, batches["siglip"], tmp_path, ckpt_path=str(path), callbacks=[GlobalLoss(tmp_path / "resume.json")])
+    straight = losses(out / "fsdp" / "siglip.json")
+    assert losses(tmp_path / "resume.json") == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5)
+
+
+def test_resume_from_sharded_folder_or_consolidated_file_continues_the_run(run, tmp_path):
+    root, out, batches = run
+    straight = losses(out / "fsdp" / "finetune.json")
+    for source in ("folder", "file"):
+        resumed = losses(out / f"resume_{source}.json")
+        assert len(resumed) == STEPS - CHECKPOINT_STEP
+        assert resumed == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5), source
+    # one process resumes from the consolidated file too (no sharding involved)
+    fit(build_stage("finetune", root), batches["finetune"], tmp_path, ckpt_path=str(out / "consolidated.ckpt"),
+        callbacks=[GlobalLoss(tmp_path / "resume.json")])
+    assert losses(tmp_path / "resume.json") == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5)
+
+
+def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        consolidate(tmp_path / "missing", tmp_path / "out.ckpt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: not a sharded Lightning checkpoint"):
+        consolidate(tmp_path / "empty", tmp_path / "out.ckpt")
