@@ -42,10 +42,13 @@ test-fast: install nltk-data ## the test suite without tests marked slow
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
 EVAL_DIR ?= outputs/evaluate/$(shell date +%Y-%m-%d_%H-%M-%S)
-eval: install nltk-data ## closed + open VQA of MODEL=<export folder> [DATA=<prepared folder>]
-	@test -n "$(MODEL)" || { echo "usage: make eval MODEL=<export folder> [DATA=data/M3D/prepared] [EVAL_ARGS=...]" >&2; exit 2; }
-	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_closed model=$(MODEL) $(if $(DATA),data_dir=$(DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
-	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_open model=$(MODEL) $(if $(DATA),data_dir=$(DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
+# Without MODEL: the newest demo model (make demo) on the demo data.
+EVAL_MODEL = $(or $(MODEL),$(patsubst %/config.json,%,$(lastword $(sort $(wildcard outputs/demo/*/model/config.json)))))
+EVAL_DATA = $(or $(DATA),$(if $(MODEL),,data/demo/prepared))
+eval: install nltk-data ## closed + open VQA of MODEL=<export folder> (default: newest demo model) [DATA=<prepared folder>]
+	@test -n "$(EVAL_MODEL)" || { echo "usage: make eval MODEL=<export folder> [DATA=data/M3D/prepared] [EVAL_ARGS=...] (no demo model yet: make demo)" >&2; exit 2; }
+	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_closed model=$(EVAL_MODEL) $(if $(EVAL_DATA),data_dir=$(EVAL_DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
+	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_open model=$(EVAL_MODEL) $(if $(EVAL_DATA),data_dir=$(EVAL_DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
 
 bench: install ## measure loader, encoder, projector, loss, stage steps and generation here
 	$(OFFLINE) $(PY) -m med3dvlm.bench
