@@ -99,6 +99,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        average_batchnorm_statistics(self.lightning_module)
+        return output
+
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         if self._save_distributed_checkpoint:
             return super().optimizer_state(optimizer)
@@ -150,6 +155,25 @@ def named_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
                          f"{[len(g['params']) for g in optimizer.param_groups]}")
     groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
     return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
+
+
+def average_batchnorm_statistics(module: nn.Module) -> None:
+    """Average the BatchNorm running statistics over the processes.
+
+    FSDP leaves buffers to each process (DDP instead copies rank 0's before every forward), so
+    statistics updated from each process's own batch would drift apart and checkpoints, exports
+    and evaluation would depend on the rank. The average of the running means is what one process
+    on the global batch computes (the running variances are close to it).
+    """
+    stats = [buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for buffer in (m.running_mean, m.running_var) if buffer is not None]
+    if not stats or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    flat = torch.cat([buffer.flatten() for buffer in stats])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for buffer, value in zip(stats, flat.split([b.numel() for b in stats]), strict=True):
+        buffer.copy_(value.view_as(buffer))
 
 
 def transformer_layers(module: nn.Module) -> list[nn.Module]:

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 
 from med3dvlm.consolidate import consolidate
 from med3dvlm.data.datamodule import M3DDataModule
-from med3dvlm.sharding import FSDP2Strategy
+from med3dvlm.exports import load_encoder_export
+from med3dvlm.sharding import FSDP2Strategy, shard_plan
 from med3dvlm.stages.optim import param_groups
 from med3dvlm.stages.vlm_finetune import FinetuneStage
 from med3dvlm.stages.vlm_pretrain import PretrainStage
@@ -159,7 +160,11 @@ def run_worker(root: Path, out: Path) -> None:
     for strategy in ("ddp", "fsdp"):
         for name in STAGES:
             callbacks = [GlobalLoss(out / strategy / f"{name}.json")]
-            chosen = "ddp" if strategy == "ddp" else FSDP2Strategy(save_distributed_checkpoint=name != "siglip")
+            # The fsdp runs also cover the options: a single-file checkpoint (siglip), gathered weights
+            # kept until backward (pretrain), activation checkpointing (finetune; resumed without it).
+            options = {"siglip": {"save_distributed_checkpoint": False}, "pretrain": {"reshard_after_forward": False},
+                       "finetune": {"activation_checkpointing": True}}[name]
+            chosen = "ddp" if strategy == "ddp" else FSDP2Strategy(**options)
             if strategy == "fsdp" and name != "pretrain":
                 callbacks.append(ModelCheckpoint(dirpath=out / f"ckpt_{name}", filename="{step}",
                                                  every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1))
@@ -298,3 +303,69 @@ def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: not a sharded Lightning checkpoint"):
         consolidate(tmp_path / "empty", tmp_path / "out.ckpt")
+
+
+# --- the presets through the CLI --------------------------------------------------------------------------
+
+
+def cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_MODE": "disabled"}
+    result = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
+    """``trainer=fsdp`` with 2 CPU processes writes sharded checkpoints and a full export; the
+    consolidation command makes one file of the last one; ``trainer=ddp`` resumes from that file."""
+    root, _, _ = run
+    data = root / "demo" / "prepared"
+    common = ["experiment=demo", "stage=siglip", "logger=none", "trainer.accelerator=cpu", "trainer.devices=2",
+              f"paths.data_dir={root}", f"paths.log_dir={tmp_path}", f"data.data_dir={data}",
+              f"data.spatial_size=[{','.join(map(str, SIGLIP_INPUT_SIZE))}]", "data.max_length=128",
+              "data.batch_size=4", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+              "+trainer.limit_test_batches=1"]
+    cli("med3dvlm.train", *common, "trainer=fsdp", "trainer.max_epochs=1", "test=false",
+        f"hydra.run.dir={tmp_path / 'fsdp'}")
+    sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
+
+    consolidated = tmp_path / "last.ckpt"
+    cli("med3dvlm.consolidate", str(sharded), f"out={consolidated}", f"hydra.run.dir={tmp_path / 'consolidate'}")
+    checkpoint = torch.load(consolidated, weights_only=True)
+    assert checkpoint["global_step"] == 2
+    # the export written from the gathered shards holds the checkpoint's final encoder weights
+    encoder_module, _ = load_encoder_export(tmp_path / "fsdp" / "export")
+    prefix = "image_tower.encoder."
+    saved = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    torch.testing.assert_close(saved, encoder_module.state_dict(), rtol=0, atol=0)
+
+    cli("med3dvlm.train", *common, "trainer=ddp", "trainer.max_epochs=2", f"ckpt_path={consolidated}",
+        f"hydra.run.dir={tmp_path / 'ddp'}")
+    resumed = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4 and resumed["epoch"] == 1
+
+
+def test_shard_plan_names_layers_encoder_stages_components_then_the_root(run):
+    root, _, _ = run
+    finetune = build_stage("finetune", root)
+    units, checkpointed = shard_plan(finetune)
+    vlm = finetune.model
+    decoder_layers = [m for m in finetune.modules() if type(m).__name__ == "Qwen2DecoderLayer"]
+    assert decoder_layers and all(layer in checkpointed for layer in decoder_layers)
+    assert all(stage in checkpointed for stage in vlm.vision_tower.stages)
+    assert units[-1] is finetune and units[-2] is vlm
+    for component in (vlm.vision_tower, vlm.projector):
+        assert component in units and component not in checkpointed
+    assert len(units) == len(set(units)) == len(checkpointed) + 4  # + vision tower, projector, VLM, root
+    # inner units come before the units that hold them (fully_shard goes bottom-up)
+    for i, unit in enumerate(units):
+        assert not any(inner in units[i + 1:] for inner in unit.modules() if inner is not unit)
+
+    siglip = build_stage("siglip", root)
+    units, checkpointed = shard_plan(siglip)
+    assert [type(m).__name__ for m in checkpointed].count("BertLayer") == 1
+    assert {siglip.image_tower, siglip.text_tower, siglip.loss, siglip.image_tower.encoder} <= set(units)
+    assert units[-1] is siglip
