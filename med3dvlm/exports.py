@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from med3dvlm.config import PROJECT_ROOT
 from med3dvlm.models.towers import ImageTower, TextTower
@@ -226,7 +227,14 @@ def load_siglip_export(path: str | os.PathLike) -> SigLIPTowers:
     embed_dim = int(heads["image_tower.mm_vision_proj.weight"].shape[0])
     pooling = meta.get("text_tower", {}).get("pooling", DEFAULT_TEXT_POOLING)
     image_tower = ImageTower(encoder, embed_dim)
-    text_tower = TextTower(str(folder / TEXT_ENCODER_DIR), embed_dim, pooling=pooling)
+    # Hugging Face would report the BERT pooler, which TextTower drops, as missing and newly
+    # initialised; the strict check below is the one that counts.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        text_tower = TextTower(str(folder / TEXT_ENCODER_DIR), embed_dim, pooling=pooling)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     _check_text_weights(folder / TEXT_ENCODER_DIR, text_tower.language_encoder)
     for tower, prefix in ((image_tower, "image_tower."), (text_tower, "text_tower.")):
         params = dict(tower.named_parameters())

@@ -93,6 +93,20 @@ def test_an_encoder_only_export_is_a_clear_error(exported, tmp_path):
         load_siglip_export(old)
 
 
+def test_a_text_encoder_key_left_out_is_a_clear_error(exported, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder, _, _ = exported
+    copy = shutil.copytree(folder, tmp_path / "export")
+    weights = copy / TEXT_ENCODER_DIR / "model.safetensors"
+    state = load_file(str(weights))
+    dropped = min(state)
+    del state[dropped]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=f"key '{dropped}' missing"):
+        load_siglip_export(copy)
+
+
 def test_retrieval_task_scores_subsets_in_both_directions(exported, tmp_path):
     folder, data, module = exported
     ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(data), model=str(folder), batch_size=5, progress=False)
