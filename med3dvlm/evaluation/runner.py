@@ -51,11 +51,10 @@ class GenerationSettings:
 def distinct_rows(keys: Sequence[Any]) -> tuple[list[int], torch.Tensor]:
     """The first row of every distinct key, and for each row the index of its key among them."""
     first: dict[Any, int] = {}
-    inverse = [first.setdefault(key, len(first)) for key in keys]
-    rows = [0] * len(first)
-    for row, slot in reversed(list(enumerate(inverse))):
-        rows[slot] = row
-    return rows, torch.tensor(inverse, dtype=torch.long)
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
+    slot = {key: index for index, key in enumerate(first)}
+    return list(first.values()), torch.tensor([slot[key] for key in keys], dtype=torch.long)
 
 
 def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False) -> GenerateFn:
