@@ -78,7 +78,7 @@ def run(quick: bool) -> list[BenchRow]:
                                          csv_path, ["Question", "Pred"], model.tokenizer.pad_token_id,
                                          batch_size=batch_size, progress=False)
 
-                return count / median_seconds(evaluate, 1 if quick else 3)
+                return count / median_seconds(evaluate, 1 if quick else 5)
 
             single = samples_per_second(1, QUESTIONS_PER_VOLUME)
             batched = {n: samples_per_second(n, QUESTIONS_PER_VOLUME) for n in (8, 16)}
