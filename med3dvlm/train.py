@@ -4,6 +4,7 @@ sweeper optimises (``optimized_metric``)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -13,7 +14,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.config  # noqa: F401  (registers the resolvers)
+from med3dvlm.checkpointing import AtomicCheckpointIO, resolve_checkpoint
 from med3dvlm.metrics.retrieval import format_table
+from med3dvlm.multirun import job_scope
+from med3dvlm.resumable_data import make_training_data_resumable
+from med3dvlm.run_summary import finish_wandb_runs, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -22,28 +27,50 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in (group or {}).values() if node and "_target_" in node]
 
 
+def checkpoint_dir(trainer: L.Trainer, output_dir: str) -> Path:
+    """Where ``ckpt_path=last`` looks: the checkpoint callbacks' folder (``<run>/checkpoints``)."""
+    callback = trainer.checkpoint_callback
+    return Path(getattr(callback, "dirpath", None) or Path(output_dir) / "checkpoints")
+
+
 def train(cfg: DictConfig) -> float | None:
-    """Build the stage, data, loggers and trainer from ``cfg``; fit, optionally test."""
+    """Build the stage, data, loggers and trainer from ``cfg``; fit (resuming if asked), optionally
+    test; return ``cfg.optimized_metric``'s final value."""
+    with job_scope():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = instantiate(cfg.stage.module)
     datamodule = instantiate(cfg.data, **module.datamodule_kwargs())
-    callbacks = _instantiate_all(cfg.get("callbacks")) + _instantiate_all(cfg.stage.get("callbacks"))
+    restore_position = make_training_data_resumable(datamodule, seed=cfg.get("seed") or 0)
+    callbacks = [*_instantiate_all(cfg.get("callbacks")), *_instantiate_all(cfg.stage.get("callbacks")),
+                 restore_position]
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning refuses an LR monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    resume = cfg.get("ckpt_path") or ("last" if cfg.get("resume") else None)
+    ckpt_path = resolve_checkpoint(resume, checkpoint_dir(trainer, cfg.paths.output_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.get("test"):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     report(metrics)
-    return metrics.get(cfg.get("optimized_metric"))
+    optimized = cfg.get("optimized_metric")
+    write_summary(metrics, cfg.paths.output_dir, loggers, optimized)
+    finish_wandb_runs(loggers)
+    if optimized and optimized not in metrics:
+        log.warning("optimized_metric %r was not logged; train() returns None", optimized)
+    return metrics.get(optimized)
 
 
 @rank_zero_only

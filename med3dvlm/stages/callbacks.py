@@ -1,4 +1,5 @@
-"""Callbacks of the SigLIP stage: a W&B table of validation examples."""
+"""Training callbacks: the RNG state in checkpoints (exact resume), a W&B table of SigLIP validation
+examples."""
 
 from __future__ import annotations
 
@@ -72,3 +73,30 @@ class RetrievalExamples(L.Callback):
         columns = ["index", "axial", "coronal", "sagittal", "report", "rank_of_true_report"]
         for logger in loggers:
             logger.log_table(key=self.key, columns=columns, data=data, step=trainer.global_step)
+
+
+class RNGStateInCheckpoint(L.Callback):
+    """Saves the torch (and CUDA) RNG state with every checkpoint and restores it just before the
+    first training step after a resume: dropout and other random ops then draw what the
+    uninterrupted run drew. Restored at the first step, not at load time, because creating the data
+    iterator draws from the RNG first (as it does in the uninterrupted run at the epoch start, not
+    mid-epoch). Tensors only, so checkpoints still load with ``weights_only=True``."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        state, self._pending = self._pending, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,222 @@
+"""Runs: kill-and-resume equality, damaged checkpoints, atomic writes, mid-epoch data order, multirun
+sweeps with 2-process jobs, the sweep recipes, gpu-check without a GPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_siglip import INPUT_SIZE, prepared_data
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from med3dvlm.checkpointing import (
+    AtomicCheckpointIO,
+    CorruptCheckpoint,
+    check_checkpoint,
+    latest_valid_checkpoint,
+)
+from med3dvlm.config import CONFIG_DIR
+from med3dvlm.resumable_data import ResumableDataLoader, resumable
+
+REPO = Path(__file__).resolve().parents[1]
+# Wall-clock rates differ between any two runs.
+TIMING_METRICS = ("train/samples_per_s",)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepared_data(tmp_path_factory.mktemp("runs") / "demo")
+
+
+def train_cli(data: Path, log_dir: Path, *overrides: str, multirun: bool = False,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m med3dvlm.train`` on the tiny SigLIP demo (5 steps an epoch)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "med3dvlm.train", *(["-m"] if multirun else []), "experiment=demo", "stage=siglip",
+           "logger=csv", f"paths.data_dir={data.parents[1]}", f"paths.log_dir={log_dir}", f"data.data_dir={data}",
+           f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]", "data.max_length=128", "data.batch_size=4",
+           "test=false", *overrides]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=env, check=False)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def curves(run: Path) -> dict[tuple[str, int], float]:
+    """metrics.csv as {(metric, step): value}; a step logged twice (repeated after a resume) keeps
+    its later row."""
+    values: dict[tuple[str, int], float] = {}
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key not in ("step", "epoch", *TIMING_METRICS) and value != "":
+                    values[(key, int(row["step"]))] = float(value)
+    return values
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
+    common = ["trainer.max_epochs=3", "checkpoint_every_n_steps=3"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train_cli(data, tmp_path, *common, f"hydra.run.dir={straight}")
+    # Killed in epoch 2 after 8 of 15 steps: the newest checkpoint is step 6, one batch into the epoch.
+    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={crashed}",
+                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=8", check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    checkpoints = crashed / "checkpoints"
+    assert latest_valid_checkpoint(checkpoints).name == "step000006.ckpt"
+    # A damaged checkpoint that claims to be newer is reported and passed over.
+    damaged = checkpoints / "step000099.ckpt"
+    damaged.write_bytes((checkpoints / "step000006.ckpt").read_bytes()[:50_000])
+
+    resumed = train_cli(data, tmp_path, *common, f"resume={crashed}")
+    log = resumed.stdout + resumed.stderr
+    assert f"skipping a damaged checkpoint: {damaged}: unreadable" in log
+    assert f"resuming from {checkpoints / 'step000006.ckpt'}" in log
+
+    # last.ckpt follows the best checkpoint; the step checkpoints are the latest state
+    final = {name: torch.load(run / "checkpoints" / "step000015.ckpt", weights_only=True) for name, run in
+             (("straight", straight), ("resumed", crashed))}
+    assert final["straight"]["global_step"] == final["resumed"]["global_step"] == 15
+    weights = final["straight"]["state_dict"]
+    max_diff = max((weights[k].float() - v.float()).abs().max().item() for k, v in final["resumed"]["state_dict"].items())
+    assert weights.keys() == final["resumed"]["state_dict"].keys()
+    assert max_diff <= 1e-5, f"weights differ by {max_diff}"
+
+    expected, got = curves(straight), curves(crashed)
+    assert got.keys() == expected.keys()
+    assert {k for k, _ in expected} >= {"train/loss", "val/loss", "val/recall_mean"}
+    worst = max(abs(got[k] - v) / max(abs(v), 1e-6) for k, v in expected.items())
+    assert worst <= 1e-4, f"logged metrics differ (max relative {worst})"
+    (tmp_path / "resume_equality.json").write_text(json.dumps({"max_weight_diff": max_diff, "max_metric_rel": worst}))
+    print(f"resume equality: max |weight diff| {max_diff:.3g}, max relative metric diff {worst:.3g}")
+
+
+def _checkpoint(step: int) -> dict:
+    return {"global_step": step, "state_dict": {"w": torch.full((256, 256), float(step))}}
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    io = AtomicCheckpointIO()
+    for step in (10, 20):
+        io.save_checkpoint(_checkpoint(step), tmp_path / f"step{step:06d}.ckpt")
+    newest = tmp_path / "step000020.ckpt"
+    assert latest_valid_checkpoint(tmp_path) == newest
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="med3dvlm.checkpointing"):
+        assert latest_valid_checkpoint(tmp_path) == tmp_path / "step000010.ckpt"
+    assert f"{newest}: unreadable" in caplog.text
+    with pytest.raises(CorruptCheckpoint, match="step000020.ckpt: unreadable"):
+        check_checkpoint(newest)
+
+
+def test_sharded_checkpoint_folders_are_checked_too(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "last.ckpt"  # Lightning names shard folders like files
+    dcp.save({"state_dict": {"w": torch.arange(4096.0)}}, checkpoint_id=str(folder))
+    torch.save({"global_step": 7, "epoch": 0}, folder / "meta.pt")
+    assert check_checkpoint(folder).global_step == 7
+    assert latest_valid_checkpoint(tmp_path) == folder
+    (shard,) = folder.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CorruptCheckpoint, match="truncated"):
+        check_checkpoint(folder)
+    shard.unlink()
+    with pytest.raises(CorruptCheckpoint, match="is missing"):
+        check_checkpoint(folder)
+    assert latest_valid_checkpoint(tmp_path) is None
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(_checkpoint(1), path)
+    with pytest.raises(Exception):  # noqa: B017 -- a lambda cannot be pickled: the write fails midway
+        AtomicCheckpointIO().save_checkpoint({"global_step": 2, "bad": lambda: 0}, path)
+    assert check_checkpoint(path).global_step == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resumable_loader_skips_served_batches_of_the_same_epoch_only():
+    loader = resumable(torch.utils.data.DataLoader(list(range(20)), batch_size=4, shuffle=True), seed=3)
+    assert isinstance(loader, ResumableDataLoader)
+    loader.sampler.set_epoch(1)
+    epoch = [b.tolist() for b in loader]
+    assert sorted(i for batch in epoch for i in batch) == list(range(20))
+    again = iter(loader)
+    first_two = [next(again).tolist() for _ in range(2)]
+    assert first_two == epoch[:2]  # the order is a function of (seed, epoch)
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "served": 2}
+
+    restored = resumable(torch.utils.data.DataLoader(list(range(20)), batch_size=4, shuffle=True), seed=3)
+    restored.load_state_dict(state)
+    restored.sampler.set_epoch(1)
+    assert len(restored) == 5
+    assert [b.tolist() for b in restored] == epoch[2:]
+    assert [b.tolist() for b in restored] == epoch  # the next pass is a whole epoch again
+    restored.load_state_dict(state)
+    restored.sampler.set_epoch(2)  # a state from another epoch does not skip
+    assert len([b for b in restored]) == 5
+
+
+def test_multirun_with_two_process_jobs_gives_one_folder_and_one_wandb_run_per_job(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "sweep"
+    train_cli(data, tmp_path / "outputs", "logger=wandb", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
+              "optimizer.lr=1e-3,2e-3", "stage.embed_dim=16,32", f"hydra.sweep.dir={sweep}", multirun=True)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    assert not (tmp_path / "outputs").exists(), "a DDP child wrote a second output tree"
+    runs = set()
+    for job in jobs:
+        folder = sweep / job
+        assert not any(p.name == "multirun.yaml" for p in folder.rglob("*")), "nested sweep"
+        (run,) = (folder / "wandb").glob("offline-run-*")  # exactly one W&B run, in the job's folder
+        runs.add(run.name)
+        summary = json.loads((folder / "final_metrics.json").read_text())
+        assert summary["optimized_metric"] == "val/recall_mean" and 0 <= summary["value"] <= 1
+        assert (folder / "checkpoints" / "last.ckpt").exists()
+        overrides = (folder / ".hydra" / "overrides.yaml").read_text()
+        assert "optimizer.lr" in overrides and "stage.embed_dim" in overrides
+    assert len(runs) == 4
+    assert len({(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs}) == 4
+
+
+def _compose(experiment: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"experiment={experiment}", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("experiment", ["sweep_projector", "sweep_lora"])
+def test_sweep_recipes_compose_for_every_grid_point(experiment):
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = _compose(experiment, []).hydra.sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    grid = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] for o in parsed]
+    assert len(grid) >= 2
+    for combo in itertools.product(*grid):
+        cfg = _compose(experiment, list(combo))
+        assert cfg.stage.module.export_dir is None and "sweep" in cfg.tags
+        if experiment == "sweep_projector":
+            node = instantiate({**cfg.projector, "encoder_channels": [32, 64], "encoder_tokens": [64, 8],
+                                "llm_dim": 128})
+            assert node([torch.zeros(1, 64, 32), torch.zeros(1, 8, 64)]).shape[-1] == 128
+        else:
+            lora = instantiate(cfg.lora)
+            assert lora.r in (8, 16)
