@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 
 import lightning as L
 
@@ -18,3 +20,15 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordProcess(L.Callback):
+    """Appends one JSON line per training process to ``path``: its rank, run folder and command line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module):
+        record = {"rank": trainer.global_rank, "folder": str(trainer.default_root_dir), "argv": sys.argv[1:]}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -172,17 +172,21 @@ def test_resumable_loader_skips_served_batches_of_the_same_epoch_only():
 
 def test_multirun_with_two_process_jobs_gives_one_folder_and_one_wandb_run_per_job(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    sweep = tmp_path / "sweep"
-    train_cli(data, tmp_path / "outputs", "logger=wandb", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    outputs, processes = tmp_path / "outputs", tmp_path / "processes.jsonl"
+    train_cli(data, outputs, "logger=wandb", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
               "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-              "optimizer.lr=1e-3,2e-3", "stage.embed_dim=16,32", f"hydra.sweep.dir={sweep}", multirun=True)
+              "optimizer.lr=1e-3,2e-3", "stage.embed_dim=16,32", "+callbacks.record._target_=helpers_runs.RecordProcess",
+              f"+callbacks.record.path={processes}", multirun=True)
+    (sweep,) = (outputs / "siglip" / "multirun").glob("*/*")  # one sweep folder: no second output tree
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]
-    assert not (tmp_path / "outputs").exists(), "a DDP child wrote a second output tree"
+    # Exactly two processes per job, both in the job's folder, none re-running the sweep.
+    records = [json.loads(line) for line in processes.read_text().splitlines()]
+    assert sorted((Path(r["folder"]).name, r["rank"]) for r in records) == [(j, r) for j in jobs for r in (0, 1)]
+    assert all(Path(r["folder"]).parent == sweep and "-m" not in r["argv"] for r in records)
     runs = set()
     for job in jobs:
         folder = sweep / job
-        assert not any(p.name == "multirun.yaml" for p in folder.rglob("*")), "nested sweep"
         (run,) = (folder / "wandb").glob("offline-run-*")  # exactly one W&B run, in the job's folder
         runs.add(run.name)
         summary = json.loads((folder / "final_metrics.json").read_text())
@@ -191,7 +195,6 @@ def test_multirun_with_two_process_jobs_gives_one_folder_and_one_wandb_run_per_j
         overrides = (folder / ".hydra" / "overrides.yaml").read_text()
         assert "optimizer.lr" in overrides and "stage.embed_dim" in overrides
     assert len(runs) == 4
-    assert len({(sweep / j / ".hydra" / "overrides.yaml").read_text() for j in jobs}) == 4
 
 
 def _compose(experiment: str, overrides: list[str]):
