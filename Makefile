@@ -53,6 +53,9 @@ eval: install nltk-data ## closed + open VQA of MODEL=<export folder> (default: 
 bench: install ## measure loader, encoder, projector, loss, stage steps and generation here
 	$(OFFLINE) $(PY) -m med3dvlm.bench
 
+gpu-check: install ## a few FSDP+bf16 steps of each stage at paper shapes on one GPU: step time, samples/s, memory
+	$(OFFLINE) $(PY) -m med3dvlm.gpu_check $(GPU_CHECK_ARGS)
+
 lint: install ## ruff
 	$(PY) -m ruff check med3dvlm tests
 

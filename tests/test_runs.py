@@ -223,3 +223,50 @@ def test_sweep_recipes_compose_for_every_grid_point(experiment):
         else:
             lora = instantiate(cfg.lora)
             assert lora.r in (8, 16)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_gpu_check_without_a_gpu_says_so_and_succeeds():
+    result = subprocess.run([sys.executable, "-m", "med3dvlm.gpu_check"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA GPU here" in result.stdout
+
+
+class _StubRun:
+    """Stands in for a W&B run: records the summary and logged rows."""
+
+    def __init__(self) -> None:
+        self.summary: dict = {}
+        self.logged: list[dict] = []
+        self.finished = False
+
+    def log(self, row: dict, **kwargs) -> None:
+        self.logged.append(row)
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_final_metrics_reach_the_run_folder_and_the_wandb_summary(tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    from med3dvlm.run_summary import SUMMARY_FILE, finish_wandb_runs, write_summary
+
+    run = _StubRun()
+    logger = WandbLogger(experiment=run)
+    metrics = {"test/recall_mean": 0.5, "val/loss": 1.25}
+    write_summary(metrics, tmp_path, [logger], "val/loss")
+    assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == {
+        "optimized_metric": "val/loss", "value": 1.25, "metrics": metrics}
+    assert run.summary == metrics
+    (table,) = [row["final/metrics"] for row in run.logged if "final/metrics" in row]
+    assert table.data == [["test/recall_mean", 0.5], ["val/loss", 1.25]]
+    finish_wandb_runs([logger])
+    assert run.finished
+
+
+def test_sweep_runs_are_grouped_by_sweep_and_tagged():
+    cfg = _compose("sweep_lora", [])
+    assert cfg.logger.wandb.group.startswith("sweep_lora-") and list(cfg.tags) == ["sweep", "lora"]
+    assert cfg.logger.wandb.log_model is False  # logger.wandb.log_model=true|all uploads checkpoints
