@@ -223,6 +223,8 @@ def test_sweep_recipes_compose_for_every_grid_point(experiment):
         else:
             lora = instantiate(cfg.lora)
             assert lora.r in (8, 16)
+            targets = lora.target_modules
+            assert targets == "all-linear" or set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
@@ -270,3 +272,17 @@ def test_sweep_runs_are_grouped_by_sweep_and_tagged():
     cfg = _compose("sweep_lora", [])
     assert cfg.logger.wandb.group.startswith("sweep_lora-") and list(cfg.tags) == ["sweep", "lora"]
     assert cfg.logger.wandb.log_model is False  # logger.wandb.log_model=true|all uploads checkpoints
+
+
+def test_optuna_sweeper_optimises_what_train_returns(data, tmp_path):
+    """Runs only where hydra-optuna-sweeper is installed (``pip install hydra-optuna-sweeper``)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    train_cli(data, tmp_path / "outputs", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+              "hydra.sweeper.direction=maximize", "optimizer.lr=interval(1e-4,1e-2)", "stage.embed_dim=choice(16,32)",
+              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", f"hydra.sweep.dir={sweep}", multirun=True)
+    import yaml
+
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    values = [json.loads((sweep / job / "final_metrics.json").read_text())["value"] for job in ("0", "1")]
+    assert result["best_value"] == pytest.approx(max(values))
