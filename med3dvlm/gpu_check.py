@@ -2,8 +2,9 @@
 paper's shapes on one GPU, printing step time, samples/s and peak GPU memory.
 
 Shapes: 128x256x256 volumes, DCFormer-small, a randomly initialised Qwen2.5-0.5B-architecture LLM
-(Qwen2Config: 24 layers, width 896, 151,936-token vocabulary, 494M parameters; a locally trained
-tokenizer padded to that vocabulary), the Mixer projector to its width (256 image tokens).
+(Qwen2Config: 24 layers, width 896, 151,936-token vocabulary; input embedding and head untied as in
+Qwen2.5-7B, so 630M parameters; a locally trained tokenizer padded to that vocabulary), the Mixer
+projector to its width (256 image tokens).
 Everything is built in a scratch folder (synthetic data, LLM, exports) and the three stages run
 through ``python -m med3dvlm.train trainer=fsdp``, as a user would. Without a CUDA GPU it says so
 and exits 0. Typical total: a few minutes on one H100.
@@ -27,7 +28,7 @@ import torch
 
 STAGES = ("siglip", "pretrain", "finetune")
 QWEN2_5_0_5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True,
+                "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False,
                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
 
 
