@@ -14,9 +14,10 @@ process holds one shard; no tensor parallelism) plus the sharding options. A sta
 
 Whatever is left (the LLM's embeddings, final norm and head, the ``<im_patch>`` row, the towers'
 heads) is sharded with the smallest unit that holds it. With another strategy (single device,
-``ddp``) the hook does nothing. On CPU (gloo) the weights stay float32; on GPU ``param_dtype``
+``ddp``) the hook does nothing. On CPU (gloo) everything stays float32; on GPU ``param_dtype``
 (bf16 by default) is the compute and all-gather dtype while the sharded master weights and the
-gradient reduction (``reduce_dtype``) stay float32.
+gradient reduction (``reduce_dtype``) stay float32, except in the units that hold BatchNorm or
+only a loss's scalars, which compute in float32 (see ``unit_precision``).
 """
 
 from __future__ import annotations
@@ -127,10 +128,39 @@ class FSDP2Strategy(ModelParallelStrategy):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named, options=options)
         return checkpoint
 
-    def mixed_precision(self) -> MixedPrecisionPolicy:
-        if self.root_device.type == "cpu":
-            return MixedPrecisionPolicy()
-        return MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype the sharded units compute in: ``param_dtype`` on GPU, the weights' own on CPU."""
+        return None if self.root_device.type == "cpu" else self.param_dtype
+
+
+def owned_modules(unit: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
+    """The modules whose parameters ``unit`` shards: its own subtree minus the other units' subtrees."""
+    others = {id(u) for u in units if u is not unit}
+    owned, pending = [], [unit]
+    while pending:
+        module = pending.pop()
+        owned.append(module)
+        pending.extend(child for child in module.children() if id(child) not in others)
+    return owned
+
+
+def unit_precision(owned: list[nn.Module], compute_dtype: torch.dtype | None,
+                   reduce_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+    """The mixed-precision policy of a unit that owns the modules ``owned``.
+
+    Low precision everywhere except two kinds of unit, which keep float32 weights and inputs:
+    those holding BatchNorm (it needs float32 weights beside its float32 running statistics; their
+    outputs go on in ``compute_dtype``) and those holding only scalars (a loss's temperature and
+    bias: the loss is computed in float32).
+    """
+    if compute_dtype is None:
+        return MixedPrecisionPolicy()
+    params = [p for m in owned for p in m.parameters(recurse=False)]
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in owned):
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=compute_dtype)
+    if params and all(p.numel() == 1 for p in params):
+        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
 
 
 def positional_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -231,8 +261,9 @@ def shard_stage(stage: L.LightningModule) -> None:
         for layer in layers:
             checkpoint(layer)
     mesh = stage.device_mesh["data_parallel"]
-    policy = strategy.mixed_precision()
+    compute_dtype = strategy.compute_dtype()
     for unit in units:
+        policy = unit_precision(owned_modules(unit, units), compute_dtype, strategy.reduce_dtype)
         # Components keep their gathered weights until the backward pass (as FSDP does for a root):
         # stage code reads some of them between forward and backward (SigLIP logs its temperature).
         reshard = strategy.reshard_after_forward and unit in layers

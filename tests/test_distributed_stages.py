@@ -150,6 +150,14 @@ def fit(module, batches, out: Path, strategy="auto", devices: int = 1, max_steps
 # --- the 2-process script -------------------------------------------------------------------------------
 
 
+class CPUMixedPrecision(FSDP2Strategy):
+    """bf16 FSDP2 mixed precision on CPU processes (``FSDP2Strategy`` uses it on GPUs only): the
+    dtype hand-offs between units that GPUs rely on, tested here."""
+
+    def compute_dtype(self) -> torch.dtype | None:
+        return self.param_dtype
+
+
 def run_worker(root: Path, out: Path) -> None:
     """Every distributed fit, in 2 processes: each stage under ddp and fsdp; the fsdp finetune run
     checkpoints at step 2 as a shard folder, which is consolidated, the fsdp siglip run as one file;
@@ -171,6 +179,9 @@ def run_worker(root: Path, out: Path) -> None:
             module = build_stage(name, root, export_dir=out / strategy / f"{name}_export")
             fit(module, rank_share(batches[name], rank, world), out / strategy / name, chosen, world,
                 callbacks=callbacks)
+    for name in STAGES:
+        fit(build_stage(name, root), rank_share(batches[name], rank, world), out / "bf16" / name,
+            CPUMixedPrecision(), world, callbacks=[GlobalLoss(out / "bf16" / f"{name}.json")])
     sharded = out / "ckpt_finetune" / f"step={CHECKPOINT_STEP}.ckpt"
     if rank == 0:
         consolidate(sharded, out / "consolidated.ckpt")
@@ -227,6 +238,15 @@ def test_two_processes_match_one_process(run, name, strategy):
     assert len(one) == len(two) == STEPS
     assert len(set(one)) == STEPS  # the steps change the weights: later losses depend on earlier steps
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_fsdp_bf16_mixed_precision_stays_close_to_float32(run, name):
+    _, out, _ = run
+    one = losses(out / "one" / f"{name}.json")
+    bf16 = losses(out / "bf16" / f"{name}.json")
+    assert bf16 != one  # it did compute in bf16
+    assert bf16 == pytest.approx(one, rel=2e-2)
 
 
 def export_tensors(folder: Path) -> dict[str, torch.Tensor]:
