@@ -166,6 +166,21 @@ def test_batched_generation_equals_one_by_one(vlm):
         assert torch.equal(batched[b, :n], single[0])
 
 
+def test_generate_from_precomputed_image_features(vlm):
+    images = torch.rand(2, 1, 8, 8, 8)
+    enc = batch(vlm, QUESTIONS, "left")
+    from_images = vlm.generate(images, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        features = vlm.project(vlm.encode_images(images))
+    from_features = vlm.generate(None, enc["input_ids"], enc["attention_mask"], image_features=features,
+                                 max_new_tokens=8, do_sample=False)
+    assert torch.equal(from_images, from_features)
+    for both_or_neither in ({"images": images, "image_features": features}, {"images": None}):
+        with pytest.raises(ValueError, match="exactly one"):
+            vlm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=2,
+                         **both_or_neither)
+
+
 def test_generate_rejects_right_padding(vlm):
     enc = batch(vlm, QUESTIONS, "right")
     with pytest.raises(ValueError, match="left-padded"):

@@ -68,21 +68,16 @@ def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, 
     """
     param = next(model.parameters())
     kwargs = settings.kwargs()
-    kwargs.setdefault("pad_token_id", model.tokenizer.pad_token_id)
-    kwargs.setdefault("eos_token_id", model.tokenizer.eos_token_id)
 
     @torch.no_grad()
     def generate(batch: Mapping[str, Any]) -> list[str]:
-        attention_mask = batch["attention_mask"].to(param.device)
-        if bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generation needs left-padded prompts (a sample ends with padding)")
         rows, inverse = distinct_rows(batch.get("image_path") or range(len(batch["image"])))
         images = batch["image"][rows].to(param.device, param.dtype)
         if zero_images:
             images = torch.zeros_like(images)
         features = model.project(model.encode_images(images))[inverse.to(param.device)]
-        embeds = model.embed(batch["input_ids"].to(param.device), features)
-        out = model.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        out = model.generate(None, batch["input_ids"].to(param.device), batch["attention_mask"].to(param.device),
+                             image_features=features, **kwargs)
         return [text.strip() for text in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     return generate

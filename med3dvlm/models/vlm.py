@@ -184,12 +184,25 @@ class VisionLanguageModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, **gen_kwargs: Any
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        **gen_kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids ``(B, T_new)`` from the LLM's own ``generate``; pass left-padded prompts."""
+        """New token ids ``(B, T_new)`` from the LLM's own ``generate``; pass left-padded prompts.
+
+        Pass ``images (B,1,D,H,W)``, or ``images=None`` and precomputed ``image_features
+        (B, num_image_tokens, hidden)`` (``project(encode_images(...))``, e.g. one encoding per
+        distinct volume repeated for its questions)."""
+        if (images is None) == (image_features is None):
+            raise ValueError("generate needs exactly one of images and image_features")
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left-padded prompts (a sample ends with padding)")
-        embeds = self.embed(input_ids, self.project(self.encode_images(images)))
+        if image_features is None:
+            image_features = self.project(self.encode_images(images))
+        embeds = self.embed(input_ids, image_features)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
