@@ -31,13 +31,18 @@ def split_decay(module: nn.Module, extra_no_decay: Iterable[str] = ()) -> tuple[
     Decayed: weight matrices and kernels (``ndim >= 2``) outside normalisation layers. Not decayed:
     biases, every parameter of a normalisation layer, 0-d/1-d parameters (scales), parameters whose
     last name part is in ``NO_DECAY_NAMES`` or ``extra_no_decay``.
+
+    A parameter shared by several modules (tied input and output embeddings) is listed once, under
+    its first name, the one ``named_parameters()`` keeps.
     """
     skip_names = set(NO_DECAY_NAMES) | set(extra_no_decay)
     decay, no_decay = [], []
+    seen: set[int] = set()
     for module_name, child in module.named_modules():
         for name, param in child.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             full = f"{module_name}.{name}" if module_name else name
             if param.ndim < 2 or _is_norm(child) or name in skip_names:
                 no_decay.append(full)
