@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from med3dvlm.data.datamodule import M3DDataModule
 from med3dvlm.exports import latest_export, load_encoder_export
+from med3dvlm.stages.callbacks import RNGStateInCheckpoint
 from med3dvlm.stages.optim import split_decay
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,12 +135,13 @@ def test_resume_mid_epoch_gives_the_same_next_step(assets, tmp_path):
     trainer(tmp_path / "a", max_steps=4, callbacks=[straight], limit_val_batches=0).fit(
         stage(bert), ResumableLoader(batches))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    # Same max_steps as the straight run (the schedule depends on it), killed after step 3.
-    trainer(tmp_path / "b", max_steps=4, callbacks=[StopAfter(3), ckpt], enable_checkpointing=True,
-            limit_val_batches=0).fit(stage(bert), ResumableLoader(batches))
+    # Same max_steps as the straight run (the schedule depends on it), killed after step 3. The RNG
+    # state (dropout) travels in the checkpoint through the callback every configured run has.
+    trainer(tmp_path / "b", max_steps=4, callbacks=[StopAfter(3), ckpt, RNGStateInCheckpoint()],
+            enable_checkpointing=True, limit_val_batches=0).fit(stage(bert), ResumableLoader(batches))
     (path,) = (tmp_path / "ckpt").glob("*step=3*.ckpt")
     resumed = StepLosses()
-    trainer(tmp_path / "c", max_steps=4, callbacks=[resumed], limit_val_batches=0).fit(
+    trainer(tmp_path / "c", max_steps=4, callbacks=[resumed, RNGStateInCheckpoint()], limit_val_batches=0).fit(
         stage(bert, seed=123), ResumableLoader(batches), ckpt_path=str(path))
     assert len(resumed.losses) == 1
     assert resumed.losses[0] == pytest.approx(straight.losses[3], rel=1e-5, abs=1e-6)

@@ -89,7 +89,6 @@ class SigLIPStage(ShardedStage, L.LightningModule):
         self.last_retrieval: dict[str, Any] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._step_started = 0.0
-        self._resume_rng_states: dict[str, Any] | None = None
         # Pretrained towers load in eval mode; everything trains here (BatchNorm as ``freeze_bn`` says).
         self.train()
 
@@ -122,11 +121,6 @@ class SigLIPStage(ShardedStage, L.LightningModule):
     # --- training --------------------------------------------------------------------------
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        states, self._resume_rng_states = self._resume_rng_states, None
-        if states is not None:
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
@@ -247,16 +241,12 @@ class SigLIPStage(ShardedStage, L.LightningModule):
                 folder = self.export(self.export_dir, "final")
                 log.info("wrote the siglip encoder export to %s", folder)
 
+    # The RNG state travels in checkpoints through the RNGStateInCheckpoint callback (every stage).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["siglip_best_score"] = self.best_score
-        # Dropout draws from these: restoring them makes a resumed run repeat the uninterrupted one.
-        # Tensors only, so the checkpoint loads with torch.load(weights_only=True).
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.best_score = checkpoint.get("siglip_best_score", float("-inf"))
-        # Applied at the next training step: creating the data iterator draws from the RNG first.
-        self._resume_rng_states = checkpoint.get("rng_states")
 
 
 def _plain(node: Mapping | DictConfig) -> dict[str, Any]:
