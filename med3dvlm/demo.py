@@ -23,8 +23,9 @@ from med3dvlm.stages.handoff import latest_handoff
 DATA = PROJECT_ROOT / "data" / "demo"
 OUTPUTS = PROJECT_ROOT / "outputs"
 EXPERIMENT = "demo"
-CHANCE = {"closed VQA accuracy": 0.25, "retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05,
-          "retrieval i2t R@10 (100)": 0.10}
+CHANCE = {"retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05, "retrieval i2t R@10 (100)": 0.10}
+CLOSED_CHANCE = 0.25  # four choices per closed question
+EVAL_TASKS = ("vqa_closed", "vqa_open", "report")
 
 
 def run(step: str, args: list[str]) -> None:
@@ -61,12 +62,12 @@ def retrieval_scores(siglip_dir: Path) -> dict[str, float]:
 
 
 def evaluation_scores(eval_dir: Path) -> dict[str, float]:
-    """Overall closed-VQA accuracy and open-VQA/report text scores from the metrics JSON files."""
+    """Closed-VQA accuracy per question type and open-VQA/report text scores from the metrics JSON files."""
     scores: dict[str, float] = {}
     closed = eval_dir / "metrics_vqa_closed.json"
     if closed.is_file():
-        metrics = json.loads(closed.read_text())["metrics"]
-        scores["closed VQA accuracy"] = metrics["accuracy"]["Overall"]
+        for question_type, value in json.loads(closed.read_text())["metrics"]["accuracy"].items():
+            scores[f"closed VQA accuracy {question_type}"] = value
     for task, label in (("vqa_open", "open VQA"), ("report", "report")):
         path = eval_dir / f"metrics_{task}.json"
         if path.is_file():
@@ -74,6 +75,19 @@ def evaluation_scores(eval_dir: Path) -> dict[str, float]:
             for name in ("bleu", "rouge1", "meteor"):
                 scores[f"{label} {name}"] = metrics[name]["Overall"]
     return scores
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def score_table(scores: dict[str, float], zero_image_scores: dict[str, float]) -> str:
+    """Markdown table: each score beside the same model fed all-zero volumes and the chance level."""
+    lines = ["| demo score | value | zero-image control | chance |", "|---|---:|---:|---:|"]
+    for name, value in scores.items():
+        chance = CLOSED_CHANCE if name.startswith("closed VQA") else CHANCE.get(name)
+        lines.append(f"| {name} | {_cell(value)} | {_cell(zero_image_scores.get(name))} | {_cell(chance)} |")
+    return "\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,16 +107,14 @@ def main(argv: list[str] | None = None) -> None:
     train_stage("finetune", run_dir, args.fresh)
     model = run_dir / "model"
     run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
-    eval_dir = run_dir / "eval"
-    for task in ("vqa_closed", "vqa_open", "report"):
-        run(f"evaluate {task}", ["med3dvlm.evaluate", f"task={task}", f"model={model}", f"data_dir={prepared}",
-                                 f"hydra.run.dir={eval_dir}"])
+    eval_dir, control_dir = run_dir / "eval", run_dir / "eval_zero_images"
+    for task in EVAL_TASKS:
+        for folder, zero_images in ((eval_dir, False), (control_dir, True)):
+            run(f"evaluate {task}{' (zero images)' if zero_images else ''}",
+                ["med3dvlm.evaluate", f"task={task}", f"model={model}", f"data_dir={prepared}",
+                 f"context.zero_images={str(zero_images).lower()}", f"hydra.run.dir={folder}"])
 
-    scores = {**retrieval_scores(siglip_dir), **evaluation_scores(eval_dir)}
-    print("\n| demo score | value | chance |\n|---|---:|---:|")
-    for name, value in scores.items():
-        chance = CHANCE.get(name)
-        print(f"| {name} | {value:.3f} | {'' if chance is None else f'{chance:.2f}'} |")
+    print(score_table({**retrieval_scores(siglip_dir), **evaluation_scores(eval_dir)}, evaluation_scores(control_dir)))
     print(f"\nrun folders: {run_dir} (stages reused from earlier runs are named above)")
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
 
