@@ -1,4 +1,4 @@
-"""VLM section: a training step of stages 2 and 3 on the tiny assets, the pretrain feature cache,
+"""VLM section: a training step of each stage on the tiny assets, the pretrain feature cache,
 and generation samples/s at batch 1 vs batched (left padding)."""
 
 from __future__ import annotations
@@ -9,12 +9,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
+from transformers import AutoTokenizer
 
 from med3dvlm.benchmarks import BenchRow, median_seconds
+from med3dvlm.losses.siglip import SigLIPLoss
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
+from med3dvlm.models.tiny_assets import build_tiny_bert
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
+from med3dvlm.models.towers import ImageTower, TextTower
 from med3dvlm.stages.optim import cosine_with_warmup
+from med3dvlm.stages.siglip import SigLIPStage
 from med3dvlm.stages.vlm_finetune import FinetuneStage
 from med3dvlm.stages.vlm_pretrain import PretrainStage
 
@@ -49,19 +54,33 @@ def _step_seconds(stage, batch: dict, repeats: int) -> float:
     return median_seconds(step, repeats=repeats, warmup=1)
 
 
+def _siglip_row(tmp: Path, optimizer, scheduler, repeats: int) -> BenchRow:
+    """A SigLIP step at the demo's shapes: DCFormer-nano, the tiny BERT, batch 16."""
+    batch_size = 16
+    text = TextTower(str(build_tiny_bert(tmp / "tiny_bert", CORPUS)), embed_dim=128)
+    tokenizer = AutoTokenizer.from_pretrained(text.tokenizer_path)
+    stage = SigLIPStage(ImageTower(DCFormer("nano"), 128), text, SigLIPLoss(distributed="none"), tokenizer,
+                        optimizer, scheduler, ENCODER, INPUT_SIZE)
+    encoded = tokenizer([CORPUS[i % len(CORPUS)] for i in range(batch_size)], return_tensors="pt", padding=True)
+    batch = {"image": torch.rand(batch_size, 1, *INPUT_SIZE), **encoded}
+    return BenchRow(SECTION, f"siglip step, batch {batch_size}", batch_size / _step_seconds(stage, batch, repeats),
+                    "samples/s", note=f"tiny BERT + DCFormer-nano, {INPUT_SIZE}")
+
+
 def run(quick: bool) -> list[BenchRow]:
     repeats = 3 if quick else 10
     batch_size = 4
     with tempfile.TemporaryDirectory() as tmp:
-        llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", CORPUS, vocab_size=512)))
         optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
         scheduler = functools.partial(cosine_with_warmup, warmup_ratio=0.03)
         torch.manual_seed(0)
+        rows = [_siglip_row(Path(tmp), optimizer, scheduler, repeats)]
+        llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", CORPUS, vocab_size=512)))
         pre = PretrainStage(DCFormer("nano"), ENCODER, "-", PROJECTOR, llm, INPUT_SIZE, optimizer, scheduler)
         batch = _batch(pre.model, batch_size, "right")
-        rows = [BenchRow(SECTION, f"pretrain step, batch {batch_size}", batch_size / _step_seconds(pre, batch, repeats),
-                         "samples/s", note=f"tiny Qwen + DCFormer-nano, {INPUT_SIZE}, "
-                         f"{pre.model.num_image_tokens} image tokens")]
+        rows.append(BenchRow(SECTION, f"pretrain step, batch {batch_size}",
+                             batch_size / _step_seconds(pre, batch, repeats), "samples/s",
+                             note=f"tiny Qwen + DCFormer-nano, {INPUT_SIZE}, {pre.model.num_image_tokens} image tokens"))
         pre.cache_encoder_features = True
         rows.append(BenchRow(SECTION, "pretrain step with encoder-feature cache (hits)",
                              batch_size / _step_seconds(pre, batch, repeats), "samples/s",
