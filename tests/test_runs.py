@@ -17,6 +17,7 @@ from helpers_siglip import INPUT_SIZE, prepared_data
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from med3dvlm.checkpointing import (
     AtomicCheckpointIO,
@@ -225,6 +226,12 @@ def test_sweep_recipes_compose_for_every_grid_point(experiment):
             assert lora.r in (8, 16)
             targets = lora.target_modules
             assert targets == "all-linear" or set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+@pytest.mark.parametrize(("experiment", "trained"), [("demo", False), ("paper_finetune", True)])
+def test_stage3_encoder_training_follows_the_experiment(experiment, trained):
+    cfg = _compose(experiment, ["stage=finetune"])
+    assert OmegaConf.select(cfg, "stage.module.train_vision_tower") is trained
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
