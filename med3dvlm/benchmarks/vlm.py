@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_assets import build_tiny_bert
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
 from med3dvlm.models.towers import ImageTower, TextTower
-from med3dvlm.stages.optim import cosine_with_warmup
+from med3dvlm.stages.optim import SchedulerFactory, cosine_with_warmup
 from med3dvlm.stages.siglip import SigLIPStage
 from med3dvlm.stages.vlm_finetune import FinetuneStage
 from med3dvlm.stages.vlm_pretrain import PretrainStage
@@ -54,7 +55,8 @@ def _step_seconds(stage, batch: dict, repeats: int) -> float:
     return median_seconds(step, repeats=repeats, warmup=1)
 
 
-def _siglip_row(tmp: Path, optimizer, scheduler, repeats: int) -> BenchRow:
+def _siglip_row(tmp: Path, optimizer: Callable[..., torch.optim.Optimizer], scheduler: SchedulerFactory,
+                repeats: int) -> BenchRow:
     """A SigLIP step at the demo's shapes: DCFormer-nano, the tiny BERT, batch 16."""
     batch_size = 16
     text = TextTower(str(build_tiny_bert(tmp / "tiny_bert", CORPUS)), embed_dim=128)
