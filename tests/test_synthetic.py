@@ -246,6 +246,38 @@ def test_closed_questions_have_one_right_and_three_plausible_wrong_choices():
     assert all(choice.endswith("part of the spleen") for choice in wrong[4])
 
 
+def test_fixed_choice_order_lists_options_in_pool_order_and_keeps_the_case():
+    attrs = syn.CaseAttributes("sagittal", "arterial", "right kidney", "calcified nodule", "upper right",
+                               (14, 12), 400)
+    shuffled = syn.closed_questions(np.random.default_rng(5), attrs, "p", "t")
+    fixed = syn.closed_questions(np.random.default_rng(5), attrs, "p", "t", choice_order="fixed")
+    pools = [[*syn.PLANES, "oblique"], [f"{p} phase" for p in syn.PHASES], [*syn.ORGANS, "pancreas"],
+             list(syn.ABNORMALITIES), [f"{loc} part of the right kidney" for loc in syn.LOCATIONS]]
+    for row, same, pool in zip(fixed, shuffled, pools):
+        choices = [row[f"Choice {c}"] for c in "ABCD"]
+        assert choices == sorted(choices, key=pool.index)
+        assert set(choices) == {same[f"Choice {c}"] for c in "ABCD"}
+        assert row["Answer"] == same["Answer"] == row[f"Choice {row['Answer Choice']}"]
+        assert row["Question"] == same["Question"]
+    assert [r["Answer Choice"] for r in fixed[1::3]] == ["B", "A"]  # arterial phase; upper right comes first
+    with pytest.raises(ValueError, match="choice_order"):
+        syn.closed_questions(np.random.default_rng(5), attrs, "p", "t", choice_order="sorted")
+
+
+def test_lesion_scale_grows_the_lesion_and_its_reported_size(tmp_path):
+    base = [syn.sample_attributes(np.random.default_rng(i)) for i in range(30)]
+    big = [syn.sample_attributes(np.random.default_rng(i), lesion_scale=2.0) for i in range(30)]
+    for a, b in zip(base, big):
+        assert dataclasses.replace(a, size_mm=b.size_mm) == b
+        assert all(abs(y - 2 * x) <= 1 for x, y in zip(a.size_mm, b.size_mm))
+    syn.generate(tmp_path, cases=2, seed=1, workers=1, lesion_scale=2.0, **SMALL)
+    report = (tmp_path / "M3D_Cap" / "ct_case" / "000000" / "text.txt").read_text()
+    attrs = syn.sample_attributes(np.random.default_rng([1, 0]), lesion_scale=2.0)
+    assert str(attrs.size_mm[0]) in report or f"{attrs.size_mm[0] / 10:.1f} cm" in report
+    with pytest.raises(ValueError, match="lesion_scale"):
+        syn.generate(tmp_path, cases=1, lesion_scale=0.0, **SMALL)
+
+
 def test_defects_damage_the_case_as_named(tmp_path):
     syn.generate(tmp_path, cases=3, seed=0, workers=1, slices=6, size=16)
     cases = sorted((tmp_path / "M3D_Cap" / "ct_case").iterdir())

@@ -55,6 +55,7 @@ VQA_COLUMNS: tuple[str, ...] = (
 )
 SPLIT_FILES: dict[str, str] = {"train": "train", "validation": "val", "test": "test"}
 DEFECTS: tuple[str, ...] = ("stray_slice", "truncated_jpeg", "empty_report")
+CHOICE_ORDERS: tuple[str, ...] = ("shuffled", "fixed")
 
 MM_PER_UNIT = 200.0
 _SERIES_PLANE = {"axial": "Axial", "coronal": "Coronal", "sagittal": "Sagittal"}
@@ -112,6 +113,8 @@ class SyntheticConfig:
     size: int = 128
     jpeg_quality: int = 95
     defect_rate: float = 0.0
+    lesion_scale: float = 1.0
+    choice_order: str = "shuffled"
 
 
 @dataclass
@@ -143,8 +146,8 @@ class GenerationSummary:
 # Phantom
 
 
-def sample_attributes(rng: np.random.Generator) -> CaseAttributes:
-    """Draw the attributes of one case."""
+def sample_attributes(rng: np.random.Generator, lesion_scale: float = 1.0) -> CaseAttributes:
+    """Draw the attributes of one case; ``lesion_scale`` multiplies the lesion's size (drawn and reported)."""
     organ = ORGANS[rng.integers(len(ORGANS))]
     abnormality = ABNORMALITIES[rng.integers(len(ABNORMALITIES))]
     max_mm = {"liver": 50, "spleen": 24, "left kidney": 22, "right kidney": 22}[organ]
@@ -152,6 +155,7 @@ def sample_attributes(rng: np.random.Generator) -> CaseAttributes:
     high = min(max_mm, 16) if abnormality == "calcified nodule" else max_mm
     long_axis = int(rng.integers(low, high + 1))
     short_axis = max(low - 2, round(long_axis * rng.uniform(0.7, 1.0)))
+    long_axis, short_axis = round(long_axis * lesion_scale), round(short_axis * lesion_scale)
     hu = {
         "cyst": int(rng.integers(0, 16)),
         "calcified nodule": int(rng.integers(250, 700)),
@@ -451,15 +455,20 @@ def _answers(attrs: CaseAttributes) -> list[str]:
             f"{vertical} {side} part of the {attrs.organ}"]
 
 
+def _choice_pool(qtype: int, attrs: CaseAttributes) -> list[str]:
+    """Every option of question type ``qtype`` (right answer included), in a fixed order."""
+    return [
+        [*PLANES, "oblique"],
+        [f"{p} phase" for p in PHASES],
+        [*ORGANS, "pancreas"],
+        list(ABNORMALITIES),
+        [f"{loc} part of the {attrs.organ}" for loc in LOCATIONS],
+    ][qtype - 1]
+
+
 def _wrong_choices(rng: np.random.Generator, qtype: int, attrs: CaseAttributes) -> list[str]:
-    pools = [
-        [p for p in (*PLANES, "oblique") if p != attrs.plane],
-        [f"{p} phase" for p in PHASES if p != attrs.phase],
-        [o for o in (*ORGANS, "pancreas") if o != attrs.organ],
-        [k for k in ABNORMALITIES if k != attrs.abnormality],
-        [f"{loc} part of the {attrs.organ}" for loc in LOCATIONS if loc != attrs.location],
-    ]
-    pool = pools[qtype - 1]
+    answer = _answers(attrs)[qtype - 1]
+    pool = [option for option in _choice_pool(qtype, attrs) if option != answer]
     return [pool[i] for i in rng.choice(len(pool), size=3, replace=False)]
 
 
@@ -477,13 +486,24 @@ _QUESTIONS: list[list[str]] = [
 ]
 
 
-def closed_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path: str, text: str) -> list[dict[str, str]]:
-    """One multiple-choice row per question type; the right answer's letter is random."""
+def closed_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path: str, text: str,
+                     choice_order: str = "shuffled") -> list[dict[str, str]]:
+    """One multiple-choice row per question type.
+
+    ``choice_order="shuffled"`` (M3D-VQA's way) puts the right answer at a random letter, so a model
+    must read the choices; ``"fixed"`` lists the four options in their :func:`_choice_pool` order, so
+    the letter follows from the image alone (the offline demo's tiny LLM cannot learn to read in minutes).
+    """
+    if choice_order not in CHOICE_ORDERS:
+        raise ValueError(f"choice_order must be one of {CHOICE_ORDERS}, got {choice_order!r}")
     rows = []
     for qtype, answer in enumerate(_answers(attrs), start=1):
         choices = _wrong_choices(rng, qtype, attrs)
-        letter = int(rng.integers(4))
+        letter = int(rng.integers(4))  # drawn in both orders, so the rest of the case stays the same
         choices.insert(letter, answer)
+        if choice_order == "fixed":
+            choices.sort(key=_choice_pool(qtype, attrs).index)
+            letter = choices.index(answer)
         rows.append({
             "Image Path": image_path, "Text": text, "Question Type": str(qtype),
             "Question": _pick(rng, _QUESTIONS[qtype - 1]).format(organ=attrs.organ),
@@ -554,12 +574,12 @@ def case_id(index: int) -> str:
 
 def _write_case(index: int, out: Path, config: SyntheticConfig) -> CaseRecord:
     rng = np.random.default_rng([config.seed, index])
-    attrs = sample_attributes(rng)
+    attrs = sample_attributes(rng, config.lesion_scale)
     series = series_name(attrs.plane, attrs.phase)
     volume = render_case(rng, attrs, config.slices, config.size)
     report, findings = write_report(rng, attrs)
     image_path = f"ct_case/{case_id(index)}/{series}.npy"
-    closed = closed_questions(rng, attrs, image_path, findings)
+    closed = closed_questions(rng, attrs, image_path, findings, config.choice_order)
     yes_no = yes_no_questions(rng, attrs, image_path, findings)
     # A separate stream, so the defect rate never changes the content of the cases.
     defect_rng = np.random.default_rng([config.seed, index, 1])
@@ -621,7 +641,7 @@ def _remove_stale_cases(ct_case: Path, keep: set[str]) -> None:
 
 def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64, size: int = 128,
              splits: dict[str, float] | None = None, workers: int | None = None, jpeg_quality: int = 95,
-             defect_rate: float = 0.0) -> GenerationSummary:
+             defect_rate: float = 0.0, lesion_scale: float = 1.0, choice_order: str = "shuffled") -> GenerationSummary:
     """Write ``cases`` synthetic cases in the raw M3D-Cap / M3D-VQA layout under ``out``.
 
     Same arguments -> same bytes, whatever ``workers`` is (``None``: all cores, ``0``/``1``: in
@@ -631,10 +651,14 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
         raise ValueError(f"need cases >= 1, slices >= 1, size >= 8; got {cases=}, {slices=}, {size=}")
     if not 0.0 <= defect_rate <= 1.0:
         raise ValueError(f"defect_rate must be in [0, 1], got {defect_rate}")
+    if lesion_scale <= 0:
+        raise ValueError(f"lesion_scale must be > 0, got {lesion_scale}")
+    if choice_order not in CHOICE_ORDERS:
+        raise ValueError(f"choice_order must be one of {CHOICE_ORDERS}, got {choice_order!r}")
     start = time.perf_counter()
     out = Path(out)
     config = SyntheticConfig(seed=seed, slices=slices, size=size, jpeg_quality=jpeg_quality,
-                             defect_rate=defect_rate)
+                             defect_rate=defect_rate, lesion_scale=lesion_scale, choice_order=choice_order)
     ct_case = out / "M3D_Cap" / "ct_case"
     ct_case.mkdir(parents=True, exist_ok=True)
     _remove_stale_cases(ct_case, {case_id(i) for i in range(cases)})
