@@ -26,6 +26,10 @@ EXPERIMENT = "demo"
 CHANCE = {"retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05, "retrieval i2t R@10 (100)": 0.10}
 CLOSED_CHANCE = 0.25  # four choices per closed question
 EVAL_TASKS = ("vqa_closed", "vqa_open", "report")
+# Lesions twice the default size (a 12 mm kidney lesion is two voxels of the demo's 64x64 slices) and
+# choices listed in a fixed order: the tiny LLM, untrained and minutes from scratch, cannot learn to
+# read four shuffled options (README, Demo), so the letter must follow from the image alone.
+SYNTHETIC_SETTINGS = ("seed=0", "lesion_scale=2.0", "choice_order=fixed")
 
 
 def run(step: str, args: list[str]) -> None:
@@ -35,6 +39,17 @@ def run(step: str, args: list[str]) -> None:
     start = time.perf_counter()
     subprocess.run(command, cwd=PROJECT_ROOT, check=True)
     print(f"=== {step} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def make_data(raw: Path, cases: int) -> bool:
+    """Generate the synthetic raw data unless ``raw`` holds data of these settings; True if it generated."""
+    settings = [f"out={raw}", f"cases={cases}", *SYNTHETIC_SETTINGS]
+    stamp = raw / "demo_settings.txt"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8").split() == settings[1:]:
+        return False
+    run("synthetic data", ["med3dvlm.synthetic", *settings])
+    stamp.write_text(" ".join(settings[1:]) + "\n", encoding="utf-8")
+    return True
 
 
 def train_stage(stage: str, run_dir: Path, fresh: bool) -> Path:
@@ -99,12 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = OUTPUTS / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
     raw, prepared = DATA / "raw", DATA / "prepared"
-    if not (raw / "M3D_Cap" / "M3D_Cap.json").is_file():
-        run("synthetic data", ["med3dvlm.synthetic", f"out={raw}", f"cases={args.cases}", "seed=0"])
+    fresh = make_data(raw, args.cases) or args.fresh  # stages trained on other data are not reused
     run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
-    siglip_dir = train_stage("siglip", run_dir, args.fresh)
-    train_stage("pretrain", run_dir, args.fresh)
-    train_stage("finetune", run_dir, args.fresh)
+    siglip_dir = train_stage("siglip", run_dir, fresh)
+    train_stage("pretrain", run_dir, fresh)
+    train_stage("finetune", run_dir, fresh)
     model = run_dir / "model"
     run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
     eval_dir, control_dir = run_dir / "eval", run_dir / "eval_zero_images"
