@@ -290,6 +290,19 @@ def test_resume_reuses_valid_outputs_and_redoes_damaged_ones(tmp_path: Path) -> 
         prepare(tmp_path / "nowhere", out)
 
 
+def test_resume_redoes_a_volume_whose_raw_series_changed(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=2)
+    out = tmp_path / "out"
+    prepare(raw, out)
+    changed = out / "M3D_Cap/ct_case/000000/Axial_non_contrast.npy"
+    kept = out / "M3D_Cap/ct_case/000001/Axial_non_contrast.npy"
+    before, kept_mtime = read_volume_raw(changed).copy(), kept.stat().st_mtime_ns
+    write_series(raw / "M3D_Cap/ct_case/000000/Axial_non_contrast", 10, seed=99)  # e.g. regenerated data
+    prepare(raw, out)
+    assert not np.array_equal(read_volume_raw(changed), before)
+    assert kept.stat().st_mtime_ns == kept_mtime
+
+
 def test_parallel_workers_match_a_single_process(tmp_path: Path) -> None:
     raw = write_raw_m3d(tmp_path / "raw", cases=3)
     prepare(raw, tmp_path / "one", workers=1)

@@ -7,9 +7,9 @@ The layouts are fixed by the data contract (raw: ``RAW/M3D_Cap/ct_case/<id>/<ser
 
 Resuming: every finished volume is appended to ``.prepare-journal.jsonl`` (one JSON line with its
 manifest entry and the file's size and mtime; a torn last line is ignored). A rerun with the same
-settings reuses a volume listed there whose file still has that size and mtime (no re-read, so
-resuming a large run is quick), or one listed in an earlier ``manifest.json`` whose SHA-256 still
-matches; everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
+settings reuses a volume listed there whose raw input is unchanged (names, sizes and mtimes of its
+files) and whose file still has that size and mtime (no re-read, so resuming a large run is quick), or
+one listed in an earlier ``manifest.json`` whose SHA-256 still matches; everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
 pipeline is deterministic, so a killed and restarted run ends with the same files as an
 uninterrupted one.
 
@@ -203,6 +203,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_fingerprint(source: str | Path) -> str:
+    """Names, sizes and mtimes of a raw input (every file of a series folder, or the one NIfTI file).
+
+    Stored with each prepared volume, so a resumed run re-prepares a volume whose raw input changed
+    (for example regenerated synthetic data) instead of keeping the stale output.
+    """
+    source = Path(source)
+    files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _verify_written(path: Path, written: np.ndarray, settings: Settings) -> np.ndarray:
     """Re-read a written volume and check shape, dtype, finiteness and content."""
     stored = read_volume_raw(path, mmap=False)
@@ -225,6 +240,7 @@ def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings) -> JobOutco
     Errors are returned rather than raised so they cross the process boundary intact.
     """
     try:
+        fingerprint = source_fingerprint(job.source)
         dropped: tuple[str, ...] = ()
         if job.kind == "series":
             stacked = stack_series(job.source)
@@ -243,6 +259,7 @@ def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings) -> JobOutco
         "sha256": file_sha256(path),
         "status": "ok",
         "source": job.label,
+        "source_fingerprint": fingerprint,
         "raw_shape": list(raw.shape),
     }
     if dropped:
@@ -435,16 +452,20 @@ def _parse_json_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _still_valid(
-    out: Path, output: str, record: tuple[Mapping[str, Any], list[int] | None] | None, label: str
-) -> bool:
-    """A recorded output is reusable if its file is unchanged (same size and mtime, or same SHA-256)."""
-    path = out / output
+def _still_valid(out: Path, job: VolumeJob, record: tuple[Mapping[str, Any], list[int] | None] | None) -> bool:
+    """A recorded output is reusable if its raw input is unchanged and so is its file (same size and
+    mtime, or same SHA-256)."""
+    path = out / job.output
     if record is None or not path.is_file():
         return False
     entry, stat = record
-    if entry.get("status") != "ok" or entry.get("source") != label:
+    if entry.get("status") != "ok" or entry.get("source") != job.label:
         return False
+    try:
+        if entry.get("source_fingerprint") != source_fingerprint(job.source):
+            return False
+    except OSError:
+        return False  # the raw input is gone or unreadable: preparing it reports the real error
     return stat == _file_stat(path) or file_sha256(path) == entry.get("sha256")
 
 
@@ -614,7 +635,7 @@ def prepare_dataset(
     volumes: dict[str, dict[str, Any]] = {}
     todo = []
     for job in plan.jobs:
-        if _still_valid(out, job.output, previous.get(job.output), job.label):
+        if _still_valid(out, job, previous.get(job.output)):
             volumes[job.output] = previous[job.output][0]
         else:
             todo.append(job)
