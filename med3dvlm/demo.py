@@ -40,22 +40,21 @@ def run(step: str, args: list[str]) -> None:
     print(f"=== {step} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def make_data(raw: Path, cases: int) -> bool:
-    """Generate the synthetic raw data unless ``raw`` holds data of these settings; True if it generated."""
+def make_data(raw: Path, cases: int) -> float:
+    """Generate the synthetic raw data unless ``raw`` holds data of these settings; return when it was made."""
     settings = [f"out={raw}", f"cases={cases}", *SYNTHETIC_SETTINGS]
     stamp = raw / "demo_settings.txt"
-    if stamp.is_file() and stamp.read_text(encoding="utf-8").split() == settings[1:]:
-        return False
-    run("synthetic data", ["med3dvlm.synthetic", *settings])
-    stamp.write_text(" ".join(settings[1:]) + "\n", encoding="utf-8")
-    return True
+    if not (stamp.is_file() and stamp.read_text(encoding="utf-8").split() == settings[1:]):
+        run("synthetic data", ["med3dvlm.synthetic", *settings])
+        stamp.write_text(" ".join(settings[1:]) + "\n", encoding="utf-8")
+    return stamp.stat().st_mtime
 
 
-def train_stage(stage: str, run_dir: Path, fresh: bool) -> Path:
-    """Train ``stage`` of the demo experiment unless a completed export exists; return its folder."""
+def train_stage(stage: str, run_dir: Path, fresh: bool, data_made: float) -> Path:
+    """Train ``stage`` of the demo experiment unless an export trained on the current data exists; return its folder."""
     existing = latest_export(stage, EXPERIMENT, OUTPUTS) if stage == "siglip" else \
         latest_handoff(OUTPUTS, "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
-    if existing is not None and not fresh:
+    if existing is not None and existing.stat().st_mtime > data_made and not fresh:
         print(f"\n=== {stage}: reusing {existing}")
         return existing.parent
     run(stage, ["med3dvlm.train", f"experiment={EXPERIMENT}", f"stage={stage}", f"hydra.run.dir={run_dir / stage}"])
@@ -113,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = OUTPUTS / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
     raw, prepared = DATA / "raw", DATA / "prepared"
-    fresh = make_data(raw, args.cases) or args.fresh  # stages trained on other data are not reused
+    data_made = make_data(raw, args.cases)
     run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
-    siglip_dir = train_stage("siglip", run_dir, fresh)
-    train_stage("pretrain", run_dir, fresh)
-    train_stage("finetune", run_dir, fresh)
+    siglip_dir = train_stage("siglip", run_dir, args.fresh, data_made)
+    train_stage("pretrain", run_dir, args.fresh, data_made)
+    train_stage("finetune", run_dir, args.fresh, data_made)
     model = run_dir / "model"
     run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
     eval_dir, control_dir = run_dir / "eval", run_dir / "eval_zero_images"

@@ -1,6 +1,9 @@
-"""make demo: the synthetic data is regenerated exactly when its settings change."""
+"""make demo: the synthetic data is regenerated when its settings change, and stages trained before are retrained."""
 
 from __future__ import annotations
+
+import os
+import time
 
 from med3dvlm import demo
 
@@ -10,9 +13,26 @@ def test_demo_data_is_reused_only_for_the_same_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run", lambda step, args: calls.append(args))
     raw = tmp_path / "raw"
     raw.mkdir()
-    assert demo.make_data(raw, 50) is True
+    made = demo.make_data(raw, 50)
     assert calls[-1][0] == "med3dvlm.synthetic" and "choice_order=fixed" in calls[-1]
-    assert demo.make_data(raw, 50) is False and len(calls) == 1
-    assert demo.make_data(raw, 60) is True and len(calls) == 2
+    assert demo.make_data(raw, 50) == made and len(calls) == 1
+    demo.make_data(raw, 60)
+    assert len(calls) == 2
     (raw / "demo_settings.txt").write_text("cases=60 seed=0\n")  # data of an older demo version
-    assert demo.make_data(raw, 60) is True and len(calls) == 3
+    demo.make_data(raw, 60)
+    assert len(calls) == 3
+
+
+def test_a_stage_export_older_than_the_data_is_retrained(tmp_path, monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(demo, "run", lambda step, args: calls.append(args))
+    export = tmp_path / "old_run" / "export"
+    export.mkdir(parents=True)
+    monkeypatch.setattr(demo, "latest_export", lambda stage, experiment, outputs: export)
+    now = time.time()
+    os.utime(export, (now - 100, now - 100))
+    assert demo.train_stage("siglip", tmp_path / "new_run", False, data_made=now - 200) == export.parent
+    assert calls == []
+    assert demo.train_stage("siglip", tmp_path / "new_run", False, data_made=now) == tmp_path / "new_run" / "siglip"
+    assert calls[-1][:2] == ["med3dvlm.train", "experiment=demo"]
+    assert demo.train_stage("siglip", tmp_path / "new_run", True, data_made=now - 200) == tmp_path / "new_run" / "siglip"
