@@ -2,7 +2,8 @@
 
 synthetic data -> prepare -> DataModule batch -> siglip -> pretrain -> finetune -> export ->
 evaluation, each step a normal command of this package (printed before it runs), then one table.
-Re-running reuses the data and every stage export already built; ``--fresh`` retrains the stages.
+Re-running reuses the data and every stage export newer than what it was trained from; ``--fresh``
+retrains the stages.
 """
 
 from __future__ import annotations
@@ -50,15 +51,16 @@ def make_data(raw: Path, cases: int) -> float:
     return stamp.stat().st_mtime
 
 
-def train_stage(stage: str, run_dir: Path, fresh: bool, data_made: float) -> Path:
-    """Train ``stage`` of the demo experiment unless an export trained on the current data exists; return its folder."""
+def train_stage(stage: str, run_dir: Path, fresh: bool, inputs_made: float) -> tuple[Path, float]:
+    """Train ``stage`` of the demo experiment unless an export newer than its inputs (the data and the
+    previous stage, made at ``inputs_made``) exists; return its folder and when its export was made."""
     existing = latest_export(stage, EXPERIMENT, OUTPUTS) if stage == "siglip" else \
         latest_handoff(OUTPUTS, "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
-    if existing is not None and existing.stat().st_mtime > data_made and not fresh:
+    if existing is not None and existing.stat().st_mtime > inputs_made and not fresh:
         print(f"\n=== {stage}: reusing {existing}")
-        return existing.parent
+        return existing.parent, existing.stat().st_mtime
     run(stage, ["med3dvlm.train", f"experiment={EXPERIMENT}", f"stage={stage}", f"hydra.run.dir={run_dir / stage}"])
-    return run_dir / stage
+    return run_dir / stage, time.time()
 
 
 def retrieval_scores(siglip_dir: Path) -> dict[str, float]:
@@ -112,11 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = OUTPUTS / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
     raw, prepared = DATA / "raw", DATA / "prepared"
-    data_made = make_data(raw, args.cases)
+    made = make_data(raw, args.cases)
     run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
-    siglip_dir = train_stage("siglip", run_dir, args.fresh, data_made)
-    train_stage("pretrain", run_dir, args.fresh, data_made)
-    train_stage("finetune", run_dir, args.fresh, data_made)
+    siglip_dir, made = train_stage("siglip", run_dir, args.fresh, made)
+    _, made = train_stage("pretrain", run_dir, args.fresh, made)
+    train_stage("finetune", run_dir, args.fresh, made)
     model = run_dir / "model"
     run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
     eval_dir, control_dir = run_dir / "eval", run_dir / "eval_zero_images"

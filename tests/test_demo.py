@@ -31,8 +31,8 @@ def test_a_stage_export_older_than_the_data_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "latest_export", lambda stage, experiment, outputs: export)
     now = time.time()
     os.utime(export, (now - 100, now - 100))
-    assert demo.train_stage("siglip", tmp_path / "new_run", False, data_made=now - 200) == export.parent
+    assert demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now - 200)[0] == export.parent
     assert calls == []
-    assert demo.train_stage("siglip", tmp_path / "new_run", False, data_made=now) == tmp_path / "new_run" / "siglip"
+    assert demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now)[0] == tmp_path / "new_run" / "siglip"
     assert calls[-1][:2] == ["med3dvlm.train", "experiment=demo"]
-    assert demo.train_stage("siglip", tmp_path / "new_run", True, data_made=now - 200) == tmp_path / "new_run" / "siglip"
+    assert demo.train_stage("siglip", tmp_path / "new_run", True, inputs_made=now - 200)[0] == tmp_path / "new_run" / "siglip"

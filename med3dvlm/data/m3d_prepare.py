@@ -9,8 +9,8 @@ Resuming: every finished volume is appended to ``.prepare-journal.jsonl`` (one J
 manifest entry and the file's size and mtime; a torn last line is ignored). A rerun with the same
 settings reuses a volume listed there whose raw input is unchanged (names, sizes and mtimes of its
 files) and whose file still has that size and mtime (no re-read, so resuming a large run is quick), or
-one listed in an earlier ``manifest.json`` whose SHA-256 still matches; everything else is recomputed. Volumes, texts, JSON and CSV files are written atomically, and the
-pipeline is deterministic, so a killed and restarted run ends with the same files as an
+one listed in an earlier ``manifest.json`` whose SHA-256 still matches; everything else is recomputed.
+Volumes, texts, JSON and CSV files are written atomically, and the pipeline is deterministic, so a killed and restarted run ends with the same files as an
 uninterrupted one.
 
 ``strict_split``: test items whose case (the volume's folder; for own data, the volume itself) or
