@@ -33,3 +33,15 @@ def test_untied_embeddings_keep_both_matrices():
     model = tiny_qwen2(tied=False)
     decay, _ = split_decay(model)
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(decay)
+
+
+def test_prefix_learning_rate_gets_its_own_groups():
+    model = tiny_qwen2(tied=False)
+    groups = param_groups(model, weight_decay=0.1, lr_by_prefix={"model.layers.": 1e-5})
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        group = by_id[id(param)]
+        assert group["lr"] == (1e-5 if name.startswith("model.layers.") else 1e-3), name
+        assert group["weight_decay"] == (0.1 if name in split_decay(model)[0] else 0.0), name
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

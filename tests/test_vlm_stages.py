@@ -93,13 +93,13 @@ def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
         load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
 
 
-def finetune_stage(assets, tmp_path, train_vision_tower=True) -> FinetuneStage:
+def finetune_stage(assets, tmp_path, train_vision_tower=True, vision_tower_lr=None) -> FinetuneStage:
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
     model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(), tiny_llm(assets))
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2), scheduler(),
-                         train_vision_tower=train_vision_tower, experiment="unit",
+                         train_vision_tower=train_vision_tower, vision_tower_lr=vision_tower_lr, experiment="unit",
                          export_dir=str(tmp_path / "fine"))
 
 
@@ -117,6 +117,18 @@ def test_finetune_trains_lora_projector_encoder_not_base(assets, tmp_path):
     assert not base_llm, sorted(base_llm)[:5]
     linear_names = {k.split(".lora_A")[0] for k in lora_keys if ".lora_A" in k}
     assert len(linear_names) == 7 * stage.model.llm.config.num_hidden_layers  # every linear but lm_head
+
+
+def test_finetune_vision_tower_lr_applies_to_the_encoder_only(assets, tmp_path):
+    stage = finetune_stage(assets, tmp_path, vision_tower_lr=1e-4)
+    fit(stage, toy_batches(stage.model), steps=1)
+    encoder = {id(p) for p in stage.model.vision_tower.parameters()}
+    groups = stage.trainer.optimizers[0].param_groups
+    for group in groups:
+        in_encoder = {id(p) in encoder for p in group["params"]}
+        assert len(in_encoder) == 1
+        assert group["initial_lr"] == (1e-4 if in_encoder.pop() else 1e-2)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in stage.parameters())
 
 
 def test_lora_merge_keeps_outputs(assets, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -51,15 +51,33 @@ def split_decay(module: nn.Module, extra_no_decay: Iterable[str] = ()) -> tuple[
     return decay, no_decay
 
 
-def param_groups(module: nn.Module, weight_decay: float, extra_no_decay: Iterable[str] = ()) -> list[dict]:
-    """Two AdamW parameter groups: ``weight_decay`` on weights only (see ``split_decay``)."""
+def param_groups(
+    module: nn.Module,
+    weight_decay: float,
+    extra_no_decay: Iterable[str] = (),
+    lr_by_prefix: Mapping[str, float] | None = None,
+) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on weights only (see ``split_decay``).
+
+    ``lr_by_prefix`` gives the parameters whose name starts with a prefix their own learning rate
+    (first matching prefix wins, in their own decay / no-decay groups); the others use the
+    optimiser's.
+    """
     params = dict(module.named_parameters())
     decay, no_decay = split_decay(module, extra_no_decay)
-    groups = [
-        {"params": [params[n] for n in decay], "weight_decay": weight_decay},
-        {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    prefixes: list[str | None] = [*(lr_by_prefix or {}), None]
+
+    def owner(name: str) -> str | None:
+        return next((p for p in prefixes if p is None or name.startswith(p)), None)
+
+    groups = []
+    for prefix in prefixes:
+        lr = {} if prefix is None else {"lr": lr_by_prefix[prefix]}
+        for names, decay_value in ((decay, weight_decay), (no_decay, 0.0)):
+            chosen = [params[n] for n in names if owner(n) == prefix]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": decay_value, **lr})
+    return groups
 
 
 class WarmupCosine:

@@ -68,6 +68,7 @@ class FinetuneStage(VLMStage):
         pretrain_meta: the pretrain hand-off metadata (component configs, recorded in this hand-off).
         lora: peft ``LoraConfig`` (r, alpha, dropout, target modules; ``all-linear`` by default).
         train_vision_tower: train the encoder too (the paper does); else frozen in eval mode.
+        vision_tower_lr: the encoder's learning rate when trained (``None``: the optimiser's).
         train_input_embeddings / train_lm_head: also train the full input embedding / output head.
     """
 
@@ -81,6 +82,7 @@ class FinetuneStage(VLMStage):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: SchedulerFactory,
         train_vision_tower: bool = True,
+        vision_tower_lr: float | None = None,
         train_input_embeddings: bool = False,
         train_lm_head: bool = False,
         weight_decay: float = 0.0,
@@ -96,6 +98,8 @@ class FinetuneStage(VLMStage):
         add_lora(model, lora)
         if train_vision_tower:
             model.vision_tower.requires_grad_(True)
+            if vision_tower_lr is not None:
+                self.lr_by_prefix = {"model.vision_tower.": vision_tower_lr}
         else:
             model.freeze_vision_tower()
         model.projector.requires_grad_(True)
@@ -179,6 +183,7 @@ def finetune_stage(
     scheduler: Mapping,
     export_dir: str,
     train_vision_tower: bool = True,
+    vision_tower_lr: float | None = None,
     train_input_embeddings: bool = False,
     train_lm_head: bool = False,
     weight_decay: float = 0.0,
@@ -191,7 +196,7 @@ def finetune_stage(
     model, meta = load_pretrain_handoff(folder, vision_tower, instantiate(llm))
     return FinetuneStage(
         model, meta, str(folder), vision_tower_config, instantiate(lora), instantiate(optimizer),
-        instantiate(scheduler), train_vision_tower=train_vision_tower,
+        instantiate(scheduler), train_vision_tower=train_vision_tower, vision_tower_lr=vision_tower_lr,
         train_input_embeddings=train_input_embeddings, train_lm_head=train_lm_head, weight_decay=weight_decay,
         experiment=experiment, export_dir=export_dir,
     )

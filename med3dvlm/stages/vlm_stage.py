@@ -85,6 +85,7 @@ class VLMStage(ShardedStage, L.LightningModule):
         self.weight_decay = weight_decay
         self.export_dir = Path(export_dir) if export_dir else None
         self.model: VisionLanguageModel
+        self.lr_by_prefix: dict[str, float] = {}
         self._step_started = 0.0
 
     # --- Lightning hooks ------------------------------------------------------------------
@@ -131,7 +132,7 @@ class VLMStage(ShardedStage, L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(param_groups(self, self.weight_decay))
+        optimizer = self.optimizer_factory(param_groups(self, self.weight_decay, lr_by_prefix=self.lr_by_prefix))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
