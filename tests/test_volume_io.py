@@ -43,10 +43,9 @@ def test_bad_volumes_name_the_file(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_failure_and_normal_permissions(tmp_path):
     target = tmp_path / "out.txt"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     atomic_write_text(target, "whole")
     umask = os.umask(0)
