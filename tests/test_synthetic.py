@@ -196,6 +196,21 @@ def test_lesion_sits_in_its_organ_and_quadrant(organ):
         assert (x < cx) == (side == "right")  # the patient's right is x < 0
 
 
+@pytest.mark.parametrize("organ", syn.ORGANS)
+def test_largest_lesion_stays_in_its_quadrant_and_organ(organ):
+    size = syn.fit_to_quadrant(organ, 1000, 1000)
+    assert size[0] < 1000 and size[1] <= size[0]
+    for location in syn.LOCATIONS:
+        mask, _ = lesion_voxels(2, organ=organ, location=location, size_mm=size)
+        z, y, x = np.meshgrid(*syn.plane_grid("axial", 32, 64), indexing="ij")
+        shape = syn.anatomy(np.random.default_rng(2))[organ]
+        (cz, cy, cx), (rz, ry, rx) = shape.center, shape.radii
+        inside = ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
+        assert mask.sum() > 5 and (mask & inside).sum() >= 0.95 * mask.sum()
+        side = location.split()[1]
+        assert (((x < cx) == (side == "right")) | ~mask).all()
+
+
 def test_abnormality_kind_sets_lesion_density_and_size_sets_extent():
     means = {}
     for kind in ("cyst", "round hypodense mass", "round hyperdense mass", "calcified nodule"):
@@ -269,7 +284,9 @@ def test_lesion_scale_grows_the_lesion_and_its_reported_size(tmp_path):
     big = [syn.sample_attributes(np.random.default_rng(i), lesion_scale=2.0) for i in range(30)]
     for a, b in zip(base, big):
         assert dataclasses.replace(a, size_mm=b.size_mm) == b
-        assert all(abs(y - 2 * x) <= 1 for x, y in zip(a.size_mm, b.size_mm))
+        doubled = syn.fit_to_quadrant(a.organ, *(round(2 * v) for v in a.size_mm))
+        assert all(abs(y - d) <= 1 for y, d in zip(b.size_mm, doubled))
+    assert any(b.size_mm[0] >= 2 * a.size_mm[0] - 1 for a, b in zip(base, big))
     syn.generate(tmp_path, cases=2, seed=1, workers=1, lesion_scale=2.0, **SMALL)
     report = (tmp_path / "M3D_Cap" / "ct_case" / "000000" / "text.txt").read_text()
     attrs = syn.sample_attributes(np.random.default_rng([1, 0]), lesion_scale=2.0)

@@ -146,8 +146,21 @@ class GenerationSummary:
 # Phantom
 
 
+def fit_to_quadrant(organ: str, long_mm: int, short_mm: int) -> tuple[int, int]:
+    """Lesion diameters capped where the lesion would leave its quadrant of ``organ`` (the location
+    answer) or the organ: the long axis runs along x, the short one along z and y. No lesion drawn at
+    ``lesion_scale=1`` reaches the cap."""
+    rz, _, rx = (r * MM_PER_UNIT for r in HOST_ORGANS[organ][1])
+    long_mm = min(long_mm, int(_QUADRANT_FIT * rx))
+    return long_mm, min(short_mm, long_mm, int(_QUADRANT_FIT * rz))
+
+
 def sample_attributes(rng: np.random.Generator, lesion_scale: float = 1.0) -> CaseAttributes:
-    """Draw the attributes of one case; ``lesion_scale`` multiplies the lesion's size (drawn and reported)."""
+    """Draw the attributes of one case.
+
+    ``lesion_scale`` multiplies the lesion's size (drawn and reported), up to what fits in its
+    quadrant of the host organ.
+    """
     organ = ORGANS[rng.integers(len(ORGANS))]
     abnormality = ABNORMALITIES[rng.integers(len(ABNORMALITIES))]
     max_mm = {"liver": 50, "spleen": 24, "left kidney": 22, "right kidney": 22}[organ]
@@ -156,6 +169,7 @@ def sample_attributes(rng: np.random.Generator, lesion_scale: float = 1.0) -> Ca
     long_axis = int(rng.integers(low, high + 1))
     short_axis = max(low - 2, round(long_axis * rng.uniform(0.7, 1.0)))
     long_axis, short_axis = round(long_axis * lesion_scale), round(short_axis * lesion_scale)
+    long_axis, short_axis = fit_to_quadrant(organ, long_axis, short_axis)
     hu = {
         "cyst": int(rng.integers(0, 16)),
         "calcified nodule": int(rng.integers(250, 700)),
@@ -175,6 +189,18 @@ def sample_attributes(rng: np.random.Generator, lesion_scale: float = 1.0) -> Ca
     )
 
 
+# Nominal (centre, radii) of the organs that host lesions, before the per-case jitter.
+HOST_ORGANS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "liver": ((-0.40, -0.05, -0.42), (0.36, 0.40, 0.36)),
+    "spleen": ((-0.40, 0.20, 0.56), (0.28, 0.22, 0.15)),
+    "right kidney": ((0.22, 0.36, -0.42), (0.26, 0.13, 0.14)),
+    "left kidney": ((0.18, 0.36, 0.42), (0.26, 0.13, 0.14)),
+}
+# A lesion sits 0.4 host radii off the host's centre on x and z (its quadrant); diameters up to this
+# share of the host's radius keep it on its side and inside the host.
+_QUADRANT_FIT = 0.8
+
+
 def _jitter(rng: np.random.Generator, values: tuple[float, ...], scale: float) -> tuple[float, ...]:
     return tuple(float(v + rng.uniform(-scale, scale)) for v in values)
 
@@ -192,11 +218,11 @@ def anatomy(rng: np.random.Generator) -> dict[str, Ellipsoid]:
         "spine": Ellipsoid((0.0, 0.45, 0.0), (long, 0.11, 0.11)),
         "aorta": Ellipsoid((0.0, 0.24 + rng.uniform(-0.02, 0.02), 0.07), (long, 0.065, 0.065)),
         "ivc": Ellipsoid((0.0, 0.22 + rng.uniform(-0.02, 0.02), -0.12), (long, 0.065, 0.075)),
-        "liver": ell((-0.40, -0.05, -0.42), (0.36, 0.40, 0.36)),
-        "spleen": ell((-0.40, 0.20, 0.56), (0.28, 0.22, 0.15)),
+        "liver": ell(*HOST_ORGANS["liver"]),
+        "spleen": ell(*HOST_ORGANS["spleen"]),
         "pancreas": ell((0.02, 0.05, 0.12), (0.07, 0.07, 0.28), grow=0.05),
-        "right kidney": ell((0.22, 0.36, -0.42), (0.26, 0.13, 0.14)),
-        "left kidney": ell((0.18, 0.36, 0.42), (0.26, 0.13, 0.14)),
+        "right kidney": ell(*HOST_ORGANS["right kidney"]),
+        "left kidney": ell(*HOST_ORGANS["left kidney"]),
     }
 
 
