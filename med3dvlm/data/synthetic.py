@@ -146,10 +146,23 @@ class GenerationSummary:
 # Phantom
 
 
+# Nominal (centre, radii) of the organs that host lesions, before the per-case jitter.
+HOST_ORGANS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "liver": ((-0.40, -0.05, -0.42), (0.36, 0.40, 0.36)),
+    "spleen": ((-0.40, 0.20, 0.56), (0.28, 0.22, 0.15)),
+    "right kidney": ((0.22, 0.36, -0.42), (0.26, 0.13, 0.14)),
+    "left kidney": ((0.18, 0.36, 0.42), (0.26, 0.13, 0.14)),
+}
+# A lesion's centre sits this many host radii off the host's centre on x and z (its quadrant) ...
+_QUADRANT_OFFSET = 0.4
+# ... so diameters up to twice that share of the host's radius keep it on its side and inside the host.
+_QUADRANT_FIT = 2 * _QUADRANT_OFFSET
+
+
 def fit_to_quadrant(organ: str, long_mm: int, short_mm: int) -> tuple[int, int]:
     """Lesion diameters capped where the lesion would leave its quadrant of ``organ`` (the location
-    answer) or the organ: the long axis runs along x, the short one along z and y. No lesion drawn at
-    ``lesion_scale=1`` reaches the cap."""
+    answer) or the organ: the long axis runs along x, the short one along z and y. The cap cuts no
+    lesion drawn at ``lesion_scale=1``."""
     rz, _, rx = (r * MM_PER_UNIT for r in HOST_ORGANS[organ][1])
     long_mm = min(long_mm, int(_QUADRANT_FIT * rx))
     return long_mm, min(short_mm, long_mm, int(_QUADRANT_FIT * rz))
@@ -187,18 +200,6 @@ def sample_attributes(rng: np.random.Generator, lesion_scale: float = 1.0) -> Ca
         size_mm=(long_axis, short_axis),
         attenuation_hu=hu,
     )
-
-
-# Nominal (centre, radii) of the organs that host lesions, before the per-case jitter.
-HOST_ORGANS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "liver": ((-0.40, -0.05, -0.42), (0.36, 0.40, 0.36)),
-    "spleen": ((-0.40, 0.20, 0.56), (0.28, 0.22, 0.15)),
-    "right kidney": ((0.22, 0.36, -0.42), (0.26, 0.13, 0.14)),
-    "left kidney": ((0.18, 0.36, 0.42), (0.26, 0.13, 0.14)),
-}
-# A lesion sits 0.4 host radii off the host's centre on x and z (its quadrant); diameters up to this
-# share of the host's radius keep it on its side and inside the host.
-_QUADRANT_FIT = 0.8
 
 
 def _jitter(rng: np.random.Generator, values: tuple[float, ...], scale: float) -> tuple[float, ...]:
@@ -257,8 +258,8 @@ def paint(volume: np.ndarray, grid: tuple[np.ndarray, np.ndarray, np.ndarray], s
 def _lesion(rng: np.random.Generator, organ: Ellipsoid, attrs: CaseAttributes) -> Ellipsoid:
     vertical, side = attrs.location.split()
     # Patient right is x < 0; superior is z < 0.
-    dz = (-0.4 if vertical == "upper" else 0.4) * organ.radii[0]
-    dx = (-0.4 if side == "right" else 0.4) * organ.radii[2]
+    dz = (-1 if vertical == "upper" else 1) * _QUADRANT_OFFSET * organ.radii[0]
+    dx = (-1 if side == "right" else 1) * _QUADRANT_OFFSET * organ.radii[2]
     long_r = attrs.size_mm[0] / 2 / MM_PER_UNIT
     short_r = attrs.size_mm[1] / 2 / MM_PER_UNIT
     irregular = 0.3 if attrs.abnormality.startswith("irregular") else 0.0
