@@ -200,12 +200,12 @@ def test_lesion_sits_in_its_organ_and_quadrant(organ):
 def test_largest_lesion_stays_in_its_quadrant_and_organ(organ):
     size = syn.fit_to_quadrant(organ, 1000, 1000)
     assert size[0] < 1000 and size[1] <= size[0]
+    z, y, x = np.meshgrid(*syn.plane_grid("axial", 32, 64), indexing="ij")
+    shape = syn.anatomy(np.random.default_rng(2))[organ]
+    (cz, cy, cx), (rz, ry, rx) = shape.center, shape.radii
+    inside = ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
     for location in syn.LOCATIONS:
         mask, _ = lesion_voxels(2, organ=organ, location=location, size_mm=size)
-        z, y, x = np.meshgrid(*syn.plane_grid("axial", 32, 64), indexing="ij")
-        shape = syn.anatomy(np.random.default_rng(2))[organ]
-        (cz, cy, cx), (rz, ry, rx) = shape.center, shape.radii
-        inside = ((z - cz) / rz) ** 2 + ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
         assert mask.sum() > 5 and (mask & inside).sum() >= 0.95 * mask.sum()
         side = location.split()[1]
         assert (((x < cx) == (side == "right")) | ~mask).all()
