@@ -161,8 +161,9 @@ _QUADRANT_FIT = 2 * _QUADRANT_OFFSET
 
 def fit_to_quadrant(organ: str, long_mm: int, short_mm: int) -> tuple[int, int]:
     """Lesion diameters capped where the lesion would leave its quadrant of ``organ`` (the location
-    answer) or the organ: the long axis runs along x, the short one along z and y (y never binds: the
-    lesion sits within 0.15 host radii of the centre on y, and 0.4 x radii is under 0.85 y radii). The cap cuts no lesion drawn at ``lesion_scale=1``."""
+    answer) or the organ: the long axis runs along x, the short one along z and y (y never binds:
+    the lesion sits within 0.15 host radii of the centre on y, and 0.4 x radii is under 0.85 y
+    radii). The cap cuts no lesion drawn at ``lesion_scale=1``."""
     rz, _, rx = (r * MM_PER_UNIT for r in HOST_ORGANS[organ][1])
     long_mm = min(long_mm, int(_QUADRANT_FIT * rx))
     return long_mm, min(short_mm, long_mm, int(_QUADRANT_FIT * rz))
