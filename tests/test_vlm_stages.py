@@ -131,6 +131,22 @@ def test_finetune_vision_tower_lr_applies_to_the_encoder_only(assets, tmp_path):
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in stage.parameters())
 
 
+@pytest.mark.parametrize("train_vision_tower", [True, False])
+def test_finetune_trains_in_train_mode_whatever_mode_it_was_built_in(assets, tmp_path, train_vision_tower):
+    stage = finetune_stage(assets, tmp_path, train_vision_tower=train_vision_tower)
+    stage.eval()  # as from_pretrained and the export loaders leave their modules
+    modes = []
+    step = stage.training_step
+
+    def recording_step(batch, batch_idx):
+        modes.append((stage.model.llm.training, stage.model.vision_tower.training))
+        return step(batch, batch_idx)
+
+    stage.training_step = recording_step
+    fit(stage, toy_batches(stage.model), steps=2)
+    assert modes == [(True, train_vision_tower)] * 2
+
+
 def test_lora_merge_keeps_outputs(assets, tmp_path):
     stage = finetune_stage(assets, tmp_path, train_vision_tower=False)
     batches = toy_batches(stage.model)

@@ -107,6 +107,12 @@ class VLMStage(ShardedStage, L.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum") / self.trainer.world_size
         return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=count)
 
+    def on_fit_start(self) -> None:
+        # Hugging Face's from_pretrained and the export loaders return eval-mode modules, and
+        # Lightning keeps each submodule's mode: without this the LLM (and a trained encoder's
+        # BatchNorm) would train in eval mode. A frozen vision tower stays in eval mode.
+        self.train()
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
