@@ -134,7 +134,7 @@ def test_finetune_vision_tower_lr_applies_to_the_encoder_only(assets, tmp_path):
 @pytest.mark.parametrize("train_vision_tower", [True, False])
 def test_finetune_trains_in_train_mode_whatever_mode_it_was_built_in(assets, tmp_path, train_vision_tower):
     stage = finetune_stage(assets, tmp_path, train_vision_tower=train_vision_tower)
-    stage.eval()  # as from_pretrained and the export loaders leave their modules
+    stage.eval()  # as from_pretrained leaves the LLM
     modes = []
     step = stage.training_step
 

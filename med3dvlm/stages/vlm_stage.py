@@ -108,9 +108,9 @@ class VLMStage(ShardedStage, L.LightningModule):
         return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=count)
 
     def on_fit_start(self) -> None:
-        # Hugging Face's from_pretrained and the export loaders return eval-mode modules, and
-        # Lightning keeps each submodule's mode: without this the LLM (and a trained encoder's
-        # BatchNorm) would train in eval mode. A frozen vision tower stays in eval mode.
+        # Hugging Face's from_pretrained returns the LLM in eval mode and Lightning keeps each
+        # submodule's mode: without this the LLM (and anything a caller left in eval mode) would
+        # train with dropout off. A frozen vision tower stays in eval mode.
         self.train()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
