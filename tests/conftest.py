@@ -13,6 +13,10 @@ for _key, _value in {
     "HF_DATASETS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
+    # torch 2.13's oneDNN corrupts the heap in bf16 Conv3d with a 1x1x7 kernel at stride 4 (the
+    # DCFormer stem) on CPUs with AMX; capping the ISA below AMX avoids that kernel (README
+    # "Troubleshooting"). Read at the first oneDNN call, so setting it here covers every test.
+    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16",
 }.items():
     os.environ.setdefault(_key, _value)
 
