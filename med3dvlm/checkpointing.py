@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 
+from med3dvlm.shard_reader import RefusedCheckpointData, read_metadata
 from med3dvlm.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(path.parent)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        # Checkpoints hold tensors and plain values: never unpickle anything else, whatever the caller asks.
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -90,10 +96,10 @@ def _load(file: Path, checkpoint: Path) -> Any:
 
 
 def _check_shards(folder: Path) -> None:
-    from torch.distributed.checkpoint import FileSystemReader
-
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
+        metadata = read_metadata(folder)
+    except RefusedCheckpointData as error:
+        raise CorruptCheckpoint(f"{folder}: .metadata refused: {error}") from error
     except Exception as error:
         raise CorruptCheckpoint(f"{folder}: unreadable .metadata ({type(error).__name__}: {error})") from error
     needed: dict[str, int] = {}

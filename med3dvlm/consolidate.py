@@ -15,10 +15,12 @@ from pathlib import Path
 
 import hydra
 import torch
-from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from omegaconf import DictConfig
 
 import med3dvlm.config  # noqa: F401  (registers the resolvers)
+from med3dvlm.checkpointing import CorruptCheckpoint, check_checkpoint
+from med3dvlm.shard_reader import RefusedCheckpointData, load_whole
 from med3dvlm.sharding import positional_optimizer_state
 from med3dvlm.utils.atomic import atomic_path
 
@@ -30,7 +32,12 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (a sharded checkpoint is a directory)")
     if not (folder / _METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
         raise ValueError(f"{folder}: not a sharded Lightning checkpoint (needs {_METADATA_FILENAME} and .metadata)")
-    checkpoint = _load_distributed_checkpoint(folder)
+    check_checkpoint(folder)
+    try:
+        checkpoint = load_whole(folder)
+    except RefusedCheckpointData as error:
+        raise CorruptCheckpoint(f"{folder}: refused: {error}") from error
+    checkpoint.update(torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=True))
     optimizer_keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:]))
     checkpoint["optimizer_states"] = [positional_optimizer_state(checkpoint.pop(k)) for k in optimizer_keys]
     with atomic_path(out) as tmp:

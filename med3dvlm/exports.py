@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -35,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from med3dvlm.config import PROJECT_ROOT
+from med3dvlm.models.components import build_component
 from med3dvlm.models.towers import ImageTower, TextTower
 from med3dvlm.models.vlm import load_state_strict
 
@@ -129,7 +129,7 @@ def load_encoder_export(path: str | os.PathLike) -> tuple[nn.Module, dict[str, A
     Missing files, missing/unexpected keys and shape mismatches are errors naming the file.
     """
     meta = read_export(path)
-    encoder = instantiate(meta["encoder"])
+    encoder = build_component(meta["encoder"], _folder(path) / EXPORT_FILE, "encoder")
     load_state_strict(encoder, _folder(path) / WEIGHTS_FILE)
     return encoder, meta["encoder"]
 

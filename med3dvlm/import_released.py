@@ -459,9 +459,9 @@ def import_vlm(
     model = VisionLanguageModel(
         vision_tower, projector.eval(), llm, tokenizer, image_token, reference_placement
     )
-    out = model.save_pretrained(out, dict(encoder_config), proj_built, input_size)
+    # Written before save_pretrained, so config.json's fingerprint covers it.
     _write_json(
-        out / "import.json",
+        Path(out) / "import.json",
         {
             "kind": "vlm",
             "source": str(source),
@@ -473,4 +473,4 @@ def import_vlm(
             "unused_keys": unused,
         },
     )
-    return out
+    return model.save_pretrained(out, dict(encoder_config), proj_built, input_size)

@@ -29,10 +29,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -44,6 +46,7 @@ from transformers import PreTrainedModel
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.vit3d import ViT3D
 from med3dvlm.models.vlm import VisionLanguageModel
+from med3dvlm.shard_reader import load_into
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,12 +117,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         return positional_optimizer_state(state) if self.global_rank == 0 else {}
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """A shard folder or one file, read as data (``med3dvlm.shard_reader``, ``weights_only=True``
+        whatever ``weights_only`` says: checkpoints hold tensors and plain values only)."""
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():
-            return super().load_checkpoint(path, weights_only=weights_only)
+            return self._load_shard_folder(path)
         # One file (consolidated, or saved with save_distributed_checkpoint=false). Lightning would
         # number its optimiser states in module order; they are in optimiser order (PyTorch's layout).
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
         strict = self.lightning_module.strict_loading
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(self.model, checkpoint.pop("state_dict"), options=options)
@@ -127,6 +132,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             named = named_optimizer_state(state, optimizer, self.model)
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=named, options=options)
         return checkpoint
+
+    def _load_shard_folder(self, path: Path) -> dict[str, Any]:
+        # Lightning's own sharded load, with the safe reader: weights, then each optimiser's state,
+        # then meta.pt (loops, schedulers, callbacks).
+        state = {"state_dict": get_model_state_dict(self.model)}
+        load_into(state, path)
+        self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load_into(optimizer_state, path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
 
     def compute_dtype(self) -> torch.dtype | None:
         """The dtype the sharded units compute in: ``param_dtype`` on GPU, the weights' own on CPU."""

@@ -77,6 +77,8 @@ class EvalContext:
     progress: bool = True
     # All-zero volumes instead of the real ones: the text-only control of an image-grounded score.
     zero_images: bool = False
+    # Check every file of the model folder against its recorded SHA-256 before loading.
+    verify_model_files: bool = True
 
 
 @dataclass
@@ -115,7 +117,7 @@ class GenerationTask:
 
         if not ctx.model:
             raise ValueError("evaluation needs model=PATH (a folder written by python -m med3dvlm.export)")
-        model = load_pretrained(ctx.model, dtype=ctx.dtype).to(ctx.device)
+        model = load_pretrained(ctx.model, dtype=ctx.dtype, verify_files=ctx.verify_model_files).to(ctx.device)
         prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, ctx.max_length)
         dataset = self.dataset(ctx.data_dir, prompts, VolumeReader(spatial_size=model.input_size))
         return self.evaluate(ctx, dataset, model_generate_fn(model, ctx.generation, ctx.zero_images),

@@ -16,6 +16,7 @@ block is overwritten. Use it only to score weights trained that way.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,19 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from med3dvlm.models.components import build_component
+from med3dvlm.models.llm import load_llm_folder
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
+from med3dvlm.utils.fingerprint import folder_fingerprint, verify_fingerprint
+
+log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<im_patch>"
+CONFIG_FILE = "config.json"
+LLM_DIR = "llm"
 EXPORT_FORMAT = "med3dvlm-vlm"
 EXPORT_VERSION = 1
 
@@ -220,18 +228,20 @@ class VisionLanguageModel(nn.Module):
         vision_tower_config: dict,
         projector_config: dict,
         input_size: tuple[int, int, int] | list[int],
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write LLM + tokenizer (``llm/``), vision tower, projector and ``config.json`` to ``path``.
 
         The component configs are the ``_target_`` nodes that rebuild the vision tower and the
-        projector; ``input_size`` is the volume size ``(D, H, W)`` they were built for.
-        ``config.json`` is written last, so a folder with it is complete.
+        projector; ``input_size`` is the volume size ``(D, H, W)`` they were built for; ``extra``
+        adds fields (the importer's record of its source). ``config.json`` is written last, so a
+        folder with it is complete, and lists the SHA-256 of every other file (``files``).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.sync_image_token_row()
-        self.llm.save_pretrained(path / "llm")
-        self.tokenizer.save_pretrained(path / "llm")
+        self.llm.save_pretrained(path / LLM_DIR)
+        self.tokenizer.save_pretrained(path / LLM_DIR)
         for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector)):
             with atomic_path(path / f"{name}.safetensors") as tmp:
                 state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -245,8 +255,10 @@ class VisionLanguageModel(nn.Module):
             "input_size": list(input_size),
             "vision_tower": vision_tower_config,
             "projector": projector_config,
+            **(extra or {}),
+            "files": folder_fingerprint(path, skip={CONFIG_FILE}),
         }
-        atomic_write_text(path / "config.json", json.dumps(config, indent=2))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2))
         return path
 
 
@@ -271,28 +283,50 @@ def load_state_strict(module: nn.Module, path: str | os.PathLike) -> None:
 
 
 def load_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | str = "float32", reference_placement: bool | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | str = "float32",
+    reference_placement: bool | None = None,
+    verify_files: bool = True,
 ) -> VisionLanguageModel:
-    """Rebuild a VLM written by ``save_pretrained`` / ``python -m med3dvlm.export`` (eval mode)."""
-    from hydra.utils import instantiate
+    """Rebuild a VLM written by ``save_pretrained`` / ``python -m med3dvlm.export`` (eval mode).
 
+    Strict: the vision tower and projector are our own components (``med3dvlm.models.components``),
+    every weight file fits its module exactly, and the LLM folder is complete and consistent with its
+    tokenizer (``load_llm_folder``; the ``<im_patch>`` id inside the embedding matrix).
+    ``verify_files`` checks each file's SHA-256 against ``config.json`` first (off: skip hashing a
+    very large folder; everything else is still checked).
+    """
     path = Path(path)
-    config_file = path / "config.json"
+    config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; write a VLM folder with `python -m med3dvlm.export`")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_file}: not a {EXPORT_FORMAT} folder (format={config.get('format')!r})")
-    vision_tower = instantiate(config["vision_tower"])
-    projector = instantiate(config["projector"])
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{config_file}: not a {EXPORT_FORMAT} folder")
+    if verify_files:
+        if "files" in config:
+            verify_fingerprint(path, config["files"], config_file, closed=[LLM_DIR])
+        else:
+            log.warning("%s records no file fingerprints (written by an older version); files not verified",
+                        config_file)
+    vision_tower = build_component(config["vision_tower"], config_file, "vision_tower")
+    projector = build_component(config["projector"], config_file, "projector")
     load_state_strict(vision_tower, path / "vision_tower.safetensors")
     load_state_strict(projector, path / "projector.safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(path / "llm")
-    llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=dtype)
+    llm, tokenizer = load_llm_folder(path / LLM_DIR, dtype=dtype)
+    image_token = config["image_token"]
+    token_id = tokenizer.get_vocab().get(image_token)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if token_id is None or token_id >= rows:
+        found = "is not in the tokenizer" if token_id is None else f"has id {token_id}"
+        raise ValueError(f"{path / LLM_DIR / 'tokenizer.json'}: {image_token} {found}; the LLM's embedding "
+                         f"matrix has {rows} rows")
     placement = config["reference_placement"] if reference_placement is None else reference_placement
-    model = VisionLanguageModel(
-        vision_tower, projector, llm, tokenizer, image_token=config["image_token"], reference_placement=placement
-    )
+    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token=image_token,
+                                reference_placement=placement)
     model.input_size = tuple(config["input_size"])
     if model.num_image_tokens != config["num_image_tokens"]:
         raise ValueError(

@@ -20,10 +20,12 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from med3dvlm.exports import load_encoder_export
+from med3dvlm.models.components import build_component
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.lora import add_lora, load_lora, merge_lora
 from med3dvlm.models.vlm import VisionLanguageModel, load_state_strict
 from med3dvlm.stages.handoff import (
+    HANDOFF_FILE,
     load_image_token_row,
     read_handoff,
     resolve_handoff,
@@ -44,7 +46,7 @@ def load_pretrain_handoff(
     """Rebuild the stage-2 VLM: vision tower, projector (strict) and ``<im_patch>`` row from ``folder``."""
     folder = Path(folder)
     meta = read_handoff(folder, "projector", PRETRAIN_COMMAND)
-    projector = instantiate(meta["projector"])
+    projector = build_component(meta["projector"], folder / HANDOFF_FILE, "projector")
     load_state_strict(projector, folder / "projector.safetensors")
     language_model = llm.load_model()
     hidden = language_model.get_input_embeddings().weight.shape[1]
@@ -142,9 +144,9 @@ def load_finetune_handoff(folder: str | Path, dtype: str = "float32") -> tuple[V
     """Rebuild the stage-3 VLM (LoRA attached, not merged) from its hand-off folder, strictly."""
     folder = Path(folder)
     meta = read_handoff(folder, "adapter", FINETUNE_COMMAND)
-    vision_tower = instantiate(meta["vision_tower"])
+    vision_tower = build_component(meta["vision_tower"], folder / HANDOFF_FILE, "vision_tower")
     load_state_strict(vision_tower, folder / "vision_tower.safetensors")
-    projector = instantiate(meta["projector"])
+    projector = build_component(meta["projector"], folder / HANDOFF_FILE, "projector")
     load_state_strict(projector, folder / "projector.safetensors")
     source = LanguageModel(meta["llm"], dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
