@@ -6,18 +6,20 @@ import os
 
 import torch
 
-from med3dvlm.data.preprocess import load_nifti_as_dhw, preprocess_volume
+from med3dvlm.data.preprocess import DEFAULT_MAX_VOXELS, load_nifti_as_dhw, preprocess_volume
 from med3dvlm.data.volume_io import read_volume
 from med3dvlm.models.vlm import VisionLanguageModel
 
 
-def load_volume_for(model: VisionLanguageModel, path: str | os.PathLike) -> torch.Tensor:
-    """``(1, 1, D, H, W)`` input for ``model``: a NIfTI of any size is preprocessed exactly like
-    ``prepare`` (min-max, foreground crop, resize); a prepared ``.npy`` must already fit."""
+def load_volume_for(model: VisionLanguageModel, path: str | os.PathLike,
+                    max_voxels: int = DEFAULT_MAX_VOXELS) -> torch.Tensor:
+    """``(1, 1, D, H, W)`` input for ``model``: a NIfTI of any size (up to ``max_voxels``, checked from
+    its header) is preprocessed exactly like ``prepare`` (min-max, foreground crop, resize); a
+    prepared ``.npy`` must already fit."""
     if model.input_size is None:
         raise ValueError("the model does not record its input size; load it with load_pretrained")
     if str(path).endswith((".nii", ".nii.gz")):
-        volume = preprocess_volume(load_nifti_as_dhw(path), model.input_size, source=path)
+        volume = preprocess_volume(load_nifti_as_dhw(path, max_voxels), model.input_size, source=path)
     else:
         volume = read_volume(path, shape=model.input_size)
     return torch.from_numpy(volume)[None, None]

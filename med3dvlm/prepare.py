@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> None:
         foreground_threshold=cfg.foreground_threshold,
         progress=cfg.progress,
         strict_split=cfg.strict_split,
+        max_voxels=cfg.max_voxels,
     )
 
 

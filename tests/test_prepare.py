@@ -455,3 +455,73 @@ def test_synthetic_defects_are_skipped_and_reported(tmp_path: Path) -> None:
     assert manifest["counts"]["volumes_ok"] == 9 - len(broken)
     dropped = {path.split("/")[1] for v in manifest["vqa"].values() for path in v["dropped_images"]}
     assert dropped == broken
+
+
+# ----------------------------------------------------------------------------- bounded inputs
+
+
+def write_nifti_claiming(path: Path, shape: tuple[int, int, int], data_bytes: int) -> Path:
+    """A gzipped NIfTI whose header claims ``shape`` but which holds only ``data_bytes`` of zeros (a
+    decompression bomb, or a damaged header)."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape(shape)
+    header.set_qform(np.eye(4), code=1)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header.binaryblock + b"\0" * 4)  # the 4-byte extension flag: data starts at 352
+        fh.write(b"\0" * data_bytes)
+    return path
+
+
+BOMB_SCRIPT = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB: the claimed volume needs 8
+from med3dvlm.data.errors import DataError
+from med3dvlm.data.preprocess import load_nifti_as_dhw
+try:
+    load_nifti_as_dhw(sys.argv[1])
+except DataError as error:
+    print(error)
+"""
+
+
+def test_a_nifti_header_claiming_too_many_voxels_is_refused_before_decompressing(tmp_path: Path) -> None:
+    bomb = write_nifti_claiming(tmp_path / "bomb.nii.gz", (1600, 1600, 1600), 4 << 20)
+    assert bomb.stat().st_size < 100_000
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(bomb)], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{bomb}: the header claims 1600x1600x1600 = 4,096,000,000 voxels" in done.stdout
+    assert "max_voxels" in done.stdout
+    assert time.perf_counter() - started < 30
+    huge = write_nifti_claiming(tmp_path / "huge.nii.gz", (32000, 32000, 32000), 1024)  # NIfTI-1 dims are int16
+    with pytest.raises(DataError, match=r"huge\.nii\.gz: the header claims .* voxels"):
+        load_nifti_as_dhw(huge)
+    small = write_nifti_claiming(tmp_path / "small.nii.gz", (8, 8, 8), 8 * 8 * 8 * 2)
+    with pytest.raises(DataError, match=r"small\.nii\.gz: the header claims 8x8x8 = 512 voxels"):
+        load_nifti_as_dhw(small, max_voxels=100)
+    assert load_nifti_as_dhw(small).shape == (8, 8, 8)
+
+
+def test_prepare_refuses_an_oversized_scan_or_skips_and_lists_it(tmp_path: Path) -> None:
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_nifti_claiming(scans / "bomb.nii.gz", (1600, 1600, 1600), 1 << 20)
+    good = np.random.default_rng(0).normal(100, 20, size=(12, 10, 6)).astype(np.int16)
+    nib.save(nib.Nifti1Image(good, np.eye(4)), str(scans / "good.nii.gz"))
+    csv_path = write_own_csv(tmp_path / "own.csv", [("scans/bomb.nii.gz", "A report."), ("scans/good.nii.gz", "B.")])
+    with pytest.raises(DataError, match=r"bomb\.nii\.gz: the header claims"):
+        prepare(csv_path, tmp_path / "out")
+    manifest = prepare(csv_path, tmp_path / "out2", on_error="skip", max_voxels=10**6)
+    assert manifest["counts"]["volumes_ok"] == 1
+    assert [s["source"] for s in manifest["skipped"]] == ["scans/bomb.nii.gz"]
+
+
+def test_a_series_whose_slices_add_up_to_too_many_voxels_is_refused_before_decoding(tmp_path: Path) -> None:
+    write_series(tmp_path / "s", slices=6, shape=(40, 50))
+    assert stack_series(tmp_path / "s").volume.shape == (6, 40, 50)
+    with pytest.raises(DataError, match=r"s: the series. 6 slices hold 12,000 voxels, more than max_voxels=10,000"):
+        stack_series(tmp_path / "s", max_voxels=10_000)

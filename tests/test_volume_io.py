@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.volume_io import read_volume, write_volume
+from med3dvlm.data.volume_io import read_volume, read_volume_raw, write_volume
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
 
 
@@ -51,3 +51,19 @@ def test_atomic_write_leaves_nothing_on_failure_and_normal_permissions(tmp_path)
     umask = os.umask(0)
     os.umask(umask)
     assert target.read_text() == "whole" and (target.stat().st_mode & 0o777) == 0o666 & ~umask
+
+
+def test_a_prepared_nifti_of_the_wrong_size_is_refused_from_its_header(tmp_path):
+    import gzip
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header.set_data_shape((2048, 2048, 1024))  # (W, H, D): 4 Gi voxels claimed, 1 KiB held
+    path = tmp_path / "M3D_Cap" / "prepared.nii.gz"
+    path.parent.mkdir()
+    with gzip.open(path, "wb") as fh:
+        fh.write(header.binaryblock + b"\0" * 4 + b"\0" * 1024)
+    with pytest.raises(DataError, match=r"prepared.nii.gz: wrong shape \(1024, 2048, 2048\), expected \(8, 16, 16\)"):
+        read_volume_raw(path, shape=(8, 16, 16))

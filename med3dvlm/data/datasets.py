@@ -132,8 +132,9 @@ class VolumeReader:
     augmentation: Augmentation | None = None
 
     def __call__(self, path: Path, rng: np.random.Generator) -> torch.Tensor:
-        stored = read_volume_raw(path)
-        validate_volume(path, stored, tuple(self.spatial_size) if self.spatial_size else None)
+        shape = tuple(self.spatial_size) if self.spatial_size else None
+        stored = read_volume_raw(path, shape=shape)
+        validate_volume(path, stored, shape)
         volume = self.augmentation(stored, rng) if self.augmentation else to_float(stored)
         return to_image_tensor(volume)
 

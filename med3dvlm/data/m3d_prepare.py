@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.preprocess import (
+    DEFAULT_MAX_VOXELS,
     load_nifti_as_dhw,
     preprocess_volume,
     spatial_size_tuple,
@@ -220,9 +221,7 @@ def source_fingerprint(source: str | Path) -> str:
 
 def _verify_written(path: Path, written: np.ndarray, settings: Settings) -> np.ndarray:
     """Re-read a written volume and check shape, dtype, finiteness and content."""
-    stored = read_volume_raw(path, mmap=False)
-    if tuple(stored.shape) != settings.spatial_size:
-        raise DataError(path, f"re-read shape {tuple(stored.shape)} != {settings.spatial_size}")
+    stored = read_volume_raw(path, mmap=False, shape=settings.spatial_size)
     if stored.dtype != np.dtype(settings.stored_dtype):
         raise DataError(path, f"re-read dtype {stored.dtype} != {settings.stored_dtype}")
     values = to_float(stored)
@@ -234,19 +233,21 @@ def _verify_written(path: Path, written: np.ndarray, settings: Settings) -> np.n
     return stored
 
 
-def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings) -> JobOutcome:
+def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings,
+                   max_voxels: int = DEFAULT_MAX_VOXELS) -> JobOutcome:
     """Load, preprocess, write and verify one volume; bad input comes back as an error outcome.
 
-    Errors are returned rather than raised so they cross the process boundary intact.
+    Errors are returned rather than raised so they cross the process boundary intact. A scan larger
+    than ``max_voxels`` (by its header) is refused before it is read.
     """
     try:
         fingerprint = source_fingerprint(job.source)
         dropped: tuple[str, ...] = ()
         if job.kind == "series":
-            stacked = stack_series(job.source)
+            stacked = stack_series(job.source, max_voxels)
             raw, dropped = stacked.volume, stacked.dropped
         else:
-            raw = load_nifti_as_dhw(job.source)
+            raw = load_nifti_as_dhw(job.source, max_voxels)
         volume = preprocess_volume(raw, settings.spatial_size, settings.foreground_threshold, job.source)
         path = Path(out_dir) / job.output
         write_volume(path, volume, npy_dtype=settings.npy_dtype)
@@ -565,19 +566,19 @@ def _default_workers() -> int:
 
 
 def _run_jobs(
-    jobs: Sequence[VolumeJob], out: Path, settings: Settings, workers: int, progress: bool
+    jobs: Sequence[VolumeJob], out: Path, settings: Settings, workers: int, progress: bool, max_voxels: int
 ) -> Iterable[JobOutcome]:
     bar = tqdm(total=len(jobs), desc="prepare", unit="vol", disable=not progress or not jobs)
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                yield prepare_volume(job, str(out), settings)
+                yield prepare_volume(job, str(out), settings, max_voxels)
                 bar.update()
             return
         # spawn, not fork: forking a process whose OpenMP/torch threads already ran can deadlock.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
             futures: list[Future[JobOutcome]] = [
-                pool.submit(prepare_volume, job, str(out), settings) for job in jobs
+                pool.submit(prepare_volume, job, str(out), settings, max_voxels) for job in jobs
             ]
             try:
                 for future in as_completed(futures):
@@ -602,12 +603,14 @@ def prepare_dataset(
     foreground_threshold: float = 0.0,
     progress: bool = True,
     strict_split: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
     """Prepare raw M3D (``source`` = the folder holding ``M3D_Cap/``) or own data (``source`` = CSV).
 
     ``split`` gives train/validation/test fractions where no split file decides (hash of the case
     id for M3D, of the image path for own data). ``workers=None`` uses every available core, 0 or 1
     runs in this process. ``strict_split`` moves leaking test items to train (module docstring).
+    ``max_voxels`` bounds each raw scan by its header, before it is read (each worker holds one).
     Returns the manifest that was written to ``out/manifest.json``.
     """
     if format not in FORMATS:
@@ -646,7 +649,8 @@ def prepare_dataset(
     header = json.dumps({"settings": settings.fingerprint()}) + "\n"
     atomic_write_text(journal_path, header + "".join(_journal_line(o, e, out) for o, e in volumes.items()))
     label_of = {job.output: job.label for job in plan.jobs}
-    outcomes = _run_jobs(todo, out, settings, _default_workers() if workers is None else workers, progress)
+    outcomes = _run_jobs(todo, out, settings, _default_workers() if workers is None else workers, progress,
+                         max_voxels)
     with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
         for outcome in outcomes:
             if outcome.entry is None:

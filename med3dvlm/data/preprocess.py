@@ -11,6 +11,7 @@ default ``select_fn``. A volume with no voxel above the threshold is kept whole.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter
@@ -23,7 +24,19 @@ import numpy as np
 from med3dvlm.data.errors import DataError
 
 SLICE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
+# The largest scan read by default: 1 Gi voxels (a 512x512x4096 CT; 4 GiB as float32). A header is
+# checked against it before anything is decompressed or allocated; a worker holds one scan at a time.
+DEFAULT_MAX_VOXELS = 1 << 30
 _NUMBER = re.compile(r"\d+")
+
+
+def check_voxels(shape: Sequence[int], max_voxels: int, source: str | os.PathLike) -> None:
+    """Refuse a scan whose header claims a ``shape`` of more than ``max_voxels`` voxels (checked
+    before anything is decompressed or allocated)."""
+    count = math.prod(int(n) for n in shape)
+    if count > max_voxels:
+        raise DataError(source, f"the header claims {'x'.join(str(int(n)) for n in shape)} = {count:,} voxels, "
+                                f"more than max_voxels={max_voxels:,} (raise max_voxels to read larger scans)")
 
 
 def spatial_size_tuple(spatial_size: Sequence[int]) -> tuple[int, int, int]:
@@ -75,12 +88,28 @@ class StackedSeries:
     dropped: tuple[str, ...]
 
 
-def stack_series(series_dir: str | os.PathLike) -> StackedSeries:
+def _slice_pixels(path: Path) -> int:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as opened:  # reads the header only
+            width, height = opened.size
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, DecompressionBombError...
+        raise DataError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})") from exc
+    return width * height
+
+
+def stack_series(series_dir: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> StackedSeries:
     """Read a folder of numbered slices into ``(D, H, W)``; slices of a minority shape are dropped.
 
-    The kept shape is the most common one; ties go to the shape of the lowest-numbered slice.
+    The kept shape is the most common one; ties go to the shape of the lowest-numbered slice. The
+    slices' sizes (from their headers) must add up to at most ``max_voxels`` before any is decoded.
     """
     paths = list_slices(series_dir)
+    total = sum(_slice_pixels(p) for p in paths)
+    if total > max_voxels:
+        raise DataError(series_dir, f"the series' {len(paths)} slices hold {total:,} voxels, more than "
+                                    f"max_voxels={max_voxels:,} (raise max_voxels to read larger series)")
     arrays = [read_slice(p) for p in paths]
     counts = Counter(a.shape for a in arrays)
     best = max(counts.values())
@@ -90,11 +119,12 @@ def stack_series(series_dir: str | os.PathLike) -> StackedSeries:
     return StackedSeries(volume=np.stack(kept), dropped=dropped)
 
 
-def load_nifti_as_dhw(path: str | os.PathLike) -> np.ndarray:
+def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
     """A 3D NIfTI reoriented to the closest canonical (RAS+) orientation, as ``(D, H, W) = (z, y, x)``.
 
     Trailing singleton dimensions (``(x, y, z, 1)``) are squeezed; a true 4D series (several
-    frames) is rejected rather than silently reduced to one frame.
+    frames) is rejected rather than silently reduced to one frame. The header's size is checked
+    against ``max_voxels`` before the data is decompressed.
     """
     import nibabel as nib
 
@@ -108,6 +138,7 @@ def load_nifti_as_dhw(path: str | os.PathLike) -> np.ndarray:
             shape = shape[:-1]
         if len(shape) != 3:
             raise DataError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
+        check_voxels(shape, max_voxels, path)
         if len(image.shape) > 3:
             image = nib.Nifti1Image(np.asanyarray(image.dataobj).reshape(shape), image.affine, image.header)
         data = np.asanyarray(nib.as_closest_canonical(image).dataobj)

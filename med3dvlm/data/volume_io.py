@@ -32,34 +32,44 @@ def volume_suffix(fmt: str) -> str:
     return f".{fmt}"
 
 
-def _read_raw(path: Path, mmap: bool) -> np.ndarray:
+def _check_stored_shape(path: Path, stored: tuple[int, ...], shape: tuple[int, int, int] | None) -> None:
+    if len(stored) != 3:
+        raise DataError(path, f"expected a 3D volume, got shape {stored}")
+    if shape is not None and stored != tuple(shape):
+        raise DataError(path, f"wrong shape {stored}, expected {tuple(shape)}")
+
+
+def _read_raw(path: Path, mmap: bool, shape: tuple[int, int, int] | None) -> np.ndarray:
+    # The shape comes from the file's header and is checked before any data is read or inflated.
     name = path.name
     if name.endswith(".npy"):
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        _check_stored_shape(path, tuple(data.shape), shape)
+        return data if mmap else np.array(data)
     if name.endswith((".nii.gz", ".nii")):
         import nibabel as nib
 
-        data = np.asanyarray(nib.load(str(path)).dataobj)
-        if data.ndim != 3:
-            raise DataError(path, f"expected a 3D volume, got shape {tuple(data.shape)}")
-        return np.ascontiguousarray(data.transpose(2, 1, 0))
+        image = nib.load(str(path))
+        _check_stored_shape(path, tuple(image.shape)[::-1], shape)
+        return np.ascontiguousarray(np.asanyarray(image.dataobj).transpose(2, 1, 0))
     raise DataError(path, "unsupported volume file type (expected .npy or .nii.gz)")
 
 
-def read_volume_raw(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Read a prepared volume as stored (no scaling), ``(D, H, W)``; npy files are memory-mapped."""
+def read_volume_raw(path: str | os.PathLike, mmap: bool = True,
+                    shape: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Read a prepared volume as stored (no scaling), ``(D, H, W)``; npy files are memory-mapped.
+
+    ``shape``: the size the volume must have, checked from the header before the data is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        data = _read_raw(path, mmap)
+        return _read_raw(path, mmap, shape)
     except DataError:
         raise
     except Exception as exc:  # nibabel/numpy raise many types for truncated or corrupt files
         raise DataError(path, f"unreadable or truncated volume ({type(exc).__name__}: {exc})") from exc
-    if data.ndim != 3:
-        raise DataError(path, f"expected a 3D volume, got shape {tuple(data.shape)}")
-    return data
 
 
 def to_float(data: np.ndarray) -> np.ndarray:
@@ -83,7 +93,7 @@ def validate_volume(
 
 def read_volume(path: str | os.PathLike, shape: tuple[int, int, int] | None = None) -> np.ndarray:
     """Read, validate and return a prepared volume as float32 ``(D, H, W)`` in ``[0, 1]``."""
-    volume = to_float(read_volume_raw(path))
+    volume = to_float(read_volume_raw(path, shape=shape))
     validate_volume(path, volume, shape)
     return volume
 
