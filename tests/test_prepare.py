@@ -20,6 +20,7 @@ from PIL import Image
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.m3d_prepare import (
     JOURNAL_FILE,
+    LOCK_FILE,
     VQA_COLUMNS,
     extract_report,
     hash_split,
@@ -99,11 +100,12 @@ def write_own_csv(
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder`` but the manifest (it names the source) and the journal."""
+    """SHA-256 of every file under ``folder`` but the manifest (it names the source), the journal and
+    the lock (it names the process)."""
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in ("manifest.json", JOURNAL_FILE)
+        if p.is_file() and p.name not in ("manifest.json", JOURNAL_FILE, LOCK_FILE)
     }
 
 
@@ -525,3 +527,102 @@ def test_a_series_whose_slices_add_up_to_too_many_voxels_is_refused_before_decod
     assert stack_series(tmp_path / "s").volume.shape == (6, 40, 50)
     with pytest.raises(DataError, match=r"s: the series. 6 slices hold 12,000 voxels, more than max_voxels=10,000"):
         stack_series(tmp_path / "s", max_voxels=10_000)
+
+
+# ----------------------------------------------------------------------------- two runs, killed runs, duplicates
+
+
+def _prepare_command(raw: Path, out: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "med3dvlm.prepare", f"source={raw}", f"out={out}", "spatial_size=[32,96,96]",
+            "format=nii.gz", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
+
+
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # an orphan's zombie may wait for a reaper that never comes in a container
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=4, slices=24)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    first = subprocess.Popen(_prepare_command(raw, out, tmp_path, "workers=1"), env=env, stderr=subprocess.PIPE)
+    _wait_for(lambda: (out / LOCK_FILE).is_file() and str(first.pid) in (out / LOCK_FILE).read_text(), "the lock")
+    os.kill(first.pid, signal.SIGSTOP)  # the first run holds the lock, mid-way
+    try:
+        listing = sorted(p.name for p in out.rglob("*"))
+        with pytest.raises(DataError, match=rf"{out}: another prepare is writing here \(pid {first.pid} on "):
+            prepare(raw, out)
+        assert sorted(p.name for p in out.rglob("*")) == listing  # nothing of the first run was touched
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=180) == 0, first.stderr.read().decode()[-2000:]
+    manifest = prepare(raw, out, spatial_size=[32, 96, 96], format="nii.gz")  # the lock went with the first run
+    assert manifest["counts"]["volumes_ok"] == 8
+
+
+def test_killing_prepare_ends_its_workers(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=12, slices=24)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    parent = subprocess.Popen(_prepare_command(raw, out, tmp_path, "workers=2"), env=env, stderr=subprocess.PIPE)
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+    workers: list[int] = []
+
+    def working() -> bool:  # two workers and the resource tracker, one volume done
+        workers[:] = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        journal = out / JOURNAL_FILE
+        return len(workers) >= 3 and journal.is_file() and journal.read_text().count("\n") >= 2
+
+    _wait_for(working, "the workers")
+    parent.kill()
+    parent.wait()
+    killed = time.monotonic()
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), "the workers to end", timeout=10)
+    assert time.monotonic() - killed < 5
+
+
+def test_one_scan_listed_twice_is_refused_and_identical_copies_share_a_split(tmp_path: Path) -> None:
+    (tmp_path / "own").mkdir()
+    (tmp_path / "csv").mkdir()
+    scan = np.random.default_rng(0).normal(100, 20, size=(12, 10, 6)).astype(np.int16)
+    nib.save(nib.Nifti1Image(scan, np.eye(4)), str(tmp_path / "own" / "g.nii.gz"))
+    spellings = write_own_csv(tmp_path / "csv" / "two.csv",
+                              [("../own/g.nii.gz", "Report A."), ("../csv/../own/g.nii.gz", "Report B.")])
+    with pytest.raises(DataError, match=r"two\.csv: line 3: '\.\./csv/\.\./own/g\.nii\.gz' is the same file as line 2"):
+        prepare(spellings, tmp_path / "o1")
+    manifest = prepare(spellings, tmp_path / "o2", on_error="skip")
+    assert manifest["counts"]["volumes_ok"] == 1 and manifest["skipped"][0]["source"] == "../csv/../own/g.nii.gz"
+
+    for i in range(12):
+        (tmp_path / "own" / f"copy{i}.nii.gz").write_bytes((tmp_path / "own" / "g.nii.gz").read_bytes())
+    copies = write_own_csv(tmp_path / "csv" / "copies.csv",
+                           [(f"../own/copy{i}.nii.gz", f"Report {i}.") for i in range(12)])
+    manifest = prepare(copies, tmp_path / "o3", split={"train": 0.5, "validation": 0.0, "test": 0.5})
+    split = json.loads((tmp_path / "o3" / "M3D_Cap.json").read_text())
+    assert sorted(len(entries) for entries in split.values()) == [0, 0, 12]  # all in one split
+    assert manifest["duplicates"] == [[f"../own/copy{i}.nii.gz" for i in range(12)]]
+    assert manifest["counts"]["duplicate_groups"] == 1
+
+
+def test_a_failed_rerun_keeps_the_manifest_of_a_complete_folder(tmp_path: Path) -> None:
+    raw = write_raw_m3d(tmp_path / "raw", cases=3)
+    out = tmp_path / "out"
+    prepare(raw, out)
+    before = (out / "manifest.json").read_text()
+    new_series = raw / "M3D_Cap/ct_case/000001/Sagittal_new"
+    write_series(new_series, 5)
+    (new_series / "2.jpeg").write_bytes((new_series / "2.jpeg").read_bytes()[:40])  # truncated
+    with pytest.raises(DataError, match=r"2\.jpeg: unreadable or truncated image"):
+        prepare(raw, out)
+    assert (out / "manifest.json").read_text() == before

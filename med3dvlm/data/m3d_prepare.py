@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import socket
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +55,7 @@ from med3dvlm.data.volume_io import FORMATS, read_volume_raw, to_float, volume_s
 from med3dvlm.metrics.leakage import case_id
 from med3dvlm.metrics.leakage import strict_split as move_leaking_test_items
 from med3dvlm.utils.atomic import atomic_write_text
+from med3dvlm.utils.fingerprint import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,7 @@ SPLIT_FILE = "M3D_Cap.json"
 MANIFEST_FILE = "manifest.json"
 SKIPPED_FILE = "skipped.txt"
 JOURNAL_FILE = ".prepare-journal.jsonl"
+LOCK_FILE = ".prepare.lock"
 VQA_COLUMNS: tuple[str, ...] = (
     "Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
     "Choice D", "Answer", "Answer Choice",
@@ -196,14 +202,6 @@ class JobOutcome:
     error_problem: str | None = None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def source_fingerprint(source: str | Path) -> str:
     """Names, sizes and mtimes of a raw input (every file of a series folder, or the one NIfTI file).
 
@@ -272,6 +270,15 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core already uses every core
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # A killed parent leaves its pool's workers running their current volume (tens of seconds at
+    # full size); an orphan is re-parented, so a changed parent id means: stop now.
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -288,6 +295,7 @@ class Plan:
     skipped: list[dict[str, str]]
     series_keys: dict[str, str]  # "ct_case/<id>/<series>" -> output (M3D only, for the VQA CSVs)
     split_source: str
+    duplicates: list[list[str]] = field(default_factory=list)  # sources with identical bytes
 
 
 class _ErrorPolicy:
@@ -382,17 +390,18 @@ def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _
     if not rows:
         raise DataError(csv_path, "no rows")
     plan = Plan([], {}, {}, {}, policy.skipped, {}, "hash")
-    first_row: dict[str, int] = {}
+    first_row: dict[Path, int] = {}
     images = [(row.get("image") or "").strip() for row in rows]
     for number, (row, image, stem) in enumerate(zip(rows, images, _own_stems(images)), start=2):
         where = f"{csv_path} line {number}"
         try:
             if not image:
                 raise DataError(csv_path, f"line {number}: empty 'image'")
-            if image in first_row:
-                raise DataError(csv_path, f"line {number}: {image!r} repeats line {first_row[image]}")
-            first_row[image] = number
-            path = Path(image) if Path(image).is_absolute() else csv_path.parent / image
+            # Relative to the CSV's folder; absolute paths and paths outside that folder are fine.
+            path = (Path(image) if Path(image).is_absolute() else csv_path.parent / image).resolve()
+            if path in first_row:
+                raise DataError(csv_path, f"line {number}: {image!r} is the same file as line {first_row[path]}")
+            first_row[path] = number
             if not re.search(r"\.nii(\.gz)?$", path.name, re.IGNORECASE):
                 raise DataError(path, f"unsupported file type (expected .nii or .nii.gz; listed on {where})")
             if not path.is_file():
@@ -403,11 +412,33 @@ def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _
             continue
         output = f"{OWN_DIR}/{stem}{volume_suffix(fmt)}"
         text_rel = f"{OWN_DIR}/{stem}.txt"
-        plan.jobs.append(VolumeJob(str(path.resolve()), image, "nifti", output))
-        plan.split_of[output] = hash_split(image, fractions)
+        plan.jobs.append(VolumeJob(str(path), image, "nifti", output))
         plan.text_of[output] = text_rel
         plan.texts[text_rel] = report
+    plan.duplicates = identical_files(plan.jobs)
+    group_of = {label: group[0] for group in plan.duplicates for label in group}
+    for job in plan.jobs:
+        # Copies of one scan share the split of the first copy listed: never train and test.
+        plan.split_of[job.output] = hash_split(group_of.get(job.label, job.label), fractions)
+    for group in plan.duplicates:
+        log.warning("identical files (kept in one split): %s", ", ".join(group))
     return plan
+
+
+def identical_files(jobs: Sequence[VolumeJob]) -> list[list[str]]:
+    """Groups (in listing order) of the jobs' sources with identical bytes; only files of equal size
+    are hashed."""
+    by_size: dict[int, list[VolumeJob]] = {}
+    for job in jobs:
+        by_size.setdefault(Path(job.source).stat().st_size, []).append(job)
+    by_digest: dict[str, list[str]] = {}
+    for same_size in by_size.values():
+        if len(same_size) > 1:
+            for job in same_size:
+                by_digest.setdefault(file_sha256(job.source), []).append(job.label)
+    order = {job.label: i for i, job in enumerate(jobs)}
+    groups = [sorted(labels, key=order.__getitem__) for labels in by_digest.values() if len(labels) > 1]
+    return sorted(groups, key=lambda group: order[group[0]])
 
 
 # ----------------------------------------------------------------------------- resume state
@@ -422,13 +453,17 @@ def _journal_line(output: str, entry: Mapping[str, Any], out: Path) -> str:
     return json.dumps({"output": output, "entry": entry, "stat": _file_stat(out / output)}) + "\n"
 
 
-def _load_previous(out: Path, settings: Settings) -> dict[str, tuple[dict[str, Any], list[int] | None]]:
-    """``output -> (entry, file stat)`` of earlier runs with the same settings (manifest, then journal)."""
+def _load_previous(out: Path, settings: Settings,
+                   ) -> tuple[dict[str, tuple[dict[str, Any], list[int] | None]], set[str]]:
+    """``output -> (entry, file stat)`` of earlier runs with the same settings (manifest, then
+    journal), and the outputs the existing manifest lists whatever its settings."""
     previous: dict[str, tuple[dict[str, Any], list[int] | None]] = {}
+    listed: set[str] = set()
     manifest_path = out / MANIFEST_FILE
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            listed = set(manifest.get("volumes", {}))
             if manifest.get("settings") == settings.fingerprint():
                 previous.update((k, (v, None)) for k, v in manifest.get("volumes", {}).items())
         except (OSError, json.JSONDecodeError):
@@ -442,7 +477,7 @@ def _load_previous(out: Path, settings: Settings) -> dict[str, tuple[dict[str, A
                 record = _parse_json_line(line)
                 if record and {"output", "entry", "stat"} <= set(record):
                     previous[record["output"]] = (record["entry"], record["stat"])
-    return previous
+    return previous, listed
 
 
 def _parse_json_line(line: str) -> dict[str, Any] | None:
@@ -468,6 +503,26 @@ def _still_valid(out: Path, job: VolumeJob, record: tuple[Mapping[str, Any], lis
     except OSError:
         return False  # the raw input is gone or unreadable: preparing it reports the real error
     return stat == _file_stat(path) or file_sha256(path) == entry.get("sha256")
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock for this run: a second prepare into the folder fails at once, naming the
+    first (the lock ends with its process, however it ends)."""
+    with open(out / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = _parse_json_line(handle.read()) or {}
+            raise DataError(out, f"another prepare is writing here (pid {holder.get('pid', '?')} on "
+                                 f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
+                                 "to finish or stop it") from None
+        handle.truncate(0)
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.flush()
+        yield
 
 
 def _remove_temporaries(out: Path) -> None:
@@ -591,6 +646,72 @@ def _run_jobs(
         bar.close()
 
 
+def _prepare_volumes(plan: Plan, out: Path, settings: Settings, policy: _ErrorPolicy, workers: int,
+                     progress: bool, max_voxels: int) -> dict[str, dict[str, Any]]:
+    """Reuse the volumes an earlier run prepared and still valid, prepare the rest (journalled);
+    returns ``output -> manifest entry`` of every prepared volume, sorted."""
+    previous, listed = _load_previous(out, settings)
+    volumes: dict[str, dict[str, Any]] = {}
+    todo = []
+    for job in plan.jobs:
+        if _still_valid(out, job, previous.get(job.output)):
+            volumes[job.output] = previous[job.output][0]
+        else:
+            todo.append(job)
+    if volumes:
+        log.info("resuming: %d of %d volumes already prepared", len(volumes), len(plan.jobs))
+    if any(job.output in listed for job in todo):
+        # This run replaces a volume the existing manifest describes: until it finishes, the folder
+        # must not look like a complete prepared dataset. (Only adding volumes keeps it valid.)
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+    journal_path = out / JOURNAL_FILE
+    header = json.dumps({"settings": settings.fingerprint()}) + "\n"
+    atomic_write_text(journal_path, header + "".join(_journal_line(o, e, out) for o, e in volumes.items()))
+    label_of = {job.output: job.label for job in plan.jobs}
+    outcomes = _run_jobs(todo, out, settings, workers, progress, max_voxels)
+    with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
+        for outcome in outcomes:
+            if outcome.entry is None:
+                policy.handle(label_of[outcome.output], DataError(outcome.error_path, outcome.error_problem))
+                continue
+            volumes[outcome.output] = outcome.entry
+            journal.write(_journal_line(outcome.output, outcome.entry, out))
+            journal.flush()
+    return dict(sorted(volumes.items()))
+
+
+def _split_lists(plan: Plan, volumes: Mapping[str, Any], strict_split: bool, case_of: Callable[[str], str],
+                 ) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any] | None]:
+    """The ``M3D_Cap.json`` lists of the prepared volumes and, with ``strict_split``, what moved."""
+    split_lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    for output in volumes:
+        split_lists[plan.split_of[output]].append({"image": output, "text": plan.text_of[output]})
+    if not strict_split:
+        return split_lists, None
+    split_lists, report = move_leaking_test_items(
+        split_lists, image_of=lambda entry: entry["image"], text_of=lambda entry: plan.texts[entry["text"]],
+        case_of=case_of,
+    )
+    return split_lists, {"captions": report.to_dict()}
+
+
+def _counts(volumes: Mapping[str, Mapping[str, Any]], skipped: Sequence[Any], duplicates: Sequence[Any],
+            split_lists: Mapping[str, Sequence[Any]], vqa: Mapping[str, Mapping[str, Any]],
+            moved: Mapping[str, Any] | None) -> dict[str, int]:
+    return {
+        "volumes_ok": len(volumes),
+        "skipped": len(skipped),
+        "duplicate_groups": len(duplicates),
+        "slices_dropped": sum(len(v.get("dropped_slices", ())) for v in volumes.values()),
+        **{f"split_{name}": len(entries) for name, entries in split_lists.items()},
+        "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
+        "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
+        **({"strict_split_moved": len(moved["captions"]["leaking"]),
+            "strict_split_vqa_rows_moved": sum(v.get("moved_to_train", 0) for v in vqa.values())}
+           if moved else {}),
+    }
+
+
 def prepare_dataset(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -628,83 +749,35 @@ def prepare_dataset(
     plan = (plan_own if is_csv else plan_m3d)(source_path, format, fractions, policy)
 
     out.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(out)
-    for text_rel, text in plan.texts.items():
-        _write_text_if_changed(out / text_rel, text)
-
-    previous = _load_previous(out, settings)
-    # Until this run finishes, the folder must not look like a complete prepared dataset.
-    (out / MANIFEST_FILE).unlink(missing_ok=True)
-    volumes: dict[str, dict[str, Any]] = {}
-    todo = []
-    for job in plan.jobs:
-        if _still_valid(out, job, previous.get(job.output)):
-            volumes[job.output] = previous[job.output][0]
-        else:
-            todo.append(job)
-    if volumes:
-        log.info("resuming: %d of %d volumes already prepared", len(volumes), len(plan.jobs))
-
-    journal_path = out / JOURNAL_FILE
-    header = json.dumps({"settings": settings.fingerprint()}) + "\n"
-    atomic_write_text(journal_path, header + "".join(_journal_line(o, e, out) for o, e in volumes.items()))
-    label_of = {job.output: job.label for job in plan.jobs}
-    outcomes = _run_jobs(todo, out, settings, _default_workers() if workers is None else workers, progress,
-                         max_voxels)
-    with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
-        for outcome in outcomes:
-            if outcome.entry is None:
-                policy.handle(label_of[outcome.output], DataError(outcome.error_path, outcome.error_problem))
-                continue
-            volumes[outcome.output] = outcome.entry
-            journal.write(_journal_line(outcome.output, outcome.entry, out))
-            journal.flush()
-
-    volumes = dict(sorted(volumes.items()))
-    split_lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
-    for output in volumes:
-        split_lists[plan.split_of[output]].append({"image": output, "text": plan.text_of[output]})
-    moved = None
-    if strict_split:
-        # Own volumes have no case folder: each is its own case.
-        split_lists, report = move_leaking_test_items(
-            split_lists, image_of=lambda entry: entry["image"], text_of=lambda entry: plan.texts[entry["text"]],
-            case_of=str if is_csv else case_id,
-        )
-        moved = {"captions": report.to_dict()}
-    _write_json(out / SPLIT_FILE, split_lists)
-
-    vqa = {}
-    if not is_csv:
-        prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
-        train_cases = {case_id(entry["image"]) for entry in split_lists["train"]} if strict_split else None
-        vqa = rewrite_vqa_csvs(source_path, out, prepared, train_cases)
-
-    skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
-    atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
-    manifest = {
-        "format": format,
-        "npy_dtype": npy_dtype,
-        "spatial_size": list(settings.spatial_size),
-        "source": str(source_path.resolve()),
-        "settings": settings.fingerprint(),
-        "split_source": plan.split_source,
-        "volumes": volumes,
-        "skipped": skipped,
-        "vqa": vqa,
-        "strict_split": moved,
-        "counts": {
-            "volumes_ok": len(volumes),
-            "skipped": len(skipped),
-            "slices_dropped": sum(len(v.get("dropped_slices", ())) for v in volumes.values()),
-            **{f"split_{name}": len(entries) for name, entries in split_lists.items()},
-            "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
-            "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
-            **({"strict_split_moved": len(moved["captions"]["leaking"]),
-                "strict_split_vqa_rows_moved": sum(v.get("moved_to_train", 0) for v in vqa.values())}
-               if moved else {}),
-        },
-    }
-    _write_json(out / MANIFEST_FILE, manifest)
+    with _exclusive(out):
+        _remove_temporaries(out)
+        for text_rel, text in plan.texts.items():
+            _write_text_if_changed(out / text_rel, text)
+        volumes = _prepare_volumes(plan, out, settings, policy, _default_workers() if workers is None else workers,
+                                   progress, max_voxels)
+        split_lists, moved = _split_lists(plan, volumes, strict_split, case_of=str if is_csv else case_id)
+        _write_json(out / SPLIT_FILE, split_lists)
+        vqa = {}
+        if not is_csv:
+            prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
+            train_cases = {case_id(entry["image"]) for entry in split_lists["train"]} if strict_split else None
+            vqa = rewrite_vqa_csvs(source_path, out, prepared, train_cases)
+        skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
+        atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
+        manifest = {
+            "format": format,
+            "npy_dtype": npy_dtype,
+            "spatial_size": list(settings.spatial_size),
+            "source": str(source_path.resolve()),
+            "settings": settings.fingerprint(),
+            "split_source": plan.split_source,
+            "volumes": volumes,
+            "skipped": skipped,
+            "duplicates": plan.duplicates,
+            "vqa": vqa,
+            "strict_split": moved,
+            "counts": _counts(volumes, skipped, plan.duplicates, split_lists, vqa, moved),
+        }
+        _write_json(out / MANIFEST_FILE, manifest)
     log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))
     return manifest
