@@ -1,43 +1,71 @@
-"""Crash-safe training checkpoints: atomic writes, a load check, and "last" = the newest good one.
+"""Crash-safe training checkpoints: atomic writes, checksums, a load check, and "last" = the newest
+good one.
 
 A checkpoint is a file (``torch.save`` zip) or a directory (a sharded FSDP checkpoint: torch
-distributed-checkpoint shards, their ``.metadata`` and Lightning's ``meta.pt``). ``resolve_checkpoint``
+distributed-checkpoint shards, their ``.metadata`` and Lightning's ``meta.pt``). Each is written with
+the SHA-256 of its bytes (``<file>.sha256`` beside a file, ``checksums.json`` inside a folder),
+written after the checkpoint itself, so a checkpoint without one is either older than this or was
+killed between the two writes (it is then accepted on the other checks). ``resolve_checkpoint``
 turns ``ckpt_path=last`` into the newest checkpoint of a folder that passes :func:`check_checkpoint`;
 rejected ones are reported in the log, never loaded.
+
+Step checkpoints (:class:`StepCheckpoint`) are never taken just before a validation: a run resumed
+from one would skip that validation. Together with the RNG state and the data position stored in
+every checkpoint, a resumed run is the uninterrupted run whatever the kill point.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from med3dvlm.shard_reader import RefusedCheckpointData, read_metadata
-from med3dvlm.utils.atomic import atomic_path
+from med3dvlm.utils.atomic import atomic_path, atomic_write_text
+from med3dvlm.utils.fingerprint import file_sha256, folder_fingerprint, verify_fingerprint
 
 log = logging.getLogger(__name__)
 
 
+CHECKSUM_SUFFIX = ".sha256"
+SHARD_CHECKSUMS = "checksums.json"
+
+
+def checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file beside the target, fsync, rename, fsync the folder: a
-    process killed mid-write leaves the previous checkpoint and at most a ``.tmp-*`` leftover."""
+    """``torch.save`` into a temporary file beside the target, fsync, rename, fsync the folder, then
+    its SHA-256 beside it: a process killed mid-write leaves the previous checkpoint and at most a
+    ``.tmp-*`` leftover."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            digest = file_sha256(tmp)
         _fsync_dir(path.parent)
+        atomic_write_text(checksum_file(path), f"{digest}  {path.name}\n")
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        super().remove_checkpoint(path)
+        checksum_file(Path(path)).unlink(missing_ok=True)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -65,13 +93,14 @@ class CheckpointInfo:
     mtime: float
 
 
-def check_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
+def check_checkpoint(path: str | os.PathLike, verify_checksum: bool = True) -> CheckpointInfo:
     """Load-check one checkpoint and return its training step; raises :class:`CorruptCheckpoint`.
 
     A file is opened with ``torch.load(mmap=True, weights_only=True)``: a truncated zip fails at its
     central directory without reading the tensors. A directory needs Lightning's ``meta.pt``
     (written last), a readable ``.metadata`` and every shard file at least as long as the byte
-    ranges the metadata lists.
+    ranges the metadata lists. ``verify_checksum`` then compares the bytes with the recorded SHA-256
+    (a damaged byte anywhere), when one was recorded.
     """
     path = Path(path)
     if path.is_dir():
@@ -83,7 +112,29 @@ def check_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         raise CorruptCheckpoint(f"{path}: no such checkpoint")
     if not isinstance(meta, dict) or "global_step" not in meta:
         raise CorruptCheckpoint(f"{path}: not a Lightning checkpoint (no global_step)")
+    if verify_checksum:
+        _verify_checksum(path)
     return CheckpointInfo(path, int(meta["global_step"]), path.stat().st_mtime)
+
+
+def _verify_checksum(path: Path) -> None:
+    try:
+        if path.is_dir():
+            record = path / SHARD_CHECKSUMS
+            if record.is_file():
+                verify_fingerprint(path, json.loads(record.read_text(encoding="utf-8")), record)
+        elif checksum_file(path).is_file():
+            recorded = checksum_file(path).read_text(encoding="utf-8").split()[0]
+            if file_sha256(path) != recorded:
+                raise ValueError(f"{path}: sha256 differs from the one recorded in {checksum_file(path).name}")
+    except (OSError, ValueError, IndexError) as error:  # json.JSONDecodeError is a ValueError
+        raise CorruptCheckpoint(f"{path}: checksum check failed ({error})") from error
+
+
+def write_shard_checksums(folder: str | os.PathLike) -> None:
+    """Record the SHA-256 of every file of a finished shard folder (after ``meta.pt``)."""
+    folder = Path(folder)
+    atomic_write_text(folder / SHARD_CHECKSUMS, json.dumps(folder_fingerprint(folder, skip={SHARD_CHECKSUMS})))
 
 
 def _load(file: Path, checkpoint: Path) -> Any:
@@ -128,16 +179,23 @@ def _looks_sharded(folder: Path) -> bool:
 
 def latest_valid_checkpoint(folder: str | os.PathLike) -> Path | None:
     """The good checkpoint of ``folder`` with the most training steps (newest file on a tie);
-    every rejected one is logged as a warning with its problem. ``None`` if there is none."""
+    every rejected one is logged as a warning with its problem. ``None`` if there is none.
+
+    Every candidate gets the cheap checks; checksums are computed newest first, until one holds."""
     good: list[CheckpointInfo] = []
     for path in candidates(folder):
         try:
-            good.append(check_checkpoint(path))
+            good.append(check_checkpoint(path, verify_checksum=False))
         except CorruptCheckpoint as error:
             log.warning("skipping a damaged checkpoint: %s", error)
-    if not good:
-        return None
-    return max(good, key=lambda info: (info.global_step, info.mtime)).path
+    for info in sorted(good, key=lambda info: (info.global_step, info.mtime), reverse=True):
+        try:
+            _verify_checksum(info.path)
+        except CorruptCheckpoint as error:
+            log.warning("skipping a damaged checkpoint: %s", error)
+            continue
+        return info.path
+    return None
 
 
 def resolve_checkpoint(ckpt_path: str | os.PathLike | None, folder: str | os.PathLike) -> str | None:
@@ -158,3 +216,23 @@ def resolve_checkpoint(ckpt_path: str | os.PathLike | None, folder: str | os.Pat
     except CorruptCheckpoint as error:
         raise CorruptCheckpoint(f"ckpt_path: {error}") from error
     return str(ckpt_path)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` every ``every_n_train_steps`` optimizer steps, never just before a validation.
+
+    Lightning saves the step checkpoint of a step that is followed by a validation before that
+    validation runs; a run resumed from it skips the validation (its metrics never appear, the best
+    checkpoint may differ). Lightning itself defers the save to the validation's end at the last
+    batch of an epoch only; this does it at every step that validates.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if due and not self._should_skip_saving_checkpoint(trainer):
+            epoch_loop = trainer.fit_loop.epoch_loop
+            if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+                self._defer_save_until_validation = True  # ModelCheckpoint saves it at on_validation_end
+                return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

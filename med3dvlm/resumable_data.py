@@ -111,8 +111,12 @@ def resumable(loader: DataLoader, seed: int) -> DataLoader:
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
     sampler = EpochRandomSampler(loader.dataset, seed) if shuffle else EpochSequentialSampler(loader.dataset)
+    # Its own generator: creating the iterator each epoch draws a worker base seed, which would
+    # otherwise come from the global RNG and shift every random draw after an epoch boundary in an
+    # uninterrupted run but not in one resumed there.
     return ResumableDataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        generator=torch.Generator().manual_seed(seed),
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,
         persistent_workers=loader.persistent_workers, multiprocessing_context=loader.multiprocessing_context,

@@ -43,6 +43,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from med3dvlm.checkpointing import write_shard_checksums
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.vit3d import ViT3D
 from med3dvlm.models.vlm import VisionLanguageModel
@@ -115,6 +116,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_optimizer_state_dict(self.model, optimizer, options=options)
         return positional_optimizer_state(state) if self.global_rank == 0 else {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any | None = None) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(filepath))
+        # The shards are complete once the collective save returns; the checksums go last, so a folder
+        # rewritten in place and killed midway fails its check against the previous ones.
+        if self._save_distributed_checkpoint and self.global_rank == 0:
+            write_shard_checksums(path)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """A shard folder or one file, read as data (``med3dvlm.shard_reader``, ``weights_only=True``

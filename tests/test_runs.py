@@ -24,6 +24,7 @@ from med3dvlm.checkpointing import (
     CorruptCheckpoint,
     check_checkpoint,
     latest_valid_checkpoint,
+    write_shard_checksums,
 )
 from med3dvlm.config import CONFIG_DIR
 from med3dvlm.resumable_data import ResumableDataLoader, resumable
@@ -85,7 +86,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     assert f"skipping a damaged checkpoint: {damaged}: unreadable" in log
     assert f"resuming from {checkpoints / 'step000006.ckpt'}" in log
 
-    # last.ckpt follows the best checkpoint; the step checkpoints are the latest state
+    # last.ckpt is the state at the last validation, like the last step checkpoint here
+    assert torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 15
     final = {name: torch.load(run / "checkpoints" / "step000015.ckpt", weights_only=True) for name, run in
              (("straight", straight), ("resumed", crashed))}
     assert final["straight"]["global_step"] == final["resumed"]["global_step"] == 15
@@ -121,15 +123,42 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         check_checkpoint(newest)
 
 
+def test_a_checkpoint_with_damaged_bytes_fails_its_checksum(tmp_path, caplog):
+    io = AtomicCheckpointIO()
+    for step in (10, 20):
+        io.save_checkpoint(_checkpoint(step), tmp_path / f"step{step:06d}.ckpt")
+    newest = tmp_path / "step000020.ckpt"
+    assert (tmp_path / "step000020.ckpt.sha256").read_text().split()[1] == "step000020.ckpt"
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(4096)  # 4 KB of tensor data overwritten: the zip still parses
+    newest.write_bytes(bytes(data))
+    assert torch.load(newest, weights_only=True)["global_step"] == 20
+    with pytest.raises(CorruptCheckpoint, match=r"step000020.ckpt: checksum check failed"):
+        check_checkpoint(newest)
+    with caplog.at_level(logging.WARNING, logger="med3dvlm.checkpointing"):
+        assert latest_valid_checkpoint(tmp_path) == tmp_path / "step000010.ckpt"
+    assert "step000020.ckpt: checksum check failed" in caplog.text
+    io.remove_checkpoint(newest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step000010.ckpt", "step000010.ckpt.sha256"]
+
+
 def test_sharded_checkpoint_folders_are_checked_too(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     folder = tmp_path / "last.ckpt"  # Lightning names shard folders like files
     dcp.save({"state_dict": {"w": torch.arange(4096.0)}}, checkpoint_id=str(folder))
     torch.save({"global_step": 7, "epoch": 0}, folder / "meta.pt")
+    write_shard_checksums(folder)
     assert check_checkpoint(folder).global_step == 7
     assert latest_valid_checkpoint(tmp_path) == folder
     (shard,) = folder.glob("*.distcp")
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-8] + bytes(8))  # same length, damaged bytes
+    with pytest.raises(CorruptCheckpoint, match=r"__0_0.distcp: sha256 .* differs"):
+        check_checkpoint(folder)
+    shard.write_bytes(intact)
+    (folder / "checksums.json").unlink()
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CorruptCheckpoint, match="truncated"):
         check_checkpoint(folder)
@@ -145,7 +174,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 -- a lambda cannot be pickled: the write fails midway
         AtomicCheckpointIO().save_checkpoint({"global_step": 2, "bad": lambda: 0}, path)
     assert check_checkpoint(path).global_step == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
 
 
 def test_resumable_loader_skips_served_batches_of_the_same_epoch_only():
@@ -293,3 +322,49 @@ def test_optuna_sweeper_optimises_what_train_returns(data, tmp_path):
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     values = [json.loads((sweep / job / "final_metrics.json").read_text())["value"] for job in ("0", "1")]
     assert result["best_value"] == pytest.approx(max(values))
+
+
+# 10 steps an epoch (batch 2), validation after step 5 and at the epoch end, a step checkpoint every 5.
+EXACT = ["trainer.max_epochs=2", "checkpoint_every_n_steps=5", "data.batch_size=2", "trainer.val_check_interval=0.5"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train_cli(data, run.parent, *EXACT, f"hydra.run.dir={run}")
+    return run
+
+
+@pytest.mark.parametrize(("kill", "resumed_step"), [
+    # At the start of the mid-epoch validation: the step-5 checkpoint is not written before it.
+    (("KillAtValidationStart", 5), None),
+    # Right after the step-5 checkpoint, written at the end of that validation.
+    (("KillAtStep", 5), 5),
+    # Right after the checkpoints that end epoch 0 (at its validation's end: best, last, step 10).
+    (("KillAtStep", 10), 10),
+])
+def test_a_kill_after_any_checkpoint_resumes_to_the_uninterrupted_run(data, uninterrupted, tmp_path, kill,
+                                                                    resumed_step):
+    callback, step = kill
+    crashed = tmp_path / "crashed"
+    killed = train_cli(data, tmp_path, *EXACT, f"hydra.run.dir={crashed}",
+                       f"+callbacks.kill._target_=helpers_runs.{callback}", f"+callbacks.kill.step={step}", check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = train_cli(data, tmp_path, *EXACT, f"resume={crashed}")
+    log = resumed.stdout + resumed.stderr
+    if resumed_step is None:
+        assert "no usable checkpoint" in log
+    else:
+        chosen = log.split("resuming from ")[1].split()[0]
+        assert torch.load(chosen, weights_only=True)["global_step"] == resumed_step
+    want = torch.load(uninterrupted / "checkpoints" / "step000020.ckpt", weights_only=True)["state_dict"]
+    got = torch.load(crashed / "checkpoints" / "step000020.ckpt", weights_only=True)["state_dict"]
+    assert want.keys() == got.keys()
+    worst = max((want[k].float() - got[k].float()).abs().max().item() for k in want)
+    assert worst <= 1e-5, f"weights differ by {worst} (BatchNorm statistics included)"
+    expected, actual = curves(uninterrupted), curves(crashed)
+    assert actual.keys() == expected.keys(), sorted(set(expected) ^ set(actual))[:6]
+    relative = max(abs(actual[k] - v) / max(abs(v), 1e-6) for k, v in expected.items())
+    assert relative <= 1e-4, f"logged metrics differ (max relative {relative})"
+    for name in ("last.ckpt", "step000020.ckpt"):
+        assert torch.load(crashed / "checkpoints" / name, weights_only=True)["global_step"] == 20

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import lightning as L
+import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -160,6 +161,9 @@ class M3DDataModule(L.LightningDataModule):
             collate_fn=self.collate(padding_side),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            # Each iterator draws a worker base seed: from its own generator (seeded by the run's seed),
+            # not the global RNG, so a validation does not shift the random draws of the training after it.
+            generator=torch.Generator().manual_seed(torch.initial_seed()),
         )
 
     def train_dataloader(self) -> DataLoader:
