@@ -11,6 +11,11 @@ PROJECT_ROOT: Path = Path(os.environ.get("MED3DVLM_ROOT", Path(__file__).resolve
 CONFIG_DIR: Path = PROJECT_ROOT / "configs"
 
 
+def _hydra_subdir(resume: str | None, time: str) -> str:
+    # A resumed run keeps its original .hydra/ (config, overrides) and records its own beside it.
+    return ".hydra" if resume is None else f".hydra/resume-{time}"
+
+
 def _register_resolvers() -> None:
     # `${project_root:}` lets configs place data/ and outputs/ at the checkout root whatever the cwd.
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -18,6 +23,7 @@ def _register_resolvers() -> None:
     OmegaConf.register_new_resolver(
         "wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True
     )
+    OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
 
 
 _register_resolvers()

@@ -4,17 +4,28 @@ Lightning restores its loop counters from a checkpoint but restarts a plain Data
 start of the epoch (repeating seen batches, never reaching the rest). Here the order is a function
 of ``(seed, epoch)`` only, and the loader's ``state_dict`` (which Lightning stores in every
 checkpoint for loaders that have one) records how many batches of which epoch were handed out;
-a restored loader skips those batches' indices without loading them.
+a restored loader skips those batches' indices without loading them. Each sample's random draws
+(augmentation) come from a generator seeded by ``(seed, epoch, index)`` (:class:`SeededSamples`),
+so a resumed epoch augments exactly as the uninterrupted one did, with any number of workers.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+)
 
 
 class EpochRandomSampler(RandomSampler):
@@ -46,6 +57,31 @@ class EpochSequentialSampler(SequentialSampler):
         self.epoch = epoch
 
 
+class SeededSamples(Dataset):
+    """``dataset`` read by ``(epoch, index)`` keys: a part that can take its own generator
+    (``sample(index, rng)``, the M3D datasets) draws its augmentation from one seeded by
+    ``(seed, epoch, index)``, so the draws are the same in a resumed run as in the uninterrupted
+    one, whichever worker loads the sample. Other parts are read as usual."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        part, local = self.dataset, index
+        while isinstance(part, ConcatDataset):
+            which = bisect.bisect_right(part.cumulative_sizes, local)
+            local -= part.cumulative_sizes[which - 1] if which else 0
+            part = part.datasets[which]
+        if hasattr(part, "sample"):
+            return part.sample(local, np.random.default_rng([self.seed, epoch, index]))
+        return part[local]
+
+
 class _SkipFirst:
     """The loader's batch sampler without the batches a restored loader already served."""
 
@@ -59,9 +95,10 @@ class _SkipFirst:
     def __iter__(self) -> Iterator[Any]:
         # A generator: runs at the first next(), after Lightning has set the sampler's epoch.
         skip = self.loader._start_epoch()
+        epoch = self.loader._epoch()
         for index, batch in enumerate(self.batches):
             if index >= skip:
-                yield batch
+                yield [(epoch, i) for i in batch]
 
 
 class ResumableDataLoader(DataLoader):
@@ -110,12 +147,13 @@ def resumable(loader: DataLoader, seed: int) -> DataLoader:
             or type(loader.batch_sampler) is not BatchSampler):
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
-    sampler = EpochRandomSampler(loader.dataset, seed) if shuffle else EpochSequentialSampler(loader.dataset)
+    dataset = SeededSamples(loader.dataset, seed)
+    sampler = EpochRandomSampler(dataset, seed) if shuffle else EpochSequentialSampler(dataset)
     # Its own generator: creating the iterator each epoch draws a worker base seed, which would
     # otherwise come from the global RNG and shift every random draw after an epoch boundary in an
     # uninterrupted run but not in one resumed there.
     return ResumableDataLoader(
-        loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
         generator=torch.Generator().manual_seed(seed),
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,

@@ -18,6 +18,7 @@ from med3dvlm.checkpointing import AtomicCheckpointIO, resolve_checkpoint
 from med3dvlm.metrics.retrieval import format_table
 from med3dvlm.multirun import job_scope
 from med3dvlm.resumable_data import make_training_data_resumable
+from med3dvlm.resume_guard import check_resume_config
 from med3dvlm.run_summary import finish_wandb_runs, write_summary
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
+    check_resume_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = instantiate(cfg.stage.module)

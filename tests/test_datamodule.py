@@ -196,3 +196,26 @@ def test_ddp_two_processes_get_disjoint_shards(prepared, tokenizer, tmp_path):
     assert len(seen[0]) == len(seen[1]) == 8
     assert not set(seen[0]) & set(seen[1])
     assert len(set(seen[0]) | set(seen[1])) == 16
+
+
+def test_a_resumed_epoch_augments_as_the_uninterrupted_one_with_any_number_of_workers(prepared, tokenizer):
+    from med3dvlm.resumable_data import resumable
+
+    def loader(workers: int):
+        built = resumable(datamodule(prepared, tokenizer, batch_size=2, num_workers=workers).train_dataloader(), seed=3)
+        built.sampler.set_epoch(1)
+        return built
+
+    whole = [(b["sample_id"], b["image"], b["question"]) for b in loader(2)]
+    assert len(whole) >= 4 and not all(torch.equal(whole[0][1], b[1]) for b in whole[1:])
+    resumed = loader(2)
+    resumed.load_state_dict({"epoch": 1, "served": 2})  # killed after two batches of epoch 1
+    rest = [(b["sample_id"], b["image"], b["question"]) for b in resumed]
+    one_process = [(b["sample_id"], b["image"], b["question"]) for b in loader(0)]
+    for want, got in zip(whole[2:], rest, strict=True):
+        assert want[0] == got[0] and want[2] == got[2] and torch.equal(want[1], got[1])
+    for want, got in zip(whole, one_process, strict=True):
+        assert want[0] == got[0] and torch.equal(want[1], got[1])
+    again = loader(2)
+    again.sampler.set_epoch(2)
+    assert not torch.equal(next(iter(again))["image"], whole[0][1])  # another epoch: other draws

@@ -368,3 +368,25 @@ def test_a_kill_after_any_checkpoint_resumes_to_the_uninterrupted_run(data, unin
     assert relative <= 1e-4, f"logged metrics differ (max relative {relative})"
     for name in ("last.ckpt", "step000020.ckpt"):
         assert torch.load(crashed / "checkpoints" / name, weights_only=True)["global_step"] == 20
+
+
+def test_resume_keeps_the_original_config_and_refuses_changed_training_settings(data, tmp_path):
+    common = ["trainer.max_epochs=2", "checkpoint_every_n_steps=3"]
+    run = tmp_path / "run"
+    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={run}",
+                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=4", check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    recorded = {name: (run / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
+
+    changed = train_cli(data, tmp_path, *common, "optimizer.lr=0.002", "data.batch_size=2", f"resume={run}",
+                        check=False)
+    assert changed.returncode != 0
+    assert "optimizer.lr: 0.001 -> 0.002" in changed.stderr and "data.batch_size: 4 -> 2" in changed.stderr
+    assert "resume_override=true" in changed.stderr
+    assert {name: (run / ".hydra" / name).read_bytes() for name in recorded} == recorded
+
+    train_cli(data, tmp_path, *common, "optimizer.lr=0.002", "resume_override=true", f"resume={run}")
+    assert {name: (run / ".hydra" / name).read_bytes() for name in recorded} == recorded
+    resumes = sorted((run / ".hydra").glob("resume-*/overrides.yaml"))
+    assert len(resumes) == 2  # the refused attempt and the accepted one, each beside the original
+    assert "optimizer.lr=0.002" in resumes[-1].read_text() and "resume_override=true" in resumes[-1].read_text()

@@ -183,3 +183,24 @@ def test_feature_cache_gives_the_same_loss_and_computes_each_volume_once(assets)
             for batch in batches:
                 torch.testing.assert_close(cached(batch), plain(batch))
     assert len(calls) == len(batches) and len(cached.feature_cache) == 2 * len(batches)
+
+
+def test_stages_2_and_3_refuse_data_of_another_size_than_their_exports(assets, tmp_path):
+    from med3dvlm.exports import write_encoder_export
+    from med3dvlm.stages import vlm_finetune, vlm_pretrain
+
+    export = write_encoder_export(tmp_path / "siglip", encoder(), ENCODER_CONFIG, INPUT_SIZE, "siglip", "unit")
+    nodes = {"experiment": "unit", "projector": PROJECTOR_CONFIG,
+             "llm": {"_target_": "med3dvlm.models.llm.LanguageModel", "name_or_path": tiny_llm(assets).name_or_path},
+             "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
+             "scheduler": {"_target_": "med3dvlm.stages.optim.constant", "_partial_": True}}
+    with pytest.raises(ValueError, match=r"export.json: the encoder was trained on \[32, 64, 64\] volumes, the data "
+                                         r"is \[16, 32, 32\]"):
+        vlm_pretrain.pretrain_stage(encoder_export=str(export), input_size=[16, 32, 32], export_dir=None, **nodes)
+    pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
+    fit(pre, toy_batches(pre.model, count=1), steps=1)
+    with pytest.raises(ValueError, match=r"handoff.json: the projector was trained on \[32, 64, 64\] volumes"):
+        vlm_finetune.finetune_stage(pretrain_export=str(tmp_path / "pre"), log_dir=str(tmp_path), llm=nodes["llm"],
+                                    lora={"_target_": "peft.LoraConfig"}, optimizer=nodes["optimizer"],
+                                    scheduler=nodes["scheduler"], export_dir=None, experiment="unit",
+                                    input_size=[16, 32, 32])

@@ -172,6 +172,7 @@ class M3DDataset(Dataset):
         self.skip_log = skip_log if skip_log is not None else SkipLog()
         self._rng_seed: int | None = None
         self._rng: np.random.Generator | None = None
+        self._sample_rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -184,8 +185,11 @@ class M3DDataset(Dataset):
         return f"{self.task}/{self.split}/{index}"
 
     def rng(self) -> np.random.Generator:
-        """This worker's generator, seeded from the DataLoader worker seed (or torch's seed with
-        ``num_workers=0``) and the task, so each worker and each dataset draws its own stream."""
+        """The generator of the sample being loaded (see :meth:`sample`), else this worker's:
+        seeded from the DataLoader worker seed (or torch's seed with ``num_workers=0``) and the
+        task, so each worker and each dataset draws its own stream."""
+        if self._sample_rng is not None:
+            return self._sample_rng
         info = get_worker_info()
         seed = info.seed if info is not None else torch.initial_seed()
         if self._rng is None or seed != self._rng_seed:
@@ -195,6 +199,16 @@ class M3DDataset(Dataset):
 
     def resolve(self, relative: str) -> Path:
         return self.data_dir / relative
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        """Sample ``index`` with every random draw (augmentation, question template) from ``rng``: a
+        sample that depends on its own seed only, not on which worker loads it or what came before
+        (the resumable training loader seeds it by epoch and position)."""
+        self._sample_rng = rng
+        try:
+            return self[index]
+        finally:
+            self._sample_rng = None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.on_error == "fail":

@@ -8,7 +8,7 @@ and every other trained tensor; ``python -m med3dvlm.export`` merges it into one
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from med3dvlm.stages.handoff import (
     write_handoff,
 )
 from med3dvlm.stages.optim import SchedulerFactory
-from med3dvlm.stages.vlm_stage import VLMStage
+from med3dvlm.stages.vlm_stage import VLMStage, check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +189,15 @@ def finetune_stage(
     train_input_embeddings: bool = False,
     train_lm_head: bool = False,
     weight_decay: float = 0.0,
+    input_size: Sequence[int] | None = None,
 ) -> FinetuneStage:
     """Hydra entry: resolve the pretrain hand-off (explicit path, else the latest of ``experiment``),
-    load encoder, projector and ``<im_patch>`` row strictly, then build the stage."""
+    check it was trained at the data's ``input_size``, load encoder, projector and ``<im_patch>``
+    row strictly, then build the stage."""
     folder = resolve_handoff(pretrain_export, log_dir, "projector", experiment, PRETRAIN_COMMAND)
     meta = read_handoff(folder, "projector", PRETRAIN_COMMAND)
+    if input_size is not None:
+        check_input_size(meta["input_size"], input_size, folder / HANDOFF_FILE, "projector")
     vision_tower, vision_tower_config = load_encoder_export(meta["encoder_export"])
     model, meta = load_pretrain_handoff(folder, vision_tower, instantiate(llm))
     return FinetuneStage(

@@ -16,11 +16,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from med3dvlm.exports import latest_export, load_encoder_export
+from med3dvlm.exports import EXPORT_FILE, latest_export, load_encoder_export, read_export
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.stages.handoff import save_tensors, write_handoff
 from med3dvlm.stages.optim import SchedulerFactory
-from med3dvlm.stages.vlm_stage import VLMStage, build_vlm
+from med3dvlm.stages.vlm_stage import VLMStage, build_vlm, check_input_size
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,7 @@ def pretrain_stage(
                 f"first or pass stage.encoder_export=PATH"
             )
         log.info("encoder: the latest siglip export of experiment %r: %s", experiment, path)
+    check_input_size(read_export(path)["input_size"], input_size, Path(path) / EXPORT_FILE, "encoder")
     vision_tower, vision_tower_config = load_encoder_export(path)
     return PretrainStage(
         vision_tower, vision_tower_config, str(path), projector, instantiate(llm), input_size,

@@ -36,6 +36,14 @@ def plain_config(node: Mapping | DictConfig) -> dict[str, Any]:
     return dict(node)
 
 
+def check_input_size(trained: Iterable[int], data: Iterable[int], source: str | Path, what: str) -> None:
+    """A stage goes on from an export only at the volume size it was trained at: another size changes
+    the token counts (the projector would not fit) and the statistics the encoder learnt."""
+    if list(trained) != list(data):
+        raise ValueError(f"{source}: the {what} was trained on {list(trained)} volumes, the data is {list(data)} "
+                         f"(D, H, W); set data.spatial_size={list(trained)} with data prepared at that size")
+
+
 def build_projector(
     projector: Mapping, vision_tower: nn.Module, input_size: Iterable[int], llm_dim: int
 ) -> tuple[nn.Module, dict[str, Any]]:
