@@ -423,9 +423,10 @@ def test_synthetic_dataset_prepares_in_both_formats(tmp_path: Path) -> None:
     for fmt in ("npy", "nii.gz"):
         out = tmp_path / fmt
         manifest = prepare(tmp_path / "raw", out, format=fmt)
-        assert manifest["counts"]["volumes_ok"] == 8 and manifest["split_source"] == "M3D_Cap.json"
+        # Case 0 holds a second series (the real layout: several series per case).
+        assert manifest["counts"]["volumes_ok"] == 9 and manifest["split_source"] == "M3D_Cap.json"
         split = json.loads((out / "M3D_Cap.json").read_text())
-        assert {name: sorted(i["image"].split("/")[2] for i in items) for name, items in split.items()} == {
+        assert {name: sorted({i["image"].split("/")[2] for i in split[name]}) for name in summary.splits} == {
             name: sorted(ids) for name, ids in summary.splits.items()
         }
         for item in split["train"]:
@@ -434,7 +435,7 @@ def test_synthetic_dataset_prepares_in_both_formats(tmp_path: Path) -> None:
             raw_report = (tmp_path / "raw" / item["text"]).read_text()
             findings = raw_report.split("study_findings:", 1)[1].split("discussion:", 1)[0].strip()
             assert (out / item["text"]).read_text() == findings
-        for name in ("M3D_VQA_train.csv", "M3D_VQA_yn_test.csv"):
+        for name in ("M3D_VQA_train.csv", "M3D_VQA_test5k.csv", "M3D_VQA_yn_train.csv"):
             with open(out / "M3D-VQA" / name, newline="") as fh:
                 rows = list(csv.DictReader(fh))
             assert rows and all((out / r["Image Path"]).is_file() for r in rows)
@@ -455,7 +456,7 @@ def test_synthetic_defects_are_skipped_and_reported(tmp_path: Path) -> None:
     stray = [case for case, defect in summary.defects.items() if defect == "stray_slice"]
     assert manifest["counts"]["slices_dropped"] == len(stray)
     assert manifest["counts"]["volumes_ok"] == 9 - len(broken)
-    dropped = {path.split("/")[1] for v in manifest["vqa"].values() for path in v["dropped_images"]}
+    dropped = {path.split("/")[2] for v in manifest["vqa"].values() for path in v["dropped_images"]}
     assert dropped == broken
 
 
@@ -626,3 +627,136 @@ def test_a_failed_rerun_keeps_the_manifest_of_a_complete_folder(tmp_path: Path) 
     with pytest.raises(DataError, match=r"2\.jpeg: unreadable or truncated image"):
         prepare(raw, out)
     assert (out / "manifest.json").read_text() == before
+
+
+# ----------------------------------------------------------------------------- the real release's layout
+
+# Series folder names as they occur in the release (the original's demo cases), plus one with a diacritic.
+RELEASE_SERIES = {
+    ("ct_case", "001480"): ["Axial_bone_window", "_non_contrast"],
+    ("ct_case", "004794"): ["Axial_C__arterial_phase", "Axial_Delayed_portal", "Coronal_C__portal_venous_phase"],
+    ("ct_quizze", "015533"): ["AXIAL_THICK_BRAIN_None", "Coronal_bone_window", "Pöschl_bone_window"],
+    ("ct_quizze", "024421"): ["Axial_non_contrast", "Sagittal_C__portal_venous_phase"],
+}
+
+
+def write_png_series(folder: Path, slices: int, palette: bool) -> None:
+    folder.mkdir(parents=True)
+    for k in range(slices):
+        image = np.zeros((24, 20), np.uint8)
+        image[3:-3, 2:-2] = 60 + 12 * k
+        picture = Image.fromarray(image)
+        (picture.convert("P") if palette else picture).save(folder / f"{k}.png")
+
+
+def write_release(root: Path) -> Path:
+    """A raw tree laid out as the unpacked M3D release (see med3dvlm.data.layout and the original's
+    m3d_cap_data_prepare*.py): two collections, several series per case sharing text.txt, a
+    diacritic series name, PNG and palette slices, M3D_Cap/M3D_Cap.json with prefixed entries and a
+    test subset, M3D_VQA_{train,val,test,test5k}.csv and M3D_VQA_yn_train.csv."""
+    lists: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
+    rows: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
+    for number, ((collection, case), series) in enumerate(RELEASE_SERIES.items()):
+        split = ("train", "train", "validation", "test")[number]
+        case_dir = root / "M3D_Cap" / collection / case
+        for s, name in enumerate(series):
+            if collection == "ct_quizze" and s == 1:
+                write_png_series(case_dir / name, 8, palette=s % 2 == 1)
+            else:
+                write_series(case_dir / name, 8, seed=number * 10 + s)
+            image = f"M3D_Cap_npy/{collection}/{case}/{name.replace('ö', 'o')}.npy"
+            lists[split].append({"image": image, "text": f"M3D_Cap_npy/{collection}/{case}/text.txt"})
+            rows[split].append({"Image Path": image, "Text": "report", "Question Type": "1",
+                                "Question": "Which plane?", "Choice A": "axial", "Choice B": "coronal",
+                                "Choice C": "sagittal", "Choice D": "oblique", "Answer": "axial",
+                                "Answer Choice": "A"})
+        (case_dir / "text.txt").write_text(f"study_findings: Case {case} findings.\ndiscussion: none.")
+    lists["test100"] = lists["test"][:1]
+    (root / "M3D_Cap" / "M3D_Cap.json").write_text(json.dumps(lists, indent=1))
+    vqa = root / "M3D-VQA"
+    for split, short in (("train", "train"), ("validation", "val"), ("test", "test")):
+        write_csv_rows(vqa / f"M3D_VQA_{short}.csv", rows[split])
+    write_csv_rows(vqa / "M3D_VQA_test5k.csv", rows["test"][:1])
+    write_csv_rows(vqa / "M3D_VQA_yn_train.csv", [{**r, "Answer": "Yes", "Answer Choice": ""} for r in rows["train"]])
+    return root
+
+
+def write_csv_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=VQA_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_the_release_layout_prepares_keeping_every_entry_and_row(tmp_path: Path) -> None:
+    raw = write_release(tmp_path / "raw")
+    manifest = prepare(raw, tmp_path / "out")
+    out = tmp_path / "out"
+    assert manifest["skipped"] == [] and manifest["counts"]["volumes_ok"] == 10
+    assert manifest["counts"]["collections"] == {"ct_case": {"cases": 2, "series": 5, "volumes_ok": 5},
+                                                 "ct_quizze": {"cases": 2, "series": 5, "volumes_ok": 5}}
+    source = json.loads((raw / "M3D_Cap" / "M3D_Cap.json").read_text())
+    prepared = json.loads((out / "M3D_Cap.json").read_text())
+    assert {k: len(v) for k, v in prepared.items()} == {k: len(v) for k, v in source.items()}
+    for name, entries in source.items():
+        for original, entry in zip(entries, prepared[name], strict=True):
+            assert entry["image"] == original["image"].replace("M3D_Cap_npy/", "M3D_Cap/")  # same order
+            assert (out / entry["image"]).is_file() and (out / entry["text"]).read_text().startswith("Case ")
+    assert (out / "M3D_Cap/ct_quizze/015533/Poschl_bone_window.npy").is_file()  # folded as the original
+    assert manifest["volumes"]["M3D_Cap/ct_quizze/015533/Poschl_bone_window.npy"]["source"] == \
+        "M3D_Cap/ct_quizze/015533/Pöschl_bone_window"
+    for name in ("M3D_VQA_train.csv", "M3D_VQA_val.csv", "M3D_VQA_test.csv", "M3D_VQA_test5k.csv",
+                 "M3D_VQA_yn_train.csv"):
+        with open(raw / "M3D-VQA" / name, newline="") as fh:
+            before = list(csv.DictReader(fh))
+        with open(out / "M3D-VQA" / name, newline="") as fh:
+            after = list(csv.DictReader(fh))
+        assert len(after) == len(before) and manifest["vqa"][name]["kept"] == len(before)
+        assert all((out / r["Image Path"]).is_file() for r in after)
+    palette = read_volume_raw(out / "M3D_Cap/ct_quizze/015533/Coronal_bone_window.npy")
+    assert palette.shape == tuple(SMALL) and palette.max() > palette.min()
+
+
+def test_a_palette_slice_is_converted_through_rgba_as_the_original(tmp_path: Path) -> None:
+    from med3dvlm.data.preprocess import read_slice
+
+    image = np.zeros((6, 5, 4), np.uint8)
+    image[..., 0], image[..., 1], image[..., 2], image[..., 3] = 200, 100, 50, 0  # fully transparent
+    Image.fromarray(image, "RGBA").convert("P").save(tmp_path / "0.png")
+    opened = Image.open(tmp_path / "0.png")
+    assert opened.mode == "P"
+    expected = np.asarray(opened.convert("RGBA").convert("L"))
+    np.testing.assert_array_equal(read_slice(tmp_path / "0.png"), expected)
+
+
+def test_release_layout_problems_name_the_folder(tmp_path: Path) -> None:
+    raw = write_release(tmp_path / "raw")
+    twin = raw / "M3D_Cap/ct_quizze/015533/Poschl_bone_window"
+    write_series(twin, 8)
+    with pytest.raises(DataError, match=r"015533: series 'Poschl_bone_window' and 'Pöschl_bone_window' both fold"):
+        prepare(raw, tmp_path / "o1")
+    manifest = prepare(raw, tmp_path / "o2", on_error="skip")
+    assert [s["source"] for s in manifest["skipped"]][0] == "M3D_Cap/ct_quizze/015533"
+    zipped = tmp_path / "zipped"
+    (zipped / "M3D_Cap" / "ct_case").mkdir(parents=True)
+    (zipped / "M3D_Cap" / "ct_case" / "ct_case_00.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"ct_case: holds 1 .zip archive\(s\) \(ct_case_00.zip, ...\) and no case"):
+        prepare(zipped, tmp_path / "o3")
+    nested = tmp_path / "nested"
+    write_series(nested / "M3D_Cap/ct_case/ct_case/000001/Axial", 4)
+    (nested / "M3D_Cap/ct_case/ct_case/000001/text.txt").write_text("study_findings: x")
+    with pytest.raises(DataError, match=r"M3D_Cap/ct_case: its case folders sit one level too deep"):
+        prepare(nested, tmp_path / "o4")
+
+
+def test_a_vqa_row_about_no_series_of_the_tree_is_bad_input(tmp_path: Path) -> None:
+    raw = write_release(tmp_path / "raw")
+    test5k = raw / "M3D-VQA" / "M3D_VQA_test5k.csv"
+    test5k.write_text(test5k.read_text().replace("M3D_Cap_npy/ct_quizze/024421/Axial_non_contrast.npy",
+                                                 "M3D_Cap_npy/ct_quizze/999999/Axial.npy"))
+    with pytest.raises(DataError, match=r"test5k.csv: 1 row\(s\) name no series of the raw tree \(first: line 2"):
+        prepare(raw, tmp_path / "o1")
+    manifest = prepare(raw, tmp_path / "o2", on_error="skip")
+    assert manifest["vqa"]["M3D_VQA_test5k.csv"]["kept"] == 0
+    assert manifest["skipped"][0]["source"].endswith("M3D_VQA_test5k.csv")

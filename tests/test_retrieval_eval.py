@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> tuple[Path, Path, object]:
-    """A tiny SigLIP stage, its export and a prepared folder whose test split holds all 24 pairs."""
+    """A tiny SigLIP stage, its export and a prepared folder whose test split holds all 27 pairs (24 cases, 3 with a second series)."""
     root = tmp_path_factory.mktemp("siglip_eval")
     data = prepared_data(root)
     module = stage(tiny_bert(root, data), experiment="unit").eval()
@@ -112,7 +112,7 @@ def test_retrieval_task_scores_subsets_in_both_directions(exported, tmp_path):
     ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(data), model=str(folder), batch_size=5, progress=False)
     result = RetrievalTask(sizes=(5, 10, 100)).run(ctx)
     metrics = result.metrics
-    assert metrics["num_pairs"] == 24 and metrics["subsets"] == [5, 10]
+    assert metrics["num_pairs"] == 27 and metrics["subsets"] == [5, 10]
     # The same numbers as the stage's own towers on the same pairs.
     towers = load_siglip_export(folder)
     from med3dvlm.data.datasets import RetrievalDataset, VolumeReader
@@ -138,7 +138,7 @@ def test_entry_point_config_builds_the_retrieval_task(exported, tmp_path):
     task = instantiate(cfg.task)
     assert isinstance(task, RetrievalTask) and task.sizes == (100, 500, 1000, 2000)
     result = task.run(instantiate(cfg.context, _convert_="all"))
-    assert result.metrics["subsets"] == [24]  # fewer pairs than the smallest subset: all of them
+    assert result.metrics["subsets"] == [27]  # fewer pairs than the smallest subset: all of them
     assert (tmp_path / "metrics_retrieval.md").is_file()
 
 

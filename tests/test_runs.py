@@ -41,14 +41,14 @@ def data(tmp_path_factory) -> Path:
 
 def train_cli(data: Path, log_dir: Path, *overrides: str, multirun: bool = False,
               check: bool = True) -> subprocess.CompletedProcess:
-    """``python -m med3dvlm.train`` on the tiny SigLIP demo (5 steps an epoch)."""
+    """``python -m med3dvlm.train`` on the tiny SigLIP demo (20 training pairs: 5 steps an epoch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "med3dvlm.train", *(["-m"] if multirun else []), "experiment=demo", "stage=siglip",
            "logger=csv", f"paths.data_dir={data.parents[1]}", f"paths.log_dir={log_dir}", f"data.data_dir={data}",
            f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]", "data.max_length=128", "data.batch_size=4",
-           "test=false", *overrides]
+           "data.train_subset=20", "test=false", *overrides]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=env, check=False)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

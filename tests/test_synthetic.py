@@ -51,48 +51,68 @@ def test_different_seed_differs(tmp_path, dataset):
     assert a["M3D-VQA/M3D_VQA_train.csv"] != b["M3D-VQA/M3D_VQA_train.csv"]
 
 
+def cases_of(out: Path) -> list[Path]:
+    return sorted((c for collection in syn.COLLECTIONS for c in (out / "M3D_Cap" / collection).iterdir()),
+                  key=lambda c: c.name)
+
+
+def raw_series(out: Path, image_path: str) -> Path:
+    """The raw series folder a release path (``M3D_Cap_npy/<collection>/<id>/<folded>.npy``) names."""
+    collection, case, folded = image_path.removesuffix(".npy").split("/")[1:]
+    return next(s for s in (out / "M3D_Cap" / collection / case).iterdir()
+                if s.is_dir() and syn.fold_series_name(s.name) == folded)
+
+
 def test_rerun_into_smaller_dataset_removes_stale_cases(tmp_path):
     syn.generate(tmp_path, cases=5, seed=0, workers=1, slices=4, size=16)
     syn.generate(tmp_path, cases=3, seed=0, workers=1, slices=4, size=16)
-    assert sorted(p.name for p in (tmp_path / "M3D_Cap" / "ct_case").iterdir()) == ["000000", "000001", "000002"]
+    assert [p.name for p in cases_of(tmp_path)] == ["000000", "000001", "000002"]
 
 
-def test_raw_cap_layout(dataset):
+def test_raw_layout_is_the_release_s(dataset):
     out, summary = dataset
-    cases = sorted((out / "M3D_Cap" / "ct_case").iterdir())
+    cases = cases_of(out)
     assert [c.name for c in cases] == [f"{i:06d}" for i in range(12)]
-    for case in cases:
-        series = [p for p in case.iterdir() if p.is_dir()]
-        assert len(series) == 1
+    assert [c.parent.name for c in cases] == [syn.collection_of(i) for i in range(12)]
+    assert {c.parent.name for c in cases} == {"ct_case", "ct_quizze"}
+    for index, case in enumerate(cases):
+        series = sorted(p for p in case.iterdir() if p.is_dir())
+        assert len(series) == (2 if index % 8 == 0 else 1)  # several series per case
         assert re.fullmatch(r"(Axial|Coronal|Sagittal)_(non_contrast|arterial_phase|C__portal_venous_phase|"
-                            r"delayed_phase)", series[0].name)
+                            r"delayed_phase)(_réformat)?", series[0].name)
         names = sorted(p.name for p in series[0].iterdir())
         assert names == sorted(f"{k}.jpeg" for k in range(SMALL["slices"]))
         image = Image.open(series[0] / "7.jpeg")
         assert image.format == "JPEG" and image.mode == "L" and image.size == (32, 32)
         report = (case / "text.txt").read_text(encoding="utf-8")
         assert report.startswith("study_findings: ") and len(report) > 80
+    assert any("é" in s.name for s in (out / "M3D_Cap/ct_case/000000").iterdir())  # a diacritic
     split_file = json.loads((out / "M3D_Cap" / "M3D_Cap.json").read_text())
-    assert list(split_file) == ["train", "validation", "test"]
-    for name, entries in split_file.items():
-        assert [e["text"] for e in entries] == [f"ct_case/{i}/text.txt" for i in summary.splits[name]]
+    assert list(split_file) == ["train", "validation", "test", "test100"]
+    assert split_file["test100"] == split_file["test"][:100]
+    for name in ("train", "validation", "test"):
+        entries = split_file[name]
+        assert sorted({e["image"].split("/")[2] for e in entries}) == summary.splits[name]
         for entry in entries:
-            assert set(entry) == {"image", "text"}
-            assert entry["image"].endswith(".npy")
-            assert (out / "M3D_Cap" / entry["image"].removesuffix(".npy")).is_dir()
+            assert set(entry) == {"image", "text"} and entry["image"].startswith("M3D_Cap_npy/")
+            assert entry["image"].endswith(".npy") and entry["image"].isascii()
+            series = raw_series(out, entry["image"])
+            assert entry["text"] == f"M3D_Cap_npy/{series.parent.parent.name}/{series.parent.name}/text.txt"
 
 
-def test_vqa_csvs_follow_the_contract(dataset):
+def test_vqa_csvs_follow_the_release(dataset):
     out, summary = dataset
-    for name, short in syn.SPLIT_FILES.items():
+    assert sorted(p.name for p in (out / "M3D-VQA").iterdir()) == [
+        "M3D_VQA_test.csv", "M3D_VQA_test5k.csv", "M3D_VQA_train.csv", "M3D_VQA_val.csv", "M3D_VQA_yn_train.csv"]
+    for name in syn.SPLITS:
         ids = set(summary.splits[name])
-        columns, rows = read_csv(out / "M3D-VQA" / f"M3D_VQA_{short}.csv")
+        columns, rows = read_csv(out / "M3D-VQA" / syn.vqa_csv_name(name))
         assert columns == list(syn.VQA_COLUMNS)
-        assert len(rows) == 5 * len(ids)
+        assert len(rows) == 5 * sum(1 + (int(i) % 8 == 0) for i in ids)  # five per series
         letters = set()
         for row in rows:
-            assert row["Image Path"].split("/")[1] in ids
-            assert (out / "M3D_Cap" / row["Image Path"].removesuffix(".npy")).is_dir()
+            assert row["Image Path"].split("/")[2] in ids
+            assert raw_series(out, row["Image Path"]).is_dir()
             choices = [row[f"Choice {c}"] for c in "ABCD"]
             assert len(set(choices)) == 4 and all(choices)
             assert row["Answer"] == row[f"Choice {row['Answer Choice']}"]
@@ -101,19 +121,20 @@ def test_vqa_csvs_follow_the_contract(dataset):
             letters.add(row["Answer Choice"])
         if name == "train":
             assert letters == set("ABCD")
-        columns, rows = read_csv(out / "M3D-VQA" / f"M3D_VQA_yn_{short}.csv")
-        assert columns == list(syn.VQA_COLUMNS)
-        assert len(rows) == 5 * len(ids)
-        for row in rows:
-            assert row["Answer"] in {"Yes", "No"}
-            assert row["Answer Choice"] == "" and all(row[f"Choice {c}"] == "" for c in "ABCD")
+    assert read_csv(out / "M3D-VQA" / "M3D_VQA_test5k.csv") == read_csv(out / "M3D-VQA" / "M3D_VQA_test.csv")
+    columns, rows = read_csv(out / "M3D-VQA" / "M3D_VQA_yn_train.csv")
+    assert columns == list(syn.VQA_COLUMNS)
+    assert len(rows) == len(read_csv(out / "M3D-VQA" / "M3D_VQA_train.csv")[1])
+    for row in rows:
+        assert row["Answer"] in {"Yes", "No"}
+        assert row["Answer Choice"] == "" and all(row[f"Choice {c}"] == "" for c in "ABCD")
 
 
 def test_vqa_text_is_the_case_findings(dataset):
     out, _ = dataset
     _, rows = read_csv(out / "M3D-VQA" / "M3D_VQA_train.csv")
     row = rows[0]
-    report = (out / "M3D_Cap" / Path(row["Image Path"]).parent / "text.txt").read_text(encoding="utf-8")
+    report = (raw_series(out, row["Image Path"]).parent / "text.txt").read_text(encoding="utf-8")
     assert report.split("\n")[0] == f"study_findings: {row['Text']}"
 
 
@@ -297,7 +318,7 @@ def test_lesion_scale_grows_the_lesion_and_its_reported_size(tmp_path):
 
 def test_defects_damage_the_case_as_named(tmp_path):
     syn.generate(tmp_path, cases=3, seed=0, workers=1, slices=6, size=16)
-    cases = sorted((tmp_path / "M3D_Cap" / "ct_case").iterdir())
+    cases = cases_of(tmp_path)
     for case, defect in zip(cases, syn.DEFECTS):
         syn.corrupt_case(case, defect)
     stray_series = next(p for p in cases[0].iterdir() if p.is_dir())
@@ -315,9 +336,10 @@ def test_defect_rate_injects_defects_and_leaves_other_cases_alone(tmp_path):
     dirty = syn.generate(tmp_path / "dirty", cases=10, seed=5, workers=1, slices=4, size=16, defect_rate=0.5)
     assert clean.defects == {} and 0 < len(dirty.defects) < 10
     assert set(dirty.defects.values()) <= set(syn.DEFECTS)
-    for case_id in {f"{i:06d}" for i in range(10)} - set(dirty.defects):
-        a = tree_bytes(tmp_path / "clean" / "M3D_Cap" / "ct_case" / case_id)
-        assert a == tree_bytes(tmp_path / "dirty" / "M3D_Cap" / "ct_case" / case_id)
+    for index in range(10):
+        case = f"M3D_Cap/{syn.collection_of(index)}/{index:06d}"
+        if f"{index:06d}" not in dirty.defects:
+            assert tree_bytes(tmp_path / "clean" / case) == tree_bytes(tmp_path / "dirty" / case)
 
 
 def test_corpus_texts_gathers_reports_and_questions(dataset):
@@ -343,5 +365,5 @@ def test_speed_and_entry_point(tmp_path):
          "workers=0", f"hydra.run.dir={tmp_path / 'run'}"],
         check=True, env=env, capture_output=True,
     )
-    assert len(list((out / "M3D_Cap" / "ct_case").iterdir())) == 3
-    assert (out / "M3D-VQA" / "M3D_VQA_yn_test.csv").is_file()
+    assert len(cases_of(out)) == 3
+    assert (out / "M3D-VQA" / "M3D_VQA_yn_train.csv").is_file()

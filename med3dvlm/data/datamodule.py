@@ -10,6 +10,7 @@ Under DDP, Lightning swaps in a ``DistributedSampler`` (disjoint shards per rank
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Mapping, Sequence
 
@@ -29,9 +30,12 @@ from med3dvlm.data.datasets import (
     SkipLog,
     VolumeReader,
     YesNoVQADataset,
+    vqa_csv,
 )
 from med3dvlm.data.prompts import IGNORE_INDEX, PromptBuilder
 from med3dvlm.data.transforms import Augmentation
+
+log = logging.getLogger(__name__)
 
 VLM_TASKS = {"caption": CaptionDataset, "closed_vqa": ClosedVQADataset, "open_vqa": OpenVQADataset,
              "yes_no_vqa": YesNoVQADataset}
@@ -123,6 +127,11 @@ class M3DDataModule(L.LightningDataModule):
         common = {"on_error": self.on_error, "skip_log": self.skip_log, "limit": self.subsets[split]}
         parts: list[M3DDataset] = []
         for task in MIXTURES[self.mixture]:
+            if task == "yes_no_vqa" and split != "train" and not vqa_csv(self.data_dir, split, yes_no=True).is_file():
+                # M3D-VQA releases yes/no questions for training only (M3D_VQA_yn_train.csv).
+                log.info("no %s: the %s mixture of split %r has no yes/no questions",
+                         vqa_csv(self.data_dir, split, yes_no=True).name, self.mixture, split)
+                continue
             if task == "retrieval":
                 parts.append(RetrievalDataset(self.data_dir, split, self.tokenizer, volumes, self.max_length, **common))
                 continue

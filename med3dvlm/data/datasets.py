@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from med3dvlm.data.errors import DataError
+from med3dvlm.data.layout import SPLIT_FILE, SPLITS, VQA_DIR, vqa_csv_name
 from med3dvlm.data.prompts import (
     CAPTION_SEPARATOR,
     VQA_SEPARATOR,
@@ -39,17 +40,13 @@ from med3dvlm.data.volume_io import read_volume_raw, to_float, validate_volume
 log = logging.getLogger(__name__)
 
 OnError = Literal["fail", "skip"]
-Split = Literal["train", "validation", "test"]
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-CAPTION_JSON = "M3D_Cap.json"
-VQA_DIR = "M3D-VQA"
-_CSV_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 
 
-def vqa_csv(data_dir: str | os.PathLike, split: str, yes_no: bool = False) -> Path:
-    """Path of the prepared VQA CSV of a split (``M3D-VQA/M3D_VQA[_yn]_{train,val,test}.csv``)."""
+def vqa_csv(data_dir: str | os.PathLike, split: str, yes_no: bool = False, name: str | None = None) -> Path:
+    """Path of a prepared VQA CSV: the split's (``M3D-VQA/M3D_VQA[_yn]_{train,val,test}.csv``) or,
+    with ``name``, any CSV of the release (``M3D_VQA_test5k.csv``)."""
     _check_split(split)
-    return Path(data_dir) / VQA_DIR / f"M3D_VQA{'_yn' if yes_no else ''}_{_CSV_SPLIT[split]}.csv"
+    return Path(data_dir) / VQA_DIR / (name or vqa_csv_name(split, yes_no))
 
 
 def _check_split(split: str) -> None:
@@ -97,7 +94,7 @@ def read_csv_columns(path: Path, columns: Sequence[str], limit: int | None = Non
 def read_caption_split(data_dir: str | os.PathLike, split: str, limit: int | None = None) -> list[tuple[str, str]]:
     """``(image, text)`` relative paths of a split of ``M3D_Cap.json``."""
     _check_split(split)
-    path = Path(data_dir) / CAPTION_JSON
+    path = Path(data_dir) / SPLIT_FILE
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
@@ -297,14 +294,16 @@ class CaptionDataset(VLMDataset):
 
 
 class _VQADataset(VLMDataset):
+    """A VQA CSV of the prepared folder: the split's, or ``csv`` (a file name in ``M3D-VQA/``)."""
+
     columns: tuple[str, ...] = ("Image Path", "Question", "Answer", "Question Type")
     yes_no = False
 
     def __init__(self, data_dir: str | os.PathLike, split: str, prompts: PromptBuilder, volumes: VolumeReader,
                  on_error: OnError = "fail", skip_log: SkipLog | None = None, prompt_only: bool = False,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, csv: str | None = None) -> None:
         super().__init__(data_dir, split, prompts, volumes, on_error, skip_log, prompt_only)
-        self.csv = vqa_csv(data_dir, split, self.yes_no)
+        self.csv = vqa_csv(data_dir, split, self.yes_no, csv)
         self.rows = read_csv_columns(self.csv, self.columns, limit)
 
     def __len__(self) -> int:

@@ -44,6 +44,22 @@ import numpy as np
 from tqdm import tqdm
 
 from med3dvlm.data.errors import DataError
+from med3dvlm.data.layout import (
+    CAP_DIR,
+    REPORT_FILE,
+    SPLIT_FILE,
+    SPLITS,
+    VQA_COLUMNS,
+    VQA_DIR,
+    find_collections,
+    fold_series_name,
+    is_test_csv,
+    read_split_file,
+    series_key,
+    split_file_path,
+    subfolders,
+    vqa_csvs,
+)
 from med3dvlm.data.preprocess import (
     DEFAULT_MAX_VOXELS,
     load_nifti_as_dhw,
@@ -60,26 +76,14 @@ from med3dvlm.utils.fingerprint import file_sha256
 log = logging.getLogger(__name__)
 
 OnError = Literal["fail", "skip"]
-SPLITS: tuple[str, ...] = ("train", "validation", "test")
-CAP_DIR = "M3D_Cap"
-VQA_DIR = "M3D-VQA"
 OWN_DIR = "own"
-SPLIT_FILE = "M3D_Cap.json"
 MANIFEST_FILE = "manifest.json"
 SKIPPED_FILE = "skipped.txt"
 JOURNAL_FILE = ".prepare-journal.jsonl"
 LOCK_FILE = ".prepare.lock"
-VQA_COLUMNS: tuple[str, ...] = (
-    "Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
-    "Choice D", "Answer", "Answer Choice",
-)
-VQA_FILES: tuple[str, ...] = tuple(
-    f"M3D_VQA_{kind}{split}.csv" for kind in ("", "yn_") for split in ("train", "val", "test")
-)
 OWN_COLUMNS: tuple[str, ...] = ("image", "report")
 # Largest |stored - written| per storage dtype (see volume_io): the re-read check's tolerance.
 _STORAGE_TOLERANCE = {"uint8": 1.0 / 510 + 1e-6, "float16": 2.0**-12 + 1e-7, "float32": 0.0}
-_SERIES_KEY = re.compile(r"ct_case/[^/]+/[^/]+")
 _FINDINGS = re.compile(r"study_findings\s*:", re.IGNORECASE)
 _DISCUSSION = re.compile(r"discussion\s*:", re.IGNORECASE)
 
@@ -129,39 +133,6 @@ def hash_split(key: str, fractions: Mapping[str, float]) -> str:
         if position < cumulative:
             return name
     return next(name for name in reversed(SPLITS) if fractions[name] > 0)
-
-
-def series_key(image_path: str) -> str | None:
-    """``"ct_case/<id>/<series>"`` from an image path such as ``ct_case/000001/Axial_x.npy``."""
-    match = _SERIES_KEY.search(image_path.replace("\\", "/"))
-    if not match:
-        return None
-    key = match.group(0)
-    for suffix in (".npy", ".nii.gz", ".nii"):
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    return key
-
-
-def read_split_file(path: Path) -> dict[str, str]:
-    """Series key -> split from an original-format ``M3D_Cap.json``."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(path, f"unreadable split file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(content, dict):
-        raise DataError(path, "expected a JSON object with 'train', 'validation', 'test' lists")
-    splits: dict[str, str] = {}
-    for name in SPLITS:
-        for entry in content.get(name, []):
-            image = entry.get("image") if isinstance(entry, dict) else None
-            key = series_key(image) if isinstance(image, str) else None
-            if key is None:
-                problem = f"{name} entry {entry!r} has no 'image' of the form ct_case/<id>/<series>"
-                raise DataError(path, problem)
-            if splits.setdefault(key, name) != name:
-                raise DataError(path, f"{key} is listed in both {splits[key]!r} and {name!r}")
-    return splits
 
 
 # ----------------------------------------------------------------------------- per-volume work
@@ -293,9 +264,12 @@ class Plan:
     text_of: dict[str, str]  # output -> report path relative to OUT
     texts: dict[str, str]  # report path relative to OUT -> report text
     skipped: list[dict[str, str]]
-    series_keys: dict[str, str]  # "ct_case/<id>/<series>" -> output (M3D only, for the VQA CSVs)
+    series_keys: dict[str, str]  # "<collection>/<id>/<folded series>" -> output (M3D, for the VQA CSVs)
     split_source: str
     duplicates: list[list[str]] = field(default_factory=list)  # sources with identical bytes
+    listed: dict[str, list[str]] = field(default_factory=dict)  # split-file list -> outputs, in its order
+    found: set[str] = field(default_factory=set)  # every series key of the raw tree (M3D)
+    collection_of: dict[str, str] = field(default_factory=dict)  # output -> collection (M3D)
 
 
 class _ErrorPolicy:
@@ -314,43 +288,64 @@ class _ErrorPolicy:
         self.skipped.append({"source": source, "reason": str(error)})
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    """Sorted subfolders, without hidden ones (a writer's ``.tmp-*`` staging folders)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def case_series(case_dir: Path) -> dict[str, Path]:
+    """Folded name -> series folder of a case (see ``layout.fold_series_name``); two folders that
+    fold to one name, or a name that folds to no file name, are an error naming them."""
+    series: dict[str, Path] = {}
+    for folder in subfolders(case_dir):
+        folded = fold_series_name(folder.name)
+        if not folded.strip() or "/" in folded or folded in (".", ".."):
+            raise DataError(folder, f"the series name folds to {folded!r}, which is no file name")
+        if folded in series:
+            raise DataError(case_dir, f"series {series[folded].name!r} and {folder.name!r} both fold to {folded!r}")
+        series[folded] = folder
+    return series
 
 
 def plan_m3d(raw_root: Path, fmt: str, fractions: Mapping[str, float], policy: _ErrorPolicy) -> Plan:
-    """Jobs for every series under ``RAW/M3D_Cap/ct_case`` (and every series the split file names)."""
-    cases_dir = raw_root / CAP_DIR / "ct_case"
-    if not cases_dir.is_dir():
-        raise DataError(raw_root, f"not a raw M3D folder: {CAP_DIR}/ct_case/ not found (or pass a .csv)")
-    split_path = raw_root / CAP_DIR / SPLIT_FILE
-    listed = read_split_file(split_path) if split_path.is_file() else {}
-    case_split = {key.split("/")[1]: split for key, split in listed.items()}
-    plan = Plan([], {}, {}, {}, policy.skipped, {}, SPLIT_FILE if listed else "hash")
-    found: set[str] = set()
-    for case_dir in _subfolders(cases_dir):
-        series_dirs = _subfolders(case_dir)
-        keys = [f"ct_case/{case_dir.name}/{s.name}" for s in series_dirs]
-        found.update(keys)
-        text_rel = f"{CAP_DIR}/ct_case/{case_dir.name}/text.txt"
-        report_path = case_dir / "text.txt"
-        try:
-            plan.texts[text_rel] = extract_report(_read_report(report_path), report_path)
-        except DataError as error:
-            for key in keys:
-                policy.handle(f"{CAP_DIR}/{key}", error)
-            continue
-        for series_dir, key in zip(series_dirs, keys):
-            output = f"{CAP_DIR}/{key}{volume_suffix(fmt)}"
-            split = listed.get(key) or case_split.get(case_dir.name) or hash_split(case_dir.name, fractions)
-            plan.jobs.append(VolumeJob(str(series_dir.resolve()), f"{CAP_DIR}/{key}", "series", output))
-            plan.split_of[output] = split
-            plan.text_of[output] = text_rel
-            plan.series_keys[key] = output
-    for key in sorted(set(listed) - found):
+    """Jobs for every series of every collection under ``RAW/M3D_Cap`` (see ``layout``); the split
+    file (``M3D_Cap/M3D_Cap.json``) decides each series' split, its case's, else a hash of the case."""
+    cap_dir = raw_root / CAP_DIR
+    if not cap_dir.is_dir():
+        raise DataError(raw_root, f"not a raw M3D folder: {CAP_DIR}/ not found (or pass a .csv)")
+    split_file = read_split_file(split_file_path(raw_root))
+    listed = split_file.split_of()
+    case_split = {key.rsplit("/", 1)[0]: split for key, split in listed.items()}
+    plan = Plan([], {}, {}, {}, policy.skipped, {}, split_file.path.name if split_file.path else "hash")
+    for collection in find_collections(cap_dir):
+        for case_dir in subfolders(collection):
+            case = f"{collection.name}/{case_dir.name}"
+            try:
+                series = case_series(case_dir)
+            except DataError as error:
+                policy.handle(f"{CAP_DIR}/{case}", error)
+                plan.found.update(f"{case}/{fold_series_name(s.name)}" for s in subfolders(case_dir))
+                continue
+            keys = {folded: f"{case}/{folded}" for folded in series}
+            plan.found.update(keys.values())
+            text_rel = f"{CAP_DIR}/{case}/{REPORT_FILE}"
+            report_path = case_dir / REPORT_FILE
+            try:
+                plan.texts[text_rel] = extract_report(_read_report(report_path), report_path)
+            except DataError as error:
+                for series_dir in series.values():
+                    policy.handle(f"{CAP_DIR}/{case}/{series_dir.name}", error)
+                continue
+            for folded, series_dir in series.items():
+                key = keys[folded]
+                output = f"{CAP_DIR}/{key}{volume_suffix(fmt)}"
+                plan.jobs.append(VolumeJob(str(series_dir.resolve()), f"{CAP_DIR}/{case}/{series_dir.name}", "series",
+                                           output))
+                plan.split_of[output] = listed.get(key) or case_split.get(case) or hash_split(case, fractions)
+                plan.text_of[output] = text_rel
+                plan.series_keys[key] = output
+                plan.collection_of[output] = collection.name
+    named = {key for keys in split_file.lists.values() for key in keys}
+    for key in sorted(named - plan.found):
         missing = DataError(raw_root / CAP_DIR / key, f"in {SPLIT_FILE} but the series folder is missing")
         policy.handle(f"{CAP_DIR}/{key}", missing)
+    plan.listed = {name: [plan.series_keys[k] for k in keys if k in plan.series_keys]
+                   for name, keys in split_file.lists.items()}
     return plan
 
 
@@ -545,65 +540,88 @@ def _write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
-def rewrite_vqa_csvs(
-    raw_root: Path, out: Path, prepared: Mapping[str, str], train_cases: set[str] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Copy the VQA CSVs with ``Image Path`` pointing at the prepared volumes; drop rows without one.
+Table = tuple[list[str], list[dict[str, str]]]
 
-    ``prepared`` maps series keys (``ct_case/<id>/<series>``) to prepared paths relative to OUT.
-    ``train_cases`` (strict split): the caption train split's cases; a test CSV row about one of
-    them, or about a case of its train CSV, moves to that train CSV.
+
+def _read_csv(source: Path) -> Table:
+    try:
+        with open(source, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns, rows = list(reader.fieldnames or []), list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(source, f"unreadable CSV ({type(exc).__name__}: {exc})") from exc
+    for column in VQA_COLUMNS:
+        if column not in columns:
+            raise DataError(source, f"missing column {column!r} (found {columns})")
+    return columns, rows
+
+
+def _point_at_prepared(source: Path, table: Table, prepared: Mapping[str, str], found: set[str],
+                       policy: _ErrorPolicy) -> tuple[Table, dict[str, Any]]:
+    """The table with ``Image Path`` rewritten to the prepared volumes; rows about a series whose
+    preparation failed (skipped) are dropped; rows naming no series of the raw tree are bad input."""
+    columns, rows = table
+    kept, dropped, unknown = [], set(), []
+    for number, row in enumerate(rows, start=2):
+        key = series_key(row["Image Path"] or "")
+        if key in prepared:
+            kept.append({**row, "Image Path": prepared[key]})
+        elif key in found:
+            dropped.add(row["Image Path"])
+        else:
+            unknown.append((number, row["Image Path"]))
+    if unknown:
+        line, image = unknown[0]
+        policy.handle(str(source), DataError(source, f"{len(unknown)} row(s) name no series of the raw tree "
+                                                     f"(first: line {line}, {image!r})"))
+        dropped.update(image for _, image in unknown)
+    report = {"rows": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
+              "dropped_images": sorted(dropped)}
+    if dropped:
+        log.warning("%s: dropped %d rows whose volume was not prepared", source.name, len(rows) - len(kept))
+    return (columns, kept), report
+
+
+def _hold_out_train_cases(tables: dict[str, Table], report: dict[str, dict[str, Any]], train_cases: set[str],
+                          vqa_dir: Path) -> None:
+    """Strict split: a test CSV row about a case of the caption train split (or of its train CSV)
+    moves to that train CSV (``M3D_VQA[_yn]_test.csv``) or leaves the subset (``..._test5k.csv``)."""
+    for name in sorted(tables):
+        train_name = is_test_csv(name)
+        if train_name is None:
+            continue
+        train_rows = tables[train_name][1] if train_name in tables else []
+        held = train_cases | {case_id(row["Image Path"]) for row in train_rows}
+        moved, kept = [], []
+        for row in tables[name][1]:
+            (moved if case_id(row["Image Path"]) in held else kept).append(row)
+        tables[name] = (tables[name][0], kept)
+        report[name]["moved_images"] = sorted({row["Image Path"] for row in moved})
+        if name != train_name.replace("train", "test"):
+            report[name]["removed_as_train_cases"] = len(moved)
+            continue
+        if moved and train_name not in tables:
+            raise DataError(vqa_dir / train_name,
+                            f"file not found; strict_split must move {len(moved)} rows of {name} into it")
+        if moved:
+            tables[train_name] = (tables[train_name][0], train_rows + moved)
+        report[name]["moved_to_train"] = len(moved)
+
+
+def rewrite_vqa_csvs(raw_root: Path, out: Path, plan: Plan, prepared: Mapping[str, str], policy: _ErrorPolicy,
+                     train_cases: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Every CSV of ``RAW/M3D-VQA`` copied with ``Image Path`` pointing at the prepared volumes.
+
+    ``prepared`` maps series keys (``<collection>/<id>/<folded series>``) to prepared paths relative
+    to OUT. ``train_cases`` (strict split): see :func:`_hold_out_train_cases`.
     """
     report: dict[str, dict[str, Any]] = {}
-    tables: dict[str, tuple[list[str], list[dict[str, str]]]] = {}
-    for name in VQA_FILES:
-        source = raw_root / VQA_DIR / name
-        if not source.is_file():
-            continue
-        try:
-            with open(source, newline="", encoding="utf-8-sig") as fh:
-                reader = csv.DictReader(fh)
-                columns = list(reader.fieldnames or [])
-                rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise DataError(source, f"unreadable CSV ({type(exc).__name__}: {exc})") from exc
-        for column in VQA_COLUMNS:
-            if column not in columns:
-                raise DataError(source, f"missing column {column!r} (found {columns})")
-        kept, dropped_images = [], set()
-        for row in rows:
-            key = series_key(row["Image Path"] or "")
-            if key in prepared:
-                kept.append({**row, "Image Path": prepared[key]})
-            else:
-                dropped_images.add(row["Image Path"])
-        tables[name] = (columns, kept)
-        report[name] = {
-            "rows": len(rows),
-            "kept": len(kept),
-            "dropped": len(rows) - len(kept),
-            "dropped_images": sorted(dropped_images),
-        }
-        if dropped_images:
-            log.warning("%s: dropped %d rows whose volume was not prepared", name, len(rows) - len(kept))
+    tables: dict[str, Table] = {}
+    for source in vqa_csvs(raw_root / VQA_DIR):
+        tables[source.name], report[source.name] = _point_at_prepared(
+            source, _read_csv(source), prepared, plan.found, policy)
     if train_cases is not None:
-        for kind in ("", "yn_"):
-            train_name, test_name = f"M3D_VQA_{kind}train.csv", f"M3D_VQA_{kind}test.csv"
-            if test_name not in tables:
-                continue
-            train_rows = tables[train_name][1] if train_name in tables else []
-            held = train_cases | {case_id(row["Image Path"]) for row in train_rows}
-            moved, kept = [], []
-            for row in tables[test_name][1]:
-                (moved if case_id(row["Image Path"]) in held else kept).append(row)
-            if moved and train_name not in tables:
-                raise DataError(raw_root / VQA_DIR / train_name,
-                                f"file not found; strict_split must move {len(moved)} rows of {test_name} into it")
-            tables[test_name] = (tables[test_name][0], kept)
-            if moved:
-                tables[train_name] = (tables[train_name][0], train_rows + moved)
-            report[test_name]["moved_to_train"] = len(moved)
-            report[test_name]["moved_images"] = sorted({row["Image Path"] for row in moved})
+        _hold_out_train_cases(tables, report, train_cases, raw_root / VQA_DIR)
     for name, (columns, rows) in tables.items():
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -682,28 +700,52 @@ def _prepare_volumes(plan: Plan, out: Path, settings: Settings, policy: _ErrorPo
 
 def _split_lists(plan: Plan, volumes: Mapping[str, Any], strict_split: bool, case_of: Callable[[str], str],
                  ) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any] | None]:
-    """The ``M3D_Cap.json`` lists of the prepared volumes and, with ``strict_split``, what moved."""
-    split_lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    """The prepared ``M3D_Cap.json``: every list of the split file in its order (subsets such as
+    ``test1k`` included) with the prepared paths, then the volumes it does not list, by split. With
+    ``strict_split``, what moved (and the subset entries of moved volumes leave their subsets)."""
+    def entry(output: str) -> dict[str, str]:
+        return {"image": output, "text": plan.text_of[output]}
+
+    lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    lists.update({name: [entry(o) for o in outputs if o in volumes] for name, outputs in plan.listed.items()})
+    in_splits = {o for name in SPLITS for o in plan.listed.get(name, [])}
     for output in volumes:
-        split_lists[plan.split_of[output]].append({"image": output, "text": plan.text_of[output]})
+        if output not in in_splits:
+            lists[plan.split_of[output]].append(entry(output))
     if not strict_split:
-        return split_lists, None
-    split_lists, report = move_leaking_test_items(
-        split_lists, image_of=lambda entry: entry["image"], text_of=lambda entry: plan.texts[entry["text"]],
-        case_of=case_of,
+        return lists, None
+    splits, report = move_leaking_test_items(
+        {name: lists[name] for name in SPLITS}, image_of=lambda e: e["image"],
+        text_of=lambda e: plan.texts[e["text"]], case_of=case_of,
     )
-    return split_lists, {"captions": report.to_dict()}
+    moved = set(report.leaking)  # keyed by image
+    subsets = {name: [e for e in entries if e["image"] not in moved] for name, entries in lists.items()
+               if name not in SPLITS}
+    return {**splits, **subsets}, {"captions": report.to_dict()}
 
 
-def _counts(volumes: Mapping[str, Mapping[str, Any]], skipped: Sequence[Any], duplicates: Sequence[Any],
-            split_lists: Mapping[str, Sequence[Any]], vqa: Mapping[str, Mapping[str, Any]],
-            moved: Mapping[str, Any] | None) -> dict[str, int]:
+def _counts(plan: Plan, volumes: Mapping[str, Mapping[str, Any]], skipped: Sequence[Any],
+            lists: Mapping[str, Sequence[Any]], vqa: Mapping[str, Mapping[str, Any]],
+            moved: Mapping[str, Any] | None) -> dict[str, Any]:
+    collections: dict[str, dict[str, int]] = {}
+    cases: dict[str, set[str]] = {}
+    for job in plan.jobs:
+        name = plan.collection_of.get(job.output)
+        if name is not None:
+            counts = collections.setdefault(name, {"cases": 0, "series": 0, "volumes_ok": 0})
+            cases.setdefault(name, set()).add(case_id(job.output))
+            counts["cases"] = len(cases[name])
+            counts["series"] += 1
+            counts["volumes_ok"] += job.output in volumes
     return {
         "volumes_ok": len(volumes),
         "skipped": len(skipped),
-        "duplicate_groups": len(duplicates),
+        "duplicate_groups": len(plan.duplicates),
         "slices_dropped": sum(len(v.get("dropped_slices", ())) for v in volumes.values()),
-        **{f"split_{name}": len(entries) for name, entries in split_lists.items()},
+        **{f"split_{name}": len(entries) for name, entries in lists.items()},
+        **({"collections": collections} if collections else {}),
+        "split_file_entries": {name: {"listed": len(plan.listed[name]), "kept": len(lists[name])}
+                               for name in plan.listed},
         "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
         "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
         **({"strict_split_moved": len(moved["captions"]["leaking"]),
@@ -761,7 +803,7 @@ def prepare_dataset(
         if not is_csv:
             prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
             train_cases = {case_id(entry["image"]) for entry in split_lists["train"]} if strict_split else None
-            vqa = rewrite_vqa_csvs(source_path, out, prepared, train_cases)
+            vqa = rewrite_vqa_csvs(source_path, out, plan, prepared, policy, train_cases)
         skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
         atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
         manifest = {
@@ -776,7 +818,7 @@ def prepare_dataset(
             "duplicates": plan.duplicates,
             "vqa": vqa,
             "strict_split": moved,
-            "counts": _counts(volumes, skipped, plan.duplicates, split_lists, vqa, moved),
+            "counts": _counts(plan, volumes, skipped, split_lists, vqa, moved),
         }
         _write_json(out / MANIFEST_FILE, manifest)
     log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))

@@ -65,14 +65,15 @@ def list_slices(series_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_slice(path: str | os.PathLike) -> np.ndarray:
-    """One 2D grayscale slice as stored (8-bit JPEGs stay uint8)."""
+    """One 2D slice as 8-bit grayscale, converted as the original's prepare converts it: palette
+    images through RGBA, everything else straight to ``L``."""
     from PIL import Image
 
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now so truncated files fail here, naming the file
-            gray = opened if opened.mode in ("L", "I", "I;16", "F") else opened.convert("L")
-            array = np.asarray(gray)
+            image = opened.convert("RGBA") if opened.mode == "P" else opened
+            array = np.asarray(image if image.mode == "L" else image.convert("L"))
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
         raise DataError(path, f"unreadable or truncated image ({type(exc).__name__}: {exc})") from exc
     if array.ndim != 2 or array.size == 0:

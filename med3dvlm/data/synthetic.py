@@ -1,6 +1,15 @@
-"""Synthetic M3D-Cap / M3D-VQA data in the raw download layout, learnable from the voxels.
+"""Synthetic M3D-Cap / M3D-VQA data in the layout of the real release, learnable from the voxels.
 
-Each case is one CT series of an analytic abdomen phantom (body, spine, aorta, IVC, liver with
+The layout is the unpacked release's (``med3dvlm.data.layout``): cases in two collections,
+``M3D_Cap/ct_case/<id>/`` and ``M3D_Cap/ct_quizze/<id>/`` (every third case); every eighth case
+holds a second series, the same phantom in another plane, and every sixteenth names it with a
+diacritic (``..._réformat``, folded to ``..._reformat`` as the original's prepare folds it); the
+split file ``M3D_Cap/M3D_Cap.json`` (``train``, ``validation``, ``test``, ``test100``) and the CSVs
+name volumes ``M3D_Cap_npy/<collection>/<id>/<folded series>.npy``; ``M3D-VQA/`` holds
+``M3D_VQA_{train,val,test,test5k}.csv`` and ``M3D_VQA_yn_train.csv`` (the release has yes/no
+questions for training only).
+
+Each series is a CT volume of an analytic abdomen phantom (body, spine, aorta, IVC, liver with
 portal/hepatic vessels, spleen, kidneys with collecting systems, pancreas) holding one lesion.
 Everything the report and the questions state is visible in the voxels:
 
@@ -28,12 +37,22 @@ import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from med3dvlm.data.layout import (
+    CAP_DIR,
+    REPORT_FILE,
+    SPLIT_FILE,
+    SPLITS,
+    VQA_COLUMNS,
+    VQA_DIR,
+    fold_series_name,
+    vqa_csv_name,
+)
 from med3dvlm.utils.atomic import atomic_write_text
 
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -49,11 +68,9 @@ ABNORMALITIES: tuple[str, ...] = (
 )
 LOCATIONS: tuple[str, ...] = ("upper right", "upper left", "lower right", "lower left")
 QUESTION_TYPES: tuple[str, ...] = ("Plane", "Phase", "Organ", "Abnormality", "Location")
-VQA_COLUMNS: tuple[str, ...] = (
-    "Image Path", "Text", "Question Type", "Question",
-    "Choice A", "Choice B", "Choice C", "Choice D", "Answer", "Answer Choice",
-)
-SPLIT_FILES: dict[str, str] = {"train": "train", "validation": "val", "test": "test"}
+COLLECTIONS: tuple[str, ...] = ("ct_case", "ct_quizze")
+# The release's prepared-folder prefix in the split file and the CSVs.
+RELEASE_PREFIX = "M3D_Cap_npy"
 DEFECTS: tuple[str, ...] = ("stray_slice", "truncated_jpeg", "empty_report")
 CHOICE_ORDERS: tuple[str, ...] = ("shuffled", "fixed")
 
@@ -122,7 +139,8 @@ class CaseRecord:
     """What a worker returns for one case: the paths and texts the CSVs and split file need."""
 
     case_id: str
-    series: str
+    collection: str
+    series: list[str]  # folded names, as the split file and the CSVs write them
     report: str
     findings: str
     attributes: CaseAttributes
@@ -600,41 +618,73 @@ def case_id(index: int) -> str:
     return f"{index:06d}"
 
 
+def collection_of(index: int) -> str:
+    return COLLECTIONS[1] if index % 3 == 2 else COLLECTIONS[0]
+
+
+def _extra_series(index: int, attrs: CaseAttributes) -> tuple[CaseAttributes, str] | None:
+    """Every eighth case's second series: the next plane, named with a diacritic every sixteenth."""
+    if index % 8:
+        return None
+    other = replace(attrs, plane=PLANES[(PLANES.index(attrs.plane) + 1) % len(PLANES)])
+    name = series_name(other.plane, other.phase) + ("_réformat" if index % 16 == 0 else "")
+    return other, name
+
+
+def release_path(collection: str, case: str, name: str) -> str:
+    """How the release's split file and CSVs name a file of a case."""
+    return f"{RELEASE_PREFIX}/{collection}/{case}/{name}"
+
+
 def _write_case(index: int, out: Path, config: SyntheticConfig) -> CaseRecord:
     rng = np.random.default_rng([config.seed, index])
     attrs = sample_attributes(rng, config.lesion_scale)
-    series = series_name(attrs.plane, attrs.phase)
-    volume = render_case(rng, attrs, config.slices, config.size)
+    collection = collection_of(index)
+    series = {series_name(attrs.plane, attrs.phase): attrs}
+    extra = _extra_series(index, attrs)
+    anatomy_state = rng.bit_generator.state  # the second series renders the same phantom and lesion
+    volumes = {name: render_case(rng, attrs, config.slices, config.size) for name in series}
+    if extra is not None:
+        copy = np.random.default_rng()
+        copy.bit_generator.state = anatomy_state
+        series[extra[1]] = extra[0]
+        volumes[extra[1]] = render_case(copy, extra[0], config.slices, config.size)
     report, findings = write_report(rng, attrs)
-    image_path = f"ct_case/{case_id(index)}/{series}.npy"
-    closed = closed_questions(rng, attrs, image_path, findings, config.choice_order)
-    yes_no = yes_no_questions(rng, attrs, image_path, findings)
+    closed, yes_no = [], []
+    for number, (name, series_attrs) in enumerate(series.items()):
+        # The first series draws from the case's stream as before; a second from its own.
+        draws = rng if number == 0 else np.random.default_rng([config.seed, index, 2])
+        image_path = release_path(collection, case_id(index), f"{fold_series_name(name)}.npy")
+        closed += closed_questions(draws, series_attrs, image_path, findings, config.choice_order)
+        yes_no += yes_no_questions(draws, series_attrs, image_path, findings)
     # A separate stream, so the defect rate never changes the content of the cases.
     defect_rng = np.random.default_rng([config.seed, index, 1])
     defect = DEFECTS[defect_rng.integers(len(DEFECTS))] if defect_rng.random() < config.defect_rate else None
 
-    final = out / "M3D_Cap" / "ct_case" / case_id(index)
+    final = out / CAP_DIR / collection / case_id(index)
     staging = final.with_name(f".tmp-{final.name}")  # the case appears whole or not at all
     if staging.exists():
         shutil.rmtree(staging)
-    (staging / series).mkdir(parents=True)
-    for k, plane in enumerate(volume):
-        Image.fromarray(plane, mode="L").save(staging / series / f"{k}.jpeg", format="JPEG",
-                                              quality=config.jpeg_quality)
-    (staging / "text.txt").write_text(report, encoding="utf-8")
+    for name, volume in volumes.items():
+        (staging / name).mkdir(parents=True)
+        for k, plane in enumerate(volume):
+            Image.fromarray(plane, mode="L").save(staging / name / f"{k}.jpeg", format="JPEG",
+                                                  quality=config.jpeg_quality)
+    (staging / REPORT_FILE).write_text(report, encoding="utf-8")
     if defect:
         corrupt_case(staging, defect)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    return CaseRecord(case_id(index), series, report, findings, attrs, closed, yes_no, defect)
+    return CaseRecord(case_id(index), collection, [fold_series_name(name) for name in series], report, findings,
+                      attrs, closed, yes_no, defect)
 
 
 def split_cases(ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
     """Shuffle case ids with ``seed`` and cut them into train/validation/test (each non-empty when possible)."""
-    unknown = set(fractions) - set(SPLIT_FILES)
+    unknown = set(fractions) - set(SPLITS)
     if unknown:
-        raise ValueError(f"unknown split names {sorted(unknown)}; expected {list(SPLIT_FILES)}")
+        raise ValueError(f"unknown split names {sorted(unknown)}; expected {list(SPLITS)}")
     order = [ids[i] for i in np.random.default_rng([seed, 2**31 - 1]).permutation(len(ids))]
     n = len(order)
     counts = {}
@@ -645,7 +695,7 @@ def split_cases(ids: list[str], fractions: dict[str, float], seed: int) -> dict[
     if counts["train"] < 0:
         raise ValueError(f"split fractions {dict(fractions)} leave no room for {n} cases")
     splits, start = {}, 0
-    for name in SPLIT_FILES:
+    for name in SPLITS:
         splits[name] = sorted(order[start:start + counts[name]])
         start += counts[name]
     return splits
@@ -659,12 +709,15 @@ def _csv_text(rows: list[dict[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def _remove_stale_cases(ct_case: Path, keep: set[str]) -> None:
-    if not ct_case.is_dir():
-        return
-    for child in ct_case.iterdir():
-        if child.is_dir() and re.fullmatch(r"(\.tmp-)?\d{6}", child.name) and child.name not in keep:
-            shutil.rmtree(child)
+def _remove_stale_cases(cap_dir: Path, keep: set[tuple[str, str]]) -> None:
+    for collection in COLLECTIONS:
+        folder = cap_dir / collection
+        if not folder.is_dir():
+            continue
+        for child in folder.iterdir():
+            case = child.name.removeprefix(".tmp-")
+            if child.is_dir() and re.fullmatch(r"\d{6}", case) and (collection, child.name) not in keep:
+                shutil.rmtree(child)
 
 
 def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64, size: int = 128,
@@ -687,9 +740,9 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
     out = Path(out)
     config = SyntheticConfig(seed=seed, slices=slices, size=size, jpeg_quality=jpeg_quality,
                              defect_rate=defect_rate, lesion_scale=lesion_scale, choice_order=choice_order)
-    ct_case = out / "M3D_Cap" / "ct_case"
-    ct_case.mkdir(parents=True, exist_ok=True)
-    _remove_stale_cases(ct_case, {case_id(i) for i in range(cases)})
+    cap_dir = out / CAP_DIR
+    cap_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_cases(cap_dir, {(collection_of(i), case_id(i)) for i in range(cases)})
 
     work = functools.partial(_write_case, out=out, config=config)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -701,15 +754,17 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
 
     by_id = {r.case_id: r for r in records}
     split_ids = split_cases(list(by_id), splits or {"train": 0.8, "validation": 0.1, "test": 0.1}, seed)
-    cap = {name: [{"image": f"ct_case/{i}/{by_id[i].series}.npy", "text": f"ct_case/{i}/text.txt"}
-                  for i in ids] for name, ids in split_ids.items()}
-    atomic_write_text(out / "M3D_Cap" / "M3D_Cap.json", json.dumps(cap, indent=1) + "\n")
-    for name, short in SPLIT_FILES.items():
-        ids = split_ids[name]
-        atomic_write_text(out / "M3D-VQA" / f"M3D_VQA_{short}.csv",
-                          _csv_text([row for i in ids for row in by_id[i].closed_rows]))
-        atomic_write_text(out / "M3D-VQA" / f"M3D_VQA_yn_{short}.csv",
-                          _csv_text([row for i in ids for row in by_id[i].yes_no_rows]))
+    cap = {split: [{"image": release_path(by_id[i].collection, i, f"{series}.npy"),
+                    "text": release_path(by_id[i].collection, i, REPORT_FILE)} for i in ids for series in by_id[i].series]
+           for split, ids in split_ids.items()}
+    cap["test100"] = cap["test"][:100]  # the release's subsets of the test list (test100, test500, test1k)
+    atomic_write_text(cap_dir / SPLIT_FILE, json.dumps(cap, indent=1) + "\n")
+    for name, ids in split_ids.items():
+        atomic_write_text(out / VQA_DIR / vqa_csv_name(name), _csv_text([r for i in ids for r in by_id[i].closed_rows]))
+    test_rows = [r for i in split_ids["test"] for r in by_id[i].closed_rows]
+    atomic_write_text(out / VQA_DIR / "M3D_VQA_test5k.csv", _csv_text(test_rows[:5000]))
+    atomic_write_text(out / VQA_DIR / vqa_csv_name("train", yes_no=True),
+                      _csv_text([r for i in split_ids["train"] for r in by_id[i].yes_no_rows]))
     defects = {r.case_id: r.defect for r in records if r.defect}
     return GenerationSummary(out, cases, split_ids, defects, time.perf_counter() - start)
 
@@ -717,16 +772,16 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
 def corpus_texts(root: str | os.PathLike) -> list[str]:
     """All report texts and VQA question/choice/answer texts under a raw or prepared root, deduplicated.
 
-    For training tokenizers: reports come from every ``text.txt`` under ``M3D_Cap/ct_case``, the rest
-    from every CSV under ``M3D-VQA``; order is deterministic.
+    For training tokenizers: reports come from every ``text.txt`` of a case under ``M3D_Cap``, the
+    rest from every CSV under ``M3D-VQA``; order is deterministic.
     """
     root = Path(root)
     texts: dict[str, None] = {}
-    for path in sorted((root / "M3D_Cap" / "ct_case").glob("*/text.txt")):
+    for path in sorted((root / CAP_DIR).glob(f"*/*/{REPORT_FILE}")):
         text = path.read_text(encoding="utf-8").strip()
         if text:
             texts[text] = None
-    for path in sorted((root / "M3D-VQA").glob("*.csv")):
+    for path in sorted((root / VQA_DIR).glob("*.csv")):
         with open(path, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 for column in ("Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"):

@@ -94,6 +94,7 @@ class GenerationTask:
     name = ""
     title = ""
     pred_column = "Pred"
+    csv: str | None = None  # the VQA tasks' CSV choice
     generation_columns: tuple[str, ...] = ()
     score_columns: tuple[str, ...] = ()
 
@@ -132,7 +133,8 @@ class GenerationTask:
             progress=ctx.progress, pred_column=self.pred_column,
         )
         metrics, by_metric = self.score(rows, ctx)
-        metrics = {"task": self.name, "model": ctx.model, "split": self.split, "num_samples": len(rows),
+        metrics = {"task": self.name, "model": ctx.model, "split": self.split,
+                   **({"csv": self.csv} if self.csv else {}), "num_samples": len(rows),
                    "generation": vars(ctx.generation), "zero_images": ctx.zero_images, **metrics}
         columns = [*self.generation_columns, *self.score_columns]
         files = {
@@ -181,7 +183,16 @@ class _TextScoredTask(GenerationTask):
         return text
 
 
-class ClosedVQATask(GenerationTask):
+class _VQATask(GenerationTask):
+    """A VQA task on the split's CSV or on ``csv``, any CSV of the prepared ``M3D-VQA/`` folder
+    (``M3D_VQA_test5k.csv``, the subset later papers score on)."""
+
+    def __init__(self, split: str = "test", limit: int | None = None, csv: str | None = None) -> None:
+        super().__init__(split, limit)
+        self.csv = csv
+
+
+class ClosedVQATask(_VQATask):
     """M3D-VQA closed-ended: accuracy per question type, substring rule and strict rule."""
 
     name = "vqa_closed"
@@ -190,7 +201,8 @@ class ClosedVQATask(GenerationTask):
     score_columns = ("Correct", "Correct (strict)")
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
-        return ClosedVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit)
+        return ClosedVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit,
+                                csv=self.csv)
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
         return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
@@ -212,7 +224,7 @@ class ClosedVQATask(GenerationTask):
                                          "output); strict = the first answer letter of the output.")
 
 
-class OpenVQATask(_TextScoredTask):
+class OpenVQATask(_TextScoredTask, _VQATask):
     """M3D-VQA open-ended: BLEU-1, ROUGE-1, METEOR, BERTScore-F1 per question type."""
 
     name = "vqa_open"
@@ -220,7 +232,8 @@ class OpenVQATask(_TextScoredTask):
     generation_columns = ("Question Type", "Question", "Answer", "Pred", "Image Path")
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
-        return OpenVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit)
+        return OpenVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit,
+                              csv=self.csv)
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
         return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
