@@ -737,7 +737,7 @@ def test_release_layout_problems_name_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"015533: series 'Poschl_bone_window' and 'Pöschl_bone_window' both fold"):
         prepare(raw, tmp_path / "o1")
     manifest = prepare(raw, tmp_path / "o2", on_error="skip")
-    assert [s["source"] for s in manifest["skipped"]][0] == "M3D_Cap/ct_quizze/015533"
+    assert [s["source"] for s in manifest["skipped"]] == ["M3D_Cap/ct_quizze/015533"]
     zipped = tmp_path / "zipped"
     (zipped / "M3D_Cap" / "ct_case").mkdir(parents=True)
     (zipped / "M3D_Cap" / "ct_case" / "ct_case_00.zip").write_bytes(b"PK")
