@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> None:
         progress=cfg.progress,
         strict_split=cfg.strict_split,
         max_voxels=cfg.max_voxels,
+        window=OmegaConf.to_container(cfg.intensity)["window"],
     )
 
 

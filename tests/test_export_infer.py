@@ -100,3 +100,17 @@ def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
     assert done.stdout.strip()  # an answer was printed
     missing = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'nope.nii.gz'}"])
     assert missing.returncode != 0 and "nope.nii.gz: file not found" in missing.stderr
+
+
+def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(finetuned, tmp_path):
+    from test_scans import ct_volume, write_dicom_series, write_nifti
+
+    _, handoff, _, _ = finetuned
+    folder = export_merged(handoff, tmp_path / "model")
+    for scan in (write_dicom_series(tmp_path / "series", ct_volume()), write_nifti(tmp_path / "ct.nii.gz", ct_volume())):
+        done = run_module(["med3dvlm.infer", f"model={folder}", f"image={scan}", "intensity.window=soft_tissue",
+                           "question=Is there a large lesion in the liver?", "max_new_tokens=4"])
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() and "Hounsfield" not in done.stdout + done.stderr
+    bare = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'ct.nii.gz'}", "max_new_tokens=2"])
+    assert bare.returncode == 0 and "intensity.window=soft_tissue" in bare.stdout + bare.stderr  # says what to set

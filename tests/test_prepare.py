@@ -30,10 +30,10 @@ from med3dvlm.data.m3d_prepare import (
 from med3dvlm.data.preprocess import (
     crop_foreground,
     list_slices,
-    load_nifti_as_dhw,
     preprocess_volume,
     stack_series,
 )
+from med3dvlm.data.scans import load_nifti_as_dhw
 from med3dvlm.data.volume_io import read_volume, read_volume_raw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -482,7 +482,7 @@ BOMB_SCRIPT = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB: the claimed volume needs 8
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.preprocess import load_nifti_as_dhw
+from med3dvlm.data.scans import load_nifti_as_dhw
 try:
     load_nifti_as_dhw(sys.argv[1])
 except DataError as error:

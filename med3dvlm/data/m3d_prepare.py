@@ -61,12 +61,14 @@ from med3dvlm.data.layout import (
     vqa_csvs,
 )
 from med3dvlm.data.preprocess import (
-    DEFAULT_MAX_VOXELS,
-    load_nifti_as_dhw,
+    WindowSpec,
+    prepare_scan,
     preprocess_volume,
     spatial_size_tuple,
     stack_series,
+    window_range,
 )
+from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, SUPPORTED, missing_reader, scan_format
 from med3dvlm.data.volume_io import FORMATS, read_volume_raw, to_float, volume_suffix, write_volume
 from med3dvlm.metrics.leakage import case_id
 from med3dvlm.metrics.leakage import strict_split as move_leaking_test_items
@@ -146,9 +148,13 @@ class Settings:
     npy_dtype: str
     spatial_size: tuple[int, int, int]
     foreground_threshold: float
+    window: tuple[float, float] | None = None  # HU window (own CT); None: min-max
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**asdict(self), "spatial_size": list(self.spatial_size)}
+        # "window" only when set, so folders prepared before windowing existed keep their fingerprint.
+        base = {**asdict(self), "spatial_size": list(self.spatial_size)}
+        window = base.pop("window")
+        return {**base, **({"window": list(window)} if window else {})}
 
     @property
     def stored_dtype(self) -> str:
@@ -157,11 +163,11 @@ class Settings:
 
 @dataclass(frozen=True)
 class VolumeJob:
-    """One volume to prepare: a JPEG series folder or a NIfTI file."""
+    """One volume to prepare: an M3D-Cap slice folder or one of the user's scans (``data.scans``)."""
 
     source: str  # absolute path read by the worker
     label: str  # how the manifest names the source
-    kind: Literal["series", "nifti"]
+    kind: Literal["series", "scan"]
     output: str  # prepared path relative to OUT
 
 
@@ -171,6 +177,7 @@ class JobOutcome:
     entry: dict[str, Any] | None = None
     error_path: str | None = None
     error_problem: str | None = None
+    hu_unwindowed: bool = False  # a raw-HU scan min-maxed for want of a window
 
 
 def source_fingerprint(source: str | Path) -> str:
@@ -212,12 +219,15 @@ def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings,
     try:
         fingerprint = source_fingerprint(job.source)
         dropped: tuple[str, ...] = ()
+        hu_unwindowed = False
         if job.kind == "series":
             stacked = stack_series(job.source, max_voxels)
             raw, dropped = stacked.volume, stacked.dropped
+            volume = preprocess_volume(raw, settings.spatial_size, settings.foreground_threshold, job.source)
         else:
-            raw = load_nifti_as_dhw(job.source, max_voxels)
-        volume = preprocess_volume(raw, settings.spatial_size, settings.foreground_threshold, job.source)
+            scan = prepare_scan(job.source, settings.spatial_size, settings.window, settings.foreground_threshold,
+                                max_voxels)
+            raw, volume, hu_unwindowed = scan.raw, scan.volume, scan.hu_unwindowed
         path = Path(out_dir) / job.output
         write_volume(path, volume, npy_dtype=settings.npy_dtype)
         stored = _verify_written(path, volume, settings)
@@ -234,7 +244,7 @@ def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings,
     }
     if dropped:
         entry["dropped_slices"] = list(dropped)
-    return JobOutcome(job.output, entry=entry)
+    return JobOutcome(job.output, entry=entry, hu_unwindowed=hu_unwindowed)
 
 
 def _init_worker() -> None:
@@ -270,6 +280,7 @@ class Plan:
     listed: dict[str, list[str]] = field(default_factory=dict)  # split-file list -> outputs, in its order
     found: set[str] = field(default_factory=set)  # every series key of the raw tree (M3D)
     collection_of: dict[str, str] = field(default_factory=dict)  # output -> collection (M3D)
+    hu_unwindowed: int = 0  # raw-HU scans min-maxed for want of a window (own data)
 
 
 class _ErrorPolicy:
@@ -359,8 +370,10 @@ def _read_report(path: Path) -> str:
 
 
 def _own_stems(images: Sequence[str]) -> list[str]:
-    """Output stems for own volumes: the file stem, made unique with a path hash where stems collide."""
-    stems = [re.sub(r"\.nii(\.gz)?$", "", Path(image).name, flags=re.IGNORECASE) for image in images]
+    """Output stems for own volumes: the file (or DICOM folder) name without its scan suffix, made
+    unique with a path hash where stems collide."""
+    stems = [re.sub(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", "", Path(image.rstrip("/")).name, flags=re.IGNORECASE)
+             for image in images]
     counts = Counter(stems)
     return [
         stem if counts[stem] == 1 else f"{stem}_{hashlib.sha256(image.encode()).hexdigest()[:8]}"
@@ -397,17 +410,21 @@ def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _
             if path in first_row:
                 raise DataError(csv_path, f"line {number}: {image!r} is the same file as line {first_row[path]}")
             first_row[path] = number
-            if not re.search(r"\.nii(\.gz)?$", path.name, re.IGNORECASE):
-                raise DataError(path, f"unsupported file type (expected .nii or .nii.gz; listed on {where})")
-            if not path.is_file():
+            if not path.exists():
                 raise DataError(path, f"file not found (listed on {where})")
+            kind = scan_format(path)
+            if kind is None:
+                raise DataError(path, f"not a supported scan (expected {SUPPORTED}; listed on {where})")
+            needed = missing_reader(kind)
+            if needed:  # before any work starts, not in the middle of it
+                raise DataError(path, f"{needed} (listed on {where})")
             report = extract_report(row.get("report") or "", where)
         except DataError as error:
             policy.handle(image or where, error)
             continue
         output = f"{OWN_DIR}/{stem}{volume_suffix(fmt)}"
         text_rel = f"{OWN_DIR}/{stem}.txt"
-        plan.jobs.append(VolumeJob(str(path), image, "nifti", output))
+        plan.jobs.append(VolumeJob(str(path), image, "scan", output))
         plan.text_of[output] = text_rel
         plan.texts[text_rel] = report
     plan.duplicates = identical_files(plan.jobs)
@@ -420,17 +437,22 @@ def plan_own(csv_path: Path, fmt: str, fractions: Mapping[str, float], policy: _
     return plan
 
 
+def _files_of(source: Path) -> list[Path]:
+    return sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
+
+
 def identical_files(jobs: Sequence[VolumeJob]) -> list[list[str]]:
-    """Groups (in listing order) of the jobs' sources with identical bytes; only files of equal size
-    are hashed."""
+    """Groups (in listing order) of the jobs' sources with identical bytes (a DICOM folder: the
+    same files' bytes); only sources of equal size are hashed."""
     by_size: dict[int, list[VolumeJob]] = {}
     for job in jobs:
-        by_size.setdefault(Path(job.source).stat().st_size, []).append(job)
+        by_size.setdefault(sum(p.stat().st_size for p in _files_of(Path(job.source))), []).append(job)
     by_digest: dict[str, list[str]] = {}
     for same_size in by_size.values():
         if len(same_size) > 1:
             for job in same_size:
-                by_digest.setdefault(file_sha256(job.source), []).append(job.label)
+                digest = "".join(file_sha256(p) for p in _files_of(Path(job.source)))
+                by_digest.setdefault(digest, []).append(job.label)
     order = {job.label: i for i, job in enumerate(jobs)}
     groups = [sorted(labels, key=order.__getitem__) for labels in by_digest.values() if len(labels) > 1]
     return sorted(groups, key=lambda group: order[group[0]])
@@ -689,6 +711,7 @@ def _prepare_volumes(plan: Plan, out: Path, settings: Settings, policy: _ErrorPo
     outcomes = _run_jobs(todo, out, settings, workers, progress, max_voxels)
     with open(journal_path, "a", encoding="utf-8") as journal, contextlib.closing(outcomes):
         for outcome in outcomes:
+            plan.hu_unwindowed += outcome.hu_unwindowed
             if outcome.entry is None:
                 policy.handle(label_of[outcome.output], DataError(outcome.error_path, outcome.error_problem))
                 continue
@@ -767,6 +790,7 @@ def prepare_dataset(
     progress: bool = True,
     strict_split: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    window: WindowSpec = None,
 ) -> dict[str, Any]:
     """Prepare raw M3D (``source`` = the folder holding ``M3D_Cap/``) or own data (``source`` = CSV).
 
@@ -774,18 +798,23 @@ def prepare_dataset(
     id for M3D, of the image path for own data). ``workers=None`` uses every available core, 0 or 1
     runs in this process. ``strict_split`` moves leaking test items to train (module docstring).
     ``max_voxels`` bounds each raw scan by its header, before it is read (each worker holds one).
+    ``window`` (own data): the CT window in HU (``preprocess.window_range``); unset, a scan that
+    looks like raw HU is min-maxed and a warning says which setting to use.
     Returns the manifest that was written to ``out/manifest.json``.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if npy_dtype not in ("uint8", "float16"):
         raise ValueError(f"npy_dtype must be 'uint8' or 'float16', got {npy_dtype!r}")
-    settings = Settings(format, npy_dtype, spatial_size_tuple(spatial_size), float(foreground_threshold))
+    source_path, out = Path(source), Path(out)
+    is_csv = source_path.suffix.lower() == ".csv"
+    if window is not None and not is_csv:
+        raise ValueError("intensity.window applies to your own scans in Hounsfield units (a CSV source); M3D-Cap's "
+                         "slices are display-windowed 8-bit images and are min-maxed as the original does")
+    settings = Settings(format, npy_dtype, spatial_size_tuple(spatial_size), float(foreground_threshold),
+                        window_range(window))
     fractions = split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05})
     policy = _ErrorPolicy(on_error)
-    source_path, out = Path(source), Path(out)
-
-    is_csv = source_path.suffix.lower() == ".csv"
     if not is_csv and not source_path.is_dir():
         raise DataError(source_path, "not found (expected a raw M3D folder or an image,report .csv)")
     plan = (plan_own if is_csv else plan_m3d)(source_path, format, fractions, policy)
@@ -797,6 +826,11 @@ def prepare_dataset(
             _write_text_if_changed(out / text_rel, text)
         volumes = _prepare_volumes(plan, out, settings, policy, _default_workers() if workers is None else workers,
                                    progress, max_voxels)
+        if plan.hu_unwindowed and window is None:
+            log.warning("%d scan(s) look like raw CT in Hounsfield units (air below -500, tissue above 200) and no "
+                        "intensity.window is set: they were min-max normalised as M3D's display-windowed JPEGs are, "
+                        "which squeezes soft tissue into a sliver of [0, 1]. Set intensity.window=soft_tissue (W400/L40; "
+                        "or lung, bone, brain, [low,high]), or intensity.window=none to keep min-max", plan.hu_unwindowed)
         split_lists, moved = _split_lists(plan, volumes, strict_split, case_of=str if is_csv else case_id)
         _write_json(out / SPLIT_FILE, split_lists)
         vqa = {}
@@ -816,6 +850,9 @@ def prepare_dataset(
             "volumes": volumes,
             "skipped": skipped,
             "duplicates": plan.duplicates,
+            "intensity": {"window": window if isinstance(window, str | None) else list(window),
+                          "range": list(settings.window) if settings.window else None,
+                          "hu_like_min_maxed": plan.hu_unwindowed},
             "vqa": vqa,
             "strict_split": moved,
             "counts": _counts(plan, volumes, skipped, split_lists, vqa, moved),

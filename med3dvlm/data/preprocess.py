@@ -1,7 +1,13 @@
-"""Turn raw scans into model-ready volumes: stack slices, min-max to [0, 1], crop, resize.
+"""Turn raw scans into model-ready volumes: stack slices, intensity to [0, 1], crop, resize.
 
-Shared by ``prepare`` (M3D-Cap JPEG series, user NIfTI) and inference on new scans, so a volume
-seen at inference time goes through exactly the steps the training data went through.
+Shared by ``prepare`` (M3D-Cap JPEG series, the user's scans) and inference on new scans, so a
+volume seen at inference time goes through exactly the steps the training data went through.
+
+Intensity: M3D-Cap's slices are display-windowed 8-bit JPEGs, min-max normalised as the original
+does. A CT in Hounsfield units (about -1024 ... 3000) min-maxed that way puts soft tissue into a
+sliver of [0, 1]; a CT *window* (``WINDOWS``: soft tissue W400/L40, lung W1500/L-600, bone
+W1800/L400, brain W80/L40, or an explicit ``[low, high]``) clips it to ``[low, high]`` and scales
+that to [0, 1], as a radiologist's display (and M3D's JPEGs) do.
 
 Foreground crop: after min-max normalisation the volume is cropped to the bounding box of the
 voxels strictly above ``foreground_threshold`` (default 0, i.e. everything brighter than the
@@ -11,7 +17,6 @@ default ``select_fn``. A volume with no voxel above the threshold is kept whole.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections import Counter
@@ -22,21 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from med3dvlm.data.errors import DataError
+from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, read_scan
 
 SLICE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
-# The largest scan read by default: 1 Gi voxels (a 512x512x4096 CT; 4 GiB as float32). A header is
-# checked against it before anything is decompressed or allocated; a worker holds one scan at a time.
-DEFAULT_MAX_VOXELS = 1 << 30
 _NUMBER = re.compile(r"\d+")
-
-
-def check_voxels(shape: Sequence[int], max_voxels: int, source: str | os.PathLike) -> None:
-    """Refuse a scan whose header claims a ``shape`` of more than ``max_voxels`` voxels (checked
-    before anything is decompressed or allocated)."""
-    count = math.prod(int(n) for n in shape)
-    if count > max_voxels:
-        raise DataError(source, f"the header claims {'x'.join(str(int(n)) for n in shape)} = {count:,} voxels, "
-                                f"more than max_voxels={max_voxels:,} (raise max_voxels to read larger scans)")
 
 
 def spatial_size_tuple(spatial_size: Sequence[int]) -> tuple[int, int, int]:
@@ -120,34 +114,43 @@ def stack_series(series_dir: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
     return StackedSeries(volume=np.stack(kept), dropped=dropped)
 
 
-def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
-    """A 3D NIfTI reoriented to the closest canonical (RAS+) orientation, as ``(D, H, W) = (z, y, x)``.
+# CT display windows, (width, level) in Hounsfield units: [level - width/2, level + width/2] -> [0, 1].
+WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0), "brain": (80.0, 40.0),
+}
+WindowSpec = str | Sequence[float] | None
 
-    Trailing singleton dimensions (``(x, y, z, 1)``) are squeezed; a true 4D series (several
-    frames) is rejected rather than silently reduced to one frame. The header's size is checked
-    against ``max_voxels`` before the data is decompressed.
-    """
-    import nibabel as nib
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    try:
-        image = nib.load(str(path))
-        shape = tuple(image.shape)
-        while len(shape) > 3 and shape[-1] == 1:
-            shape = shape[:-1]
-        if len(shape) != 3:
-            raise DataError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
-        check_voxels(shape, max_voxels, path)
-        if len(image.shape) > 3:
-            image = nib.Nifti1Image(np.asanyarray(image.dataobj).reshape(shape), image.affine, image.header)
-        data = np.asanyarray(nib.as_closest_canonical(image).dataobj)
-    except DataError:
-        raise
-    except Exception as exc:  # nibabel/gzip/numpy raise many types for truncated or corrupt files
-        raise DataError(path, f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})") from exc
-    return np.ascontiguousarray(data.transpose(2, 1, 0))
+def window_range(window: WindowSpec) -> tuple[float, float] | None:
+    """``(low, high)`` of ``window``: a preset of ``WINDOWS``, an explicit ``[low, high]``, or
+    ``None`` / ``"none"`` (no window: min-max, as the original)."""
+    if window is None or (isinstance(window, str) and window.lower() == "none"):
+        return None
+    if isinstance(window, str):
+        if window not in WINDOWS:
+            raise ValueError(f"intensity.window={window!r}: use one of {sorted(WINDOWS)}, [low, high] in HU, or none")
+        width, level = WINDOWS[window]
+        return level - width / 2, level + width / 2
+    values = [float(v) for v in window]
+    if len(values) != 2 or not values[1] > values[0]:
+        raise ValueError(f"intensity.window={list(window)}: an explicit window is [low, high] with low < high")
+    return values[0], values[1]
+
+
+def looks_like_hu(volume: np.ndarray) -> bool:
+    """Raw CT in Hounsfield units: air far below zero (< -500) and tissue or bone above 200."""
+    return float(np.min(volume)) < -500 and float(np.max(volume)) > 200
+
+
+def apply_window(volume: np.ndarray, low: float, high: float, source: str | os.PathLike = "<array>") -> np.ndarray:
+    """Clip to ``[low, high]`` and scale to float32 [0, 1]; NaN/Inf is bad input."""
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.size == 0:
+        raise DataError(source, f"empty volume, shape {volume.shape}")
+    if not np.isfinite(volume).all():
+        raise DataError(source, "volume contains NaN or Inf values")
+    clipped = np.clip(volume, np.float32(low), np.float32(high))
+    return (clipped - np.float32(low)) * np.float32(1.0 / (high - low))
 
 
 def minmax_normalize(volume: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
@@ -195,16 +198,36 @@ def preprocess_volume(
     spatial_size: Sequence[int],
     foreground_threshold: float = 0.0,
     source: str | os.PathLike = "<array>",
+    window: tuple[float, float] | None = None,
 ) -> np.ndarray:
     """Raw ``(D, H, W)`` array of any dtype -> float32 ``spatial_size`` volume in [0, 1].
 
-    Min-max to [0, 1], foreground crop, trilinear resize. ``source`` names the input in errors.
+    ``window`` ``(low, high)`` (see :func:`window_range`) or min-max to [0, 1], then foreground crop,
+    trilinear resize. ``source`` names the input in errors.
     """
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise DataError(source, f"expected a 3D (D, H, W) volume, got shape {volume.shape}")
-    normalized = minmax_normalize(volume, source)
+    normalized = minmax_normalize(volume, source) if window is None else apply_window(volume, *window, source)
     cropped = crop_foreground(normalized, foreground_threshold)
     resized = resize_trilinear(cropped, spatial_size)
     # Interpolation is a convex combination, so only float rounding can leave [0, 1].
     return np.clip(resized, 0.0, 1.0, out=resized)
+
+
+@dataclass(frozen=True)
+class PreparedScan:
+    """A scan as read (canonical ``(D, H, W)``, as stored) and as the model receives it."""
+
+    raw: np.ndarray
+    volume: np.ndarray
+    hu_unwindowed: bool  # raw CT in HU min-maxed for want of a window
+
+
+def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], window: tuple[float, float] | None = None,
+                 foreground_threshold: float = 0.0, max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
+    """One of the user's scans (any format of ``data.scans``) through the steps ``prepare`` applies:
+    the one code path of ``prepare``, ``infer`` and the app."""
+    raw = read_scan(path, max_voxels)
+    volume = preprocess_volume(raw, spatial_size, foreground_threshold, path, window)
+    return PreparedScan(raw, volume, window is None and looks_like_hu(raw))

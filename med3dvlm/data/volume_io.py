@@ -20,9 +20,10 @@ import numpy as np
 from med3dvlm.data.errors import DataError
 from med3dvlm.utils.atomic import atomic_path
 
-VolumeFormat = Literal["nii.gz", "npy"]
 NpyDtype = Literal["uint8", "float16"]
 FORMATS: tuple[str, ...] = ("nii.gz", "npy")
+# Written into a prepared NIfTI's header ("descrip"), so infer recognises a volume prepare wrote.
+PREPARED_MARK = b"med3dvlm prepared"
 
 
 def volume_suffix(fmt: str) -> str:
@@ -70,6 +71,22 @@ def read_volume_raw(path: str | os.PathLike, mmap: bool = True,
         raise
     except Exception as exc:  # nibabel/numpy raise many types for truncated or corrupt files
         raise DataError(path, f"unreadable or truncated volume ({type(exc).__name__}: {exc})") from exc
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a volume ``prepare`` wrote: an ``.npy``, or a NIfTI whose header carries
+    the mark (read from the header only)."""
+    path = Path(path)
+    if path.name.endswith(".npy"):
+        return True
+    if not path.name.endswith((".nii.gz", ".nii")) or not path.is_file():
+        return False
+    import nibabel as nib
+
+    try:
+        return bytes(nib.load(str(path)).header["descrip"]).rstrip(b"\0").startswith(PREPARED_MARK)
+    except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError):
+        return False  # not a prepared one; reading it as a scan names the problem
 
 
 def to_float(data: np.ndarray) -> np.ndarray:
@@ -121,6 +138,7 @@ def write_volume(
             import nibabel as nib
 
             image = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0)), affine=np.eye(4))
+            image.header["descrip"] = PREPARED_MARK
             nib.save(image, str(tmp))
         else:
             raise DataError(path, "unsupported volume file type (expected .npy or .nii.gz)")
