@@ -30,6 +30,8 @@ EVAL_TASKS = ("vqa_closed", "vqa_open", "report")
 # Choices listed in a fixed order: the tiny LLM, random at the start and trained for minutes, cannot
 # learn to read four shuffled options (README, Demo), so the letter must follow from the image alone.
 SYNTHETIC_SETTINGS = ("seed=0", "choice_order=fixed")
+# Recorded beside the settings: data written in an older layout (one collection) is made again.
+SYNTHETIC_LAYOUT = "layout=m3d-release"
 
 
 def run(step: str, args: list[str]) -> None:
@@ -45,9 +47,10 @@ def make_data(raw: Path, cases: int) -> float:
     """Generate the synthetic raw data unless ``raw`` holds data of these settings; return when it was made."""
     settings = [f"out={raw}", f"cases={cases}", *SYNTHETIC_SETTINGS]
     stamp = raw / "demo_settings.txt"
-    if not (stamp.is_file() and stamp.read_text(encoding="utf-8").split() == settings[1:]):
+    recorded = [*settings[1:], SYNTHETIC_LAYOUT]
+    if not (stamp.is_file() and stamp.read_text(encoding="utf-8").split() == recorded):
         run("synthetic data", ["med3dvlm.synthetic", *settings])
-        stamp.write_text(" ".join(settings[1:]) + "\n", encoding="utf-8")
+        stamp.write_text(" ".join(recorded) + "\n", encoding="utf-8")
     return stamp.stat().st_mtime
 
 
