@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,25 @@ def _hydra_subdir(resume: str | None, time: str) -> str:
     return ".hydra" if resume is None else f".hydra/resume-{time}"
 
 
+def _run_stamp(output_dir: str) -> str:
+    # A run folder outputs/<task>/<date>/<time> (a resumed run keeps it) -> "<date>_<time>".
+    return "_".join(Path(output_dir).parts[-2:])
+
+
+def _model_experiment(model: str | None) -> str:
+    # The experiment a model folder or stage export records (evaluation runs join its W&B group).
+    for name in ("config.json", "export.json", "encoder/export.json"):
+        path = Path(model or "") / name
+        if model and path.is_file():
+            try:
+                recorded = json.loads(path.read_text(encoding="utf-8")).get("experiment")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(recorded, str):
+                return recorded
+    return "default"
+
+
 def _register_resolvers() -> None:
     # `${project_root:}` lets configs place data/ and outputs/ at the checkout root whatever the cwd.
     OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
@@ -24,6 +44,8 @@ def _register_resolvers() -> None:
         "wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True
     )
     OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
+    OmegaConf.register_new_resolver("run_stamp", _run_stamp, replace=True)
+    OmegaConf.register_new_resolver("model_experiment", _model_experiment, replace=True)
 
 
 _register_resolvers()

@@ -47,7 +47,8 @@ from med3dvlm.checkpointing import write_shard_checksums
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.vit3d import ViT3D
 from med3dvlm.models.vlm import VisionLanguageModel
-from med3dvlm.shard_reader import load_into
+from med3dvlm.shard_reader import load_into, read_metadata
+from med3dvlm.stages.lean_checkpoint import LeanCheckpoint, check_lean_keys
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,10 +146,16 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def _load_shard_folder(self, path: Path) -> dict[str, Any]:
         # Lightning's own sharded load, with the safe reader: weights, then each optimiser's state,
-        # then meta.pt (loops, schedulers, callbacks).
-        state = {"state_dict": get_model_state_dict(self.model)}
+        # then meta.pt (loops, schedulers, callbacks). A lean checkpoint holds the trained tensors only.
+        present = {key.removeprefix("state_dict.") for key in read_metadata(path).state_dict_metadata
+                   if key.startswith("state_dict.")}
+        module = self.lightning_module
+        if isinstance(module, LeanCheckpoint):
+            check_lean_keys(present, module.lean_keys(), f"{path}")
+        weights = {k: v for k, v in get_model_state_dict(self.model).items() if k in present}
+        state = {"state_dict": weights}
         load_into(state, path)
-        self.model.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        self.model.load_state_dict(state["state_dict"], strict=module.strict_loading)
         for index, optimizer in enumerate(self.optimizers):
             key = f"optimizer_{index}"
             optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}

@@ -1,5 +1,6 @@
 """``python -m med3dvlm.train stage=siglip|pretrain|finetune``: fit, then test; returns the metric a
-sweeper optimises (``optimized_metric``)."""
+sweeper optimises (``optimized_metric``: its best validation value, or the last with
+``optimized_value=last``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from med3dvlm.metrics.retrieval import format_table
 from med3dvlm.multirun import job_scope
 from med3dvlm.resumable_data import make_training_data_resumable
 from med3dvlm.resume_guard import check_resume_config
-from med3dvlm.run_summary import finish_wandb_runs, write_summary
+from med3dvlm.run_summary import MetricHistory, finish_wandb_runs, optimized_value, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ def _train(cfg: DictConfig) -> float | None:
     module = instantiate(cfg.stage.module)
     datamodule = instantiate(cfg.data, **module.datamodule_kwargs())
     restore_position = make_training_data_resumable(datamodule, seed=cfg.get("seed") or 0)
+    optimized = cfg.get("optimized_metric")
+    history = MetricHistory(optimized, cfg.get("optimized_mode") or "max")
     callbacks = [*_instantiate_all(cfg.get("callbacks")), *_instantiate_all(cfg.stage.get("callbacks")),
-                 restore_position]
+                 restore_position, history]
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning refuses an LR monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -67,12 +70,12 @@ def _train(cfg: DictConfig) -> float | None:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     report(metrics)
-    optimized = cfg.get("optimized_metric")
-    write_summary(metrics, cfg.paths.output_dir, loggers, optimized)
+    value, value_is, step = optimized_value(metrics, history, cfg.get("optimized_value") or "best")
+    write_summary(metrics, cfg.paths.output_dir, loggers, optimized, value, value_is, step)
     finish_wandb_runs(loggers)
-    if optimized and optimized not in metrics:
+    if optimized and value is None:
         log.warning("optimized_metric %r was not logged; train() returns None", optimized)
-    return metrics.get(optimized)
+    return value
 
 
 @rank_zero_only

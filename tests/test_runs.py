@@ -286,6 +286,19 @@ class _StubRun:
         self.finished = True
 
 
+def test_the_sweeper_gets_the_best_validation_value_or_the_last():
+    from med3dvlm.run_summary import MetricHistory, optimized_value
+
+    history = MetricHistory("val/loss", "min")
+    history.load_state_dict({"values": [[5, 2.0], [10, 1.5]]})  # before a crash, restored from the checkpoint
+    history.values.append((15, 1.8))
+    assert optimized_value({"val/loss": 1.8}, history, "best") == (1.5, "best", 10)
+    assert optimized_value({"val/loss": 1.8}, history, "last") == (1.8, "last", None)
+    assert optimized_value({}, MetricHistory("val/loss", "min"), "best") == (None, "last", None)
+    with pytest.raises(ValueError, match="'best' or 'last'"):
+        optimized_value({}, history, "mean")
+
+
 def test_final_metrics_reach_the_run_folder_and_the_wandb_summary(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
@@ -294,9 +307,9 @@ def test_final_metrics_reach_the_run_folder_and_the_wandb_summary(tmp_path):
     run = _StubRun()
     logger = WandbLogger(experiment=run)
     metrics = {"test/recall_mean": 0.5, "val/loss": 1.25}
-    write_summary(metrics, tmp_path, [logger], "val/loss")
+    write_summary(metrics, tmp_path, [logger], "val/loss", 1.0, "best", 20)
     assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == {
-        "optimized_metric": "val/loss", "value": 1.25, "metrics": metrics}
+        "optimized_metric": "val/loss", "value": 1.0, "value_is": "best", "step": 20, "metrics": metrics}
     assert run.summary == metrics
     (table,) = [row["final/metrics"] for row in run.logged if "final/metrics" in row]
     assert table.data == [["test/recall_mean", 0.5], ["val/loss", 1.25]]
@@ -390,3 +403,29 @@ def test_resume_keeps_the_original_config_and_refuses_changed_training_settings(
     resumes = sorted((run / ".hydra").glob("resume-*/overrides.yaml"))
     assert len(resumes) == 2  # the refused attempt and the accepted one, each beside the original
     assert "optimizer.lr=0.002" in resumes[-1].read_text() and "resume_override=true" in resumes[-1].read_text()
+
+
+def test_a_resumed_offline_wandb_run_stays_one_run_with_its_files_in_the_run_folder(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing of the run may land under the home folder
+    for variable in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    run = tmp_path / "run"
+    common = ["logger=wandb", "trainer.max_epochs=2", "checkpoint_every_n_steps=3"]
+    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={run}",
+                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=7", check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    train_cli(data, tmp_path, *common, f"resume={run}")
+    run_id = (run / "wandb" / "run_id").read_text().strip()
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {run_id}  # one run, two sittings
+    assert all((p / f"run-{run_id}.wandb").is_file() for p in offline)
+    assert not (tmp_path / "home" / ".local" / "share" / "wandb").exists()
+    assert not (tmp_path / "home" / ".cache" / "wandb").exists()
+
+
+def test_wandb_runs_are_named_by_experiment_stage_and_time_with_the_stage_as_job_type(tmp_path):
+    cfg = _compose("demo", ["stage=finetune", "logger=wandb", f"paths.output_dir={tmp_path}/finetune/2026-12-04/10-11-12"])
+    node = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
+    assert node["name"] == "demo-finetune-2026-12-04_10-11-12"
+    assert node["job_type"] == "finetune" and node["group"] == "demo"

@@ -204,3 +204,85 @@ def test_stages_2_and_3_refuse_data_of_another_size_than_their_exports(assets, t
                                     lora={"_target_": "peft.LoraConfig"}, optimizer=nodes["optimizer"],
                                     scheduler=nodes["scheduler"], export_dir=None, experiment="unit",
                                     input_size=[16, 32, 32])
+
+
+def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    from med3dvlm.checkpointing import AtomicCheckpointIO
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2,
+                                                   save_top_k=-1)], plugins=[AtomicCheckpointIO()])
+    trainer.fit(stage, DataLoader(batches, batch_size=None, shuffle=False), ckpt_path=ckpt_path)
+
+
+def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(assets, tmp_path):
+    from med3dvlm.stages.lean_checkpoint import FrozenBaseMismatch, split_state_keys
+
+    pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
+    fit(pre, toy_batches(pre.model, count=1), steps=1)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+    def build(name, seed=0):
+        if name == "pretrain":
+            return pretrain_stage(assets)
+        model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(seed), tiny_llm(assets))
+        torch.manual_seed(0)
+        return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2), scheduler(),
+                             train_vision_tower=False, experiment="unit")
+
+    for name in ("pretrain", "finetune"):
+        batches = toy_batches(build(name).model, count=2)  # two steps an epoch: a checkpoint ends epoch 1
+        straight = build(name)
+        _fit_with_checkpoints(straight, batches, tmp_path / name / "straight", steps=4)
+        saved = torch.load(tmp_path / name / "straight" / "step=2.ckpt", weights_only=True)
+        trained, frozen = split_state_keys(straight)
+        assert set(saved["state_dict"]) == trained and frozen  # the frozen base stays out
+        full = sum(t.numel() for t in straight.state_dict().values())
+        lean = sum(t.numel() for t in saved["state_dict"].values())
+        assert lean < full / 2, (lean, full)
+        assert saved["frozen_base"]["fingerprint"] == straight.frozen_fingerprint()
+
+        resumed = build(name)
+        _fit_with_checkpoints(resumed, batches, tmp_path / name / "resumed", steps=4,
+                              ckpt_path=tmp_path / name / "straight" / "step=2.ckpt")
+        want, got = straight.state_dict(), resumed.state_dict()
+        assert max((want[k] - got[k]).abs().max().item() for k in trained) == 0.0
+
+    other = build("finetune", seed=1)  # another encoder under the same pretrain export
+    with pytest.raises(FrozenBaseMismatch, match="another frozen base"):
+        _fit_with_checkpoints(other, batches, tmp_path / "other", steps=4,
+                              ckpt_path=tmp_path / "finetune" / "straight" / "step=2.ckpt")
+
+
+def test_stage_3_validates_by_generation_with_closed_vqa_accuracy_per_question_type(assets, tmp_path):
+    import lightning as L
+    from helpers_data import make_prepared
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from med3dvlm.data.datamodule import M3DDataModule
+    from med3dvlm.stages.callbacks import ClosedVQAValidation
+
+    stage = finetune_stage(assets, tmp_path, train_vision_tower=False)
+    data = make_prepared(tmp_path / "prepared", shape=INPUT_SIZE)
+    datamodule = M3DDataModule(data, mixture="finetune", tokenizer=stage.model.tokenizer,
+                               num_image_tokens=stage.model.num_image_tokens, max_length=128, batch_size=2,
+                               spatial_size=INPUT_SIZE, augment=False)
+    check = ClosedVQAValidation(size=2, seed=3, max_new_tokens=4)
+    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/closed_accuracy", mode="max", filename="best")
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_train_batches=2, limit_val_batches=1,
+                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path / "logs", name="", version=""),
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[check, best])
+    trainer.fit(stage, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/closed_accuracy"]) <= 1.0
+    assert "val/closed_accuracy/Organ" in metrics  # the prepared questions are all of type 3 (Organ)
+    assert (tmp_path / "ckpt" / "best.ckpt").is_file()  # it can be the monitored metric
+    assert len(check.subset(trainer, stage)) == 2
+    again = ClosedVQAValidation(size=2, seed=3).subset(trainer, stage)
+    assert again.indices == check.subset(trainer, stage).indices  # fixed and seeded

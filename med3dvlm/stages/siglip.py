@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from med3dvlm.exports import siglip_files, write_encoder_export
 from med3dvlm.metrics.retrieval import retrieval_metrics, true_match_ranks
 from med3dvlm.sharding import ShardedStage, full_weights
+from med3dvlm.stages.lean_checkpoint import LeanCheckpoint
 from med3dvlm.stages.optim import SchedulerFactory, param_groups
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def sample_indices(batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.tensor([int(str(sid).rsplit("/", 1)[-1]) for sid in batch["sample_id"]], dtype=torch.long)
 
 
-class SigLIPStage(ShardedStage, L.LightningModule):
+class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
     """SigLIP training of ``image_tower`` (``encoder`` + head) and ``text_tower``.
 
     Args:
@@ -89,6 +90,8 @@ class SigLIPStage(ShardedStage, L.LightningModule):
         self.last_retrieval: dict[str, Any] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._step_started = 0.0
+        self.frozen_base_source = {}  # everything trains: a checkpoint holds the whole stage
+        self._lean_init()
         # Pretrained towers load in eval mode; everything trains here (BatchNorm as ``freeze_bn`` says).
         self.train()
 
@@ -243,9 +246,11 @@ class SigLIPStage(ShardedStage, L.LightningModule):
 
     # The RNG state travels in checkpoints through the RNGStateInCheckpoint callback (every stage).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["siglip_best_score"] = self.best_score
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.best_score = checkpoint.get("siglip_best_score", float("-inf"))
 
 

@@ -97,6 +97,7 @@ class FinetuneStage(VLMStage):
         self.pretrain_export = str(pretrain_export)
         self.vision_tower_config = vision_tower_config
         self.experiment = experiment
+        self.frozen_base_source = {"pretrain_export": self.pretrain_export, "llm": pretrain_meta.get("llm")}
         add_lora(model, lora)
         if train_vision_tower:
             model.vision_tower.requires_grad_(True)
@@ -172,7 +173,8 @@ def export_merged(handoff: str | Path, out: str | Path, dtype: str = "float32") 
     """Merge a finetune hand-off's adapter and write one reloadable model folder (see ``load_pretrained``)."""
     model, meta = load_finetune_handoff(handoff, dtype)
     merge_lora(model)
-    return model.save_pretrained(out, meta["vision_tower"], meta["projector"], meta["input_size"])
+    return model.save_pretrained(out, meta["vision_tower"], meta["projector"], meta["input_size"],
+                                 extra={"experiment": meta.get("experiment", "default")})
 
 
 def finetune_stage(

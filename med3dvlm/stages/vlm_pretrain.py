@@ -72,6 +72,7 @@ class PretrainStage(VLMStage):
         self.model.llm.requires_grad_(False)
         self.model.projector.requires_grad_(True)
         self.model.image_token_embedding.requires_grad_(True)
+        self.frozen_base_source = {"encoder_export": self.encoder_export, "llm": llm.name_or_path}
         self.cache_encoder_features = cache_encoder_features
         self.feature_cache: dict[str, list[torch.Tensor]] = {}
         log.info("pretrain: %d trainable parameters (projector + <im_patch> row)", self.trainable_parameter_count())

@@ -24,6 +24,7 @@ from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.projectors import encoder_sizes
 from med3dvlm.models.vlm import VisionLanguageModel
 from med3dvlm.sharding import ShardedStage, full_weights
+from med3dvlm.stages.lean_checkpoint import LeanCheckpoint
 from med3dvlm.stages.optim import SchedulerFactory, param_groups
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def build_vlm(
     return model, proj_config
 
 
-class VLMStage(ShardedStage, L.LightningModule):
+class VLMStage(LeanCheckpoint, ShardedStage, L.LightningModule):
     """LM loss on image + prompt + answer batches; trains whatever parameters require grad.
 
     Batches follow the datamodule contract: ``image (B,1,D,H,W)``, ``input_ids``,
@@ -95,6 +96,8 @@ class VLMStage(ShardedStage, L.LightningModule):
         self.model: VisionLanguageModel
         self.lr_by_prefix: dict[str, float] = {}
         self._step_started = 0.0
+        self.frozen_base_source: dict[str, Any] = {}
+        self._lean_init()
 
     # --- Lightning hooks ------------------------------------------------------------------
 
