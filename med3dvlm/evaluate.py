@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 import med3dvlm.config  # noqa: F401  (registers the resolvers)
 
 
-@hydra.main(config_path="../configs", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:

@@ -10,7 +10,7 @@ from med3dvlm.stages.handoff import resolve_handoff
 from med3dvlm.stages.vlm_finetune import FINETUNE_COMMAND, export_merged
 
 
-@hydra.main(config_path="../configs", config_name="export", version_base="1.3")
+@hydra.main(config_path="configs", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     source = resolve_handoff(cfg.source, cfg.paths.log_dir, "adapter", cfg.experiment_name, FINETUNE_COMMAND)
     out = export_merged(source, cfg.out, cfg.dtype)

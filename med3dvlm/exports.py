@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from med3dvlm.config import PROJECT_ROOT
+from med3dvlm.config import work_root
 from med3dvlm.models.components import build_component
 from med3dvlm.models.towers import ImageTower, TextTower
 from med3dvlm.models.vlm import load_state_strict
@@ -47,7 +47,6 @@ HEADS_FILE = "siglip_heads.safetensors"
 IMPORTED_ENCODER_DIR = "encoder"
 # The original's text pooling (first token): the pooling of an export that does not record one.
 DEFAULT_TEXT_POOLING = "first"
-DEFAULT_LOG_DIR = PROJECT_ROOT / "outputs"
 
 
 def write_encoder_export(
@@ -138,8 +137,8 @@ def latest_export(
     stage: str, experiment: str, log_dir: str | os.PathLike | None = None, which: str = "final"
 ) -> Path | None:
     """The newest complete export of ``stage`` (``which`` weights) by ``experiment`` under ``log_dir``
-    (default: ``outputs/`` of the checkout), or ``None``."""
-    root = Path(log_dir) if log_dir is not None else DEFAULT_LOG_DIR
+    (default: ``outputs/`` of the work root), or ``None``."""
+    root = Path(log_dir) if log_dir is not None else work_root() / "outputs"
     found: list[tuple[float, str]] = []
     for meta_file in root.glob(f"**/{EXPORT_FILE}"):
         if any(part.startswith((".tmp-", ".old-")) for part in meta_file.relative_to(root).parts):

@@ -10,7 +10,7 @@ import med3dvlm.config  # noqa: F401  (registers the resolvers)
 from med3dvlm.import_released import import_siglip, import_vlm
 
 
-@hydra.main(config_path="../configs", config_name="import_weights", version_base="1.3")
+@hydra.main(config_path="configs", config_name="import_weights", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     encoder = OmegaConf.to_container(cfg.encoder, resolve=True)
     if cfg.kind == "siglip":

@@ -11,7 +11,7 @@ from med3dvlm.inference import answer, load_volume_for
 from med3dvlm.models.vlm import load_pretrained
 
 
-@hydra.main(config_path="../configs", config_name="infer", version_base="1.3")
+@hydra.main(config_path="configs", config_name="infer", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     model = load_pretrained(cfg.model, dtype=cfg.dtype, verify_files=cfg.verify_files).to(cfg.device)
     image = load_volume_for(model, cfg.image, OmegaConf.to_container(cfg.intensity)["window"], cfg.max_voxels)

@@ -9,7 +9,7 @@ import med3dvlm.config  # noqa: F401  (registers the config resolvers)
 from med3dvlm.data.m3d_prepare import prepare_dataset
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="prepare")
+@hydra.main(version_base="1.3", config_path="configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
     prepare_dataset(
         source=cfg.source,

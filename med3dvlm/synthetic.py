@@ -13,7 +13,7 @@ from med3dvlm.data.synthetic import generate
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="synthetic")
+@hydra.main(version_base="1.3", config_path="configs", config_name="synthetic")
 def main(cfg: DictConfig) -> None:
     summary = generate(
         out=cfg.out, cases=cfg.cases, seed=cfg.seed, slices=cfg.slices, size=cfg.size,

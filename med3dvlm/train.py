@@ -18,6 +18,7 @@ import med3dvlm.config  # noqa: F401  (registers the resolvers)
 from med3dvlm.checkpointing import AtomicCheckpointIO, resolve_checkpoint
 from med3dvlm.metrics.retrieval import format_table
 from med3dvlm.multirun import job_scope
+from med3dvlm.preflight import check_training_inputs
 from med3dvlm.resumable_data import make_training_data_resumable
 from med3dvlm.resume_guard import check_resume_config
 from med3dvlm.run_summary import MetricHistory, finish_wandb_runs, optimized_value, write_summary
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def _train(cfg: DictConfig) -> float | None:
     check_resume_config(cfg)
+    check_training_inputs(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     module = instantiate(cfg.stage.module)
@@ -90,7 +92,7 @@ def report(metrics: dict[str, float]) -> None:
         print(f"{key}: {metrics[key]:.4f}")
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

@@ -120,8 +120,8 @@ def test_generation_settings_are_explicit():
 
 @pytest.fixture(scope="module")
 def nltk_data(tmp_path_factory) -> str:
-    if not nltk_setup.missing_nltk_data(nltk_setup.DEFAULT_NLTK_DATA):
-        return str(nltk_setup.DEFAULT_NLTK_DATA)
+    if not nltk_setup.missing_nltk_data(nltk_setup.default_nltk_data()):
+        return str(nltk_setup.default_nltk_data())
     try:
         return str(nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data")))
     except (FileNotFoundError, ImportError) as exc:

@@ -14,8 +14,8 @@ from med3dvlm.metrics.text import BERTScorer, bleu1, mean, meteor, rouge1, text_
 @pytest.fixture(scope="session")
 def nltk_data(tmp_path_factory) -> Path:
     """The project's nltk_data folder, else one assembled from the installed Debian WordNet."""
-    if not nltk_setup.missing_nltk_data(nltk_setup.DEFAULT_NLTK_DATA):
-        return nltk_setup.use_nltk_data(nltk_setup.DEFAULT_NLTK_DATA)
+    if not nltk_setup.missing_nltk_data(nltk_setup.default_nltk_data()):
+        return nltk_setup.use_nltk_data()
     try:
         folder = nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data"))
     except (FileNotFoundError, ImportError) as exc:

@@ -47,7 +47,7 @@ from med3dvlm.metrics.retrieval import (
     subset_sizes,
     true_match_ranks,
 )
-from med3dvlm.metrics.text import TEXT_METRICS, BERTScorer, mean, text_scores
+from med3dvlm.metrics.text import TEXT_METRICS, BERTScorer, bertscore_problem, mean, text_scores
 from med3dvlm.metrics.vqa import closed_vqa_metrics, open_vqa_metrics
 from med3dvlm.utils.atomic import atomic_write_text
 
@@ -160,6 +160,12 @@ class GenerationTask:
 class _TextScoredTask(GenerationTask):
     reference_column = "Answer"
     score_columns = TEXT_METRICS
+
+    def run(self, ctx: EvalContext) -> EvalResult:
+        problem = bertscore_problem(**ctx.bertscore) if ctx.bertscore is not None else None
+        if problem:  # before generating every answer, not after
+            raise FileNotFoundError(f"context.bertscore: {problem}; set context.bertscore=null to leave it out")
+        return super().run(ctx)
 
     def text_metrics(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, list[float]], dict]:
         scorer = BERTScorer(**ctx.bertscore) if ctx.bertscore is not None else None

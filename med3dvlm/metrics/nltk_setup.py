@@ -23,10 +23,9 @@ import os
 import shutil
 from pathlib import Path
 
-from med3dvlm.config import PROJECT_ROOT
+from med3dvlm.config import work_root
 from med3dvlm.utils.atomic import atomic_write_text
 
-DEFAULT_NLTK_DATA = PROJECT_ROOT / "data" / "nltk_data"
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
 WORDNET_FILES: tuple[str, ...] = (
     "cntlist.rev",
@@ -98,9 +97,15 @@ def install_punkt(out: Path, language: str = "english") -> Path:
     return target
 
 
-def setup_nltk_data(out: str | os.PathLike = DEFAULT_NLTK_DATA, wordnet_dir: str | os.PathLike = DEBIAN_WORDNET) -> Path:
-    """Assemble an ``nltk_data`` folder with WordNet and English punkt; return it."""
-    out = Path(out)
+def default_nltk_data() -> Path:
+    """``data/nltk_data`` under the work root (``make nltk-data`` writes it)."""
+    return work_root() / "data" / "nltk_data"
+
+
+def setup_nltk_data(out: str | os.PathLike | None = None, wordnet_dir: str | os.PathLike = DEBIAN_WORDNET) -> Path:
+    """Assemble an ``nltk_data`` folder (default :func:`default_nltk_data`) with WordNet and English
+    punkt; return it."""
+    out = Path(out) if out is not None else default_nltk_data()
     install_wordnet(out, Path(wordnet_dir))
     install_punkt(out)
     return out
@@ -114,11 +119,12 @@ def missing_nltk_data(folder: str | os.PathLike) -> list[str]:
     return [str(p) for p in (*wordnet, *punkt_tab) if not p.is_file()]
 
 
-def use_nltk_data(folder: str | os.PathLike = DEFAULT_NLTK_DATA) -> Path:
-    """Put ``folder`` first on NLTK's data path; raise naming the set-up command when incomplete."""
+def use_nltk_data(folder: str | os.PathLike | None = None) -> Path:
+    """Put ``folder`` (default :func:`default_nltk_data`) first on NLTK's data path; raise naming the
+    set-up command when incomplete."""
     import nltk
 
-    folder = Path(folder).resolve()
+    folder = Path(folder if folder is not None else default_nltk_data()).resolve()
     missing = missing_nltk_data(folder)
     if missing:
         raise FileNotFoundError(
@@ -132,7 +138,7 @@ def use_nltk_data(folder: str | os.PathLike = DEFAULT_NLTK_DATA) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEFAULT_NLTK_DATA), help="nltk_data folder to write")
+    parser.add_argument("--out", default=None, help="nltk_data folder to write (default: data/nltk_data)")
     parser.add_argument("--wordnet-dir", default=str(DEBIAN_WORDNET), help="WordNet 3.0 database folder")
     args = parser.parse_args(argv)
     out = setup_nltk_data(args.out, args.wordnet_dir)

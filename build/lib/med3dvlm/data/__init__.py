@@ -1,0 +1,1 @@
+"""Data half of the pipeline: volume IO, preparation, datasets and the DataModule."""

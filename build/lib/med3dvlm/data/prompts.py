@@ -1,0 +1,138 @@
+"""The single prompt builder: image block + question, then the answer (the M3D / Med3DVLM format).
+
+The original builds ``image_tokens + question`` for captions and ``image_tokens + " " + question``
+for VQA, and tokenises ``prompt + " " + answer`` with the EOS after the last answer token. Here the
+prompt and the answer are tokenised separately (``tokens(prompt) + tokens(" " + answer) + [eos]``)
+so the prompt/answer boundary is exact; labels are -100 on the prompt and padding. Released
+Med3DVLM weights were trained on this text, so keep it unless you retrain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+# M3D's caption questions (LaMed ``cap_prompt``); the first is the fixed evaluation question.
+CAPTION_QUESTIONS: tuple[str, ...] = (
+    "Can you provide a caption consists of findings for this medical image?",
+    "Describe the findings of the medical image you see.",
+    "Please caption this medical scan with findings.",
+    "What is the findings of this image?",
+    "Describe this medical scan with findings.",
+    "Please write a caption consists of findings for this image.",
+    "Can you summarize with findings the images presented?",
+    "Please caption this scan with findings.",
+    "Please provide a caption consists of findings for this medical image.",
+    "Can you provide a summary consists of findings of this radiograph?",
+    "What are the findings presented in this medical scan?",
+    "Please write a caption consists of findings for this scan.",
+    "Can you provide a description consists of findings of this medical scan?",
+    "Please caption this medical scan with findings.",
+    "Can you provide a caption consists of findings for this medical scan?",
+)
+CAPTION_SEPARATOR = ""  # image block directly followed by the caption question
+VQA_SEPARATOR = " "  # image block, a space, then the VQA question
+ANSWER_SEPARATOR = " "  # prompt, a space, then the answer
+
+
+def caption_question(rng: np.random.Generator | None = None) -> str:
+    """A caption question: random from the template list, or the first one when ``rng`` is None."""
+    if rng is None:
+        return CAPTION_QUESTIONS[0]
+    return CAPTION_QUESTIONS[int(rng.integers(len(CAPTION_QUESTIONS)))]
+
+
+def closed_question(question: str, choices: Sequence[str]) -> str:
+    """``"<question> Choices: A. a B. b C. c D. d"``."""
+    if len(choices) != 4:
+        raise ValueError(f"a closed question needs 4 choices, got {len(choices)}")
+    return "{} Choices: A. {} B. {} C. {} D. {}".format(question, *choices)
+
+
+def closed_answer(letter: str, text: str) -> str:
+    """``"<letter>. <text>"``, e.g. ``"B. Liver"``."""
+    return f"{letter}. {text}"
+
+
+def build_prompt(image_token: str, num_image_tokens: int, question: str, separator: str = VQA_SEPARATOR) -> str:
+    """``image_token * num_image_tokens + separator + question``."""
+    if num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+    return image_token * num_image_tokens + separator + question
+
+
+def generation_prompt(image_token: str, num_image_tokens: int, question: str) -> str:
+    """The prompt for answering a free question about an image (the VQA format)."""
+    return build_prompt(image_token, num_image_tokens, question, VQA_SEPARATOR)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """``input_ids`` and ``labels`` of one example (``labels`` is None in prompt-only mode)."""
+
+    input_ids: list[int]
+    labels: list[int] | None
+    truncated: bool = False
+
+
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    answer: str | None,
+    max_length: int,
+    image_token: str,
+    num_image_tokens: int,
+) -> TokenizedExample:
+    """Token ids of ``prompt`` (+ answer + EOS), labels -100 except the answer and the EOS.
+
+    ``answer=None`` is prompt-only mode (generation). Too long: the answer is cut (and then has no
+    EOS, as in the original), never the prompt; a prompt that leaves no room for one answer token
+    raises ``ValueError``. The image block must tokenise to exactly ``num_image_tokens`` ids.
+    """
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    count = sum(1 for t in prompt_ids if t == image_id)
+    if count != num_image_tokens:
+        raise ValueError(
+            f"the prompt holds {count} {image_token!r} tokens after tokenisation, expected "
+            f"{num_image_tokens}; add {image_token!r} to the tokenizer as a special token"
+        )
+    if answer is None:
+        if len(prompt_ids) > max_length:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_length={max_length}")
+        return TokenizedExample(prompt_ids, None)
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(
+            f"image block + question take {len(prompt_ids)} tokens, leaving no room for the answer "
+            f"within max_length={max_length}"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token")
+    answer_ids = list(tokenizer(ANSWER_SEPARATOR + answer, add_special_tokens=False)["input_ids"])
+    answer_ids.append(tokenizer.eos_token_id)
+    truncated = len(answer_ids) > room
+    answer_ids = answer_ids[:room]
+    return TokenizedExample(prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated)
+
+
+@dataclass(frozen=True)
+class PromptBuilder:
+    """Prompt + tokenisation settings of one model: tokenizer, image token string and count, max length."""
+
+    tokenizer: PreTrainedTokenizerBase
+    image_token: str = "<im_patch>"
+    num_image_tokens: int = 256
+    max_length: int = 512
+
+    def prompt(self, question: str, separator: str = VQA_SEPARATOR) -> str:
+        return build_prompt(self.image_token, self.num_image_tokens, question, separator)
+
+    def tokenize(self, prompt: str, answer: str | None) -> TokenizedExample:
+        return tokenize_example(self.tokenizer, prompt, answer, self.max_length,
+                                self.image_token, self.num_image_tokens)

@@ -1,0 +1,1 @@
+"""Evaluation runner: batched resumable generation, benchmark scoring, run-folder outputs."""

@@ -1,0 +1,476 @@
+"""Import the released Med3DVLM checkpoints (``shared/reference/checkpoint_layouts.md`` (i), (iv)).
+
+``import_siglip`` reads ``MagicXin/DCFormer_SigLIP`` (the stage-1 ``DEC_CLIP`` model) and writes
+
+    <out>/encoder/           the encoder export stage 2 consumes (``stage.encoder_export=<out>/encoder``)
+    <out>/text_encoder/      the text encoder + tokenizer as a Hugging Face folder
+                             (``text_encoder.model_name_or_path=<out>/text_encoder``)
+    <out>/siglip_heads.safetensors   the rest, under the SigLIP stage's attribute names:
+                             ``image_tower.mm_vision_proj.{weight,bias}``,
+                             ``text_tower.mm_language_proj.{weight,bias}``, ``loss.{log_scale,bias}``
+    <out>/import.json        source, key counts and the choices below
+
+``import_vlm`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B`` (the merged ``VLMQwenForCausalLM``) and writes a
+folder ``med3dvlm.models.vlm.load_pretrained`` reads (so ``evaluate`` and ``infer`` take it), with
+the original's image-token placement on (``reference_placement``, stored in its config.json).
+
+Strictness: every checkpoint key goes to exactly one module (by prefix) or is in ``UNUSED_KEYS``;
+every module key must be filled with the same shape. The first key that does not fit raises
+``ReferenceLayoutError`` naming it. Floating tensors are cast to float32 (the release may be
+bfloat16; BatchNorm statistics included); integer buffers (``num_batches_tracked``) keep their type.
+
+The SigLIP scale: the original's multi-GPU sigmoid path (``gather_loss``, how the release was
+trained) uses ``exp(t_prime)`` as the logit scale, its single-process path ``t_prime`` itself.
+``siglip_scale="exp"`` (default) keeps the multi-GPU meaning: ``log_scale = t_prime``;
+``"linear"`` takes the single-process one: ``log_scale = log(t_prime)`` (needs ``t_prime > 0``).
+Our ``SigLIPLoss`` always computes ``exp(log_scale)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from med3dvlm.exports import write_encoder_export
+from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict
+from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
+from med3dvlm.stages.vlm_stage import build_projector
+from med3dvlm.utils.atomic import atomic_write_text
+
+SIGLIP_VISION_PREFIX = "vision_encoder."
+SIGLIP_TEXT_PREFIX = "language_encoder."
+SIGLIP_HEADS = (
+    "mm_vision_proj.weight",
+    "mm_vision_proj.bias",
+    "mm_language_proj.weight",
+    "mm_language_proj.bias",
+)
+SIGLIP_SCALARS = ("t_prime", "bias")
+VLM_VISION_PREFIX = "model.vision_tower.vision_tower."
+VLM_PROJECTOR_PREFIX = "model.mm_projector."
+
+UNUSED_KEYS: tuple[re.Pattern[str], ...] = (
+    # DistilBERT's position-id buffer (non-persistent today; older exports wrote it).
+    re.compile(r"language_encoder\.embeddings\.position_ids"),
+    # Rotary inverse frequencies, recomputed from the config (older exports wrote them).
+    re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq"),
+)
+"""Keys that may appear in a released checkpoint and are deliberately not loaded."""
+
+# Fields ``VLMQwenConfig`` adds to ``Qwen2Config`` (vision side, read here, not passed to the LLM)
+# and the generic metadata transformers writes.
+VLM_ONLY_FIELDS = (
+    "vision_tower",
+    "vision_select_layer",
+    "vision_select_feature",
+    "input_size",
+    "patch_size",
+    "dim",
+    "depth",
+    "mm_projector_type",
+    "mm_mlp_depth",
+    "proj_out_num",
+    "low_output_size",
+    "high_output_size",
+    "low_input_size",
+    "high_input_size",
+    "mm_hidden_size",
+    "img_token_id",
+    "tune_mm_mlp_adapter",
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+)
+
+SiglipScale = Literal["exp", "linear"]
+ExportConfig = Mapping[str, Any]
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint folder: ``model.safetensors`` (single or sharded with
+    ``model.safetensors.index.json``) or ``pytorch_model.bin`` (single or sharded), in that order."""
+    folder = Path(folder)
+    for index_name, single, reader in (
+        ("model.safetensors.index.json", "model.safetensors", lambda p: load_file(str(p))),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin", lambda p: torch.load(p, weights_only=True)),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            return _read_sharded(index, reader)
+        if (folder / single).is_file():
+            return dict(reader(folder / single))
+    raise FileNotFoundError(
+        f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json); "
+        "download the released folder with `huggingface-cli download <repo> --local-dir <folder>`"
+    )
+
+
+def _read_sharded(index: Path, reader) -> dict[str, Tensor]:
+    try:
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{index}: not a shard index with a weight_map ({error})") from error
+    state: dict[str, Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        path = index.parent / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"{index}: shard {shard} is listed but missing")
+        for key, value in reader(path).items():
+            if weight_map.get(key) != shard:
+                raise ReferenceLayoutError(
+                    f"{path}: key {key!r} is not listed for this shard in {index.name}"
+                )
+            state[key] = value
+    missing = [key for key in weight_map if key not in state]
+    if missing:
+        raise ReferenceLayoutError(
+            f"{index}: key {missing[0]!r} is listed but not in {weight_map[missing[0]]}"
+        )
+    return state
+
+
+def read_original_config(folder: str | os.PathLike, model_type: str) -> dict[str, Any]:
+    """The original's ``config.json``, checked to be of ``model_type``."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the released folder ships the original's config.json")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("model_type") != model_type:
+        raise ValueError(f"{path}: model_type {config.get('model_type')!r}, expected {model_type!r}")
+    return config
+
+
+def _field(config: Mapping[str, Any], name: str, where: Path) -> Any:
+    if name not in config:
+        raise ValueError(f"{where / 'config.json'}: field {name!r} missing")
+    return config[name]
+
+
+def to_float32(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Floating tensors as float32, others unchanged."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def original_input_size(input_size: Sequence[int]) -> list[int]:
+    """The original's ``input_size`` lists (H, W, D) (its encoder's internal frame); ours is (D, H, W)."""
+    if len(input_size) != 3:
+        raise ValueError(f"input_size {list(input_size)}: expected three sizes")
+    height, width, depth = (int(n) for n in input_size)
+    return [depth, height, width]
+
+
+# --- key accounting -----------------------------------------------------------------------------
+
+
+def split_state(
+    state: Mapping[str, Tensor],
+    prefixes: Mapping[str, str | tuple[str, ...]],
+    exact: Sequence[str],
+    source: str,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor], list[str]]:
+    """Assign every key to the first group with a matching prefix (or tuple of prefixes), to the
+    ``exact`` keys, or to ``UNUSED_KEYS``.
+
+    Returns the groups (prefix kept), the exact entries and the unused keys; any other key, and
+    any missing exact key, is an error naming it.
+    """
+    groups: dict[str, dict[str, Tensor]] = {name: {} for name in prefixes}
+    singles: dict[str, Tensor] = {}
+    unused: list[str] = []
+    for key, value in state.items():
+        if any(pattern.fullmatch(key) for pattern in UNUSED_KEYS):
+            unused.append(key)
+        elif key in exact:
+            singles[key] = value
+        else:
+            group = next((name for name, prefix in prefixes.items() if key.startswith(prefix)), None)
+            if group is None:
+                raise ReferenceLayoutError(f"key {key!r} is not part of the {source} layout")
+            groups[group][key] = value
+    for key in exact:
+        if key not in singles:
+            raise ReferenceLayoutError(f"the {source} checkpoint has no key {key!r}")
+    for name, prefix in prefixes.items():
+        if not groups[name]:
+            raise ReferenceLayoutError(
+                f"the {source} checkpoint has no key starting with {prefix!r} ({name})"
+            )
+    return groups, singles, unused
+
+
+def load_prefixed_strict(module: nn.Module, state: Mapping[str, Tensor], prefix: str) -> None:
+    """Load ``state`` (keys = ``prefix`` + ``module``'s keys) into ``module`` with assignment (works
+    for modules on the meta device); extra, mis-shaped and missing keys name the first offender."""
+    expected = module.state_dict()
+    stripped: dict[str, Tensor] = {}
+    for key, value in state.items():
+        ours = key[len(prefix) :]
+        if ours not in expected:
+            raise ReferenceLayoutError(
+                f"key {key!r} does not exist in the configured {type(module).__name__}"
+            )
+        if tuple(value.shape) != tuple(expected[ours].shape):
+            raise ReferenceLayoutError(
+                f"key {key!r}: shape {list(value.shape)} but the configured {type(module).__name__} "
+                f"expects {list(expected[ours].shape)}"
+            )
+        stripped[ours] = value.to(expected[ours].dtype)
+    for ours in expected:
+        if ours not in stripped:
+            raise ReferenceLayoutError(
+                f"the checkpoint has no key {prefix + ours!r} ({type(module).__name__})"
+            )
+    module.load_state_dict(stripped, strict=True, assign=True)
+
+
+def _check_shape(key: str, value: Tensor, shape: Sequence[int]) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ReferenceLayoutError(f"key {key!r}: shape {list(value.shape)}, expected {list(shape)}")
+
+
+def _build_encoder(encoder_config: ExportConfig, state: Mapping[str, Tensor], prefix: str) -> nn.Module:
+    encoder = instantiate(dict(encoder_config))
+    load_reference_state_dict(encoder, state, prefix)
+    return encoder.eval()
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
+
+
+# --- SigLIP (DEC_CLIP) --------------------------------------------------------------------------
+
+
+def log_scale_from_t_prime(t_prime: float, siglip_scale: SiglipScale) -> float:
+    """Our ``log_scale`` for the original's ``t_prime`` (see the module docstring)."""
+    if siglip_scale == "exp":
+        return t_prime
+    if siglip_scale == "linear":
+        if t_prime <= 0:
+            raise ValueError(f"t_prime={t_prime} <= 0 has no log; the linear reading is impossible")
+        return math.log(t_prime)
+    raise ValueError(f"siglip_scale={siglip_scale!r}: expected 'exp' or 'linear'")
+
+
+def import_siglip(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    encoder_config: ExportConfig,
+    text_model: str | None = None,
+    siglip_scale: SiglipScale = "exp",
+    experiment: str = "imported",
+) -> Path:
+    """Convert a ``DEC_CLIP`` release folder; see the module docstring for what lands in ``out``.
+
+    ``encoder_config``: the ``_target_`` node of our encoder (the release uses DCFormer-small).
+    ``text_model``: Hub name or folder with the text encoder's config (the release does not ship
+    it); ``None`` = the original config's ``language_model_name_or_path`` (medicalai/ClinicalBERT).
+    """
+    source, out = Path(source), Path(out)
+    config = read_original_config(source, "dec_clip")
+    if _field(config, "loss_type", source) != "sigmoid":
+        raise ValueError(
+            f"{source / 'config.json'}: loss_type {config['loss_type']!r}; only 'sigmoid' is imported"
+        )
+    if _field(config, "vision_encoder", source) != "dcformer":
+        raise ValueError(
+            f"{source / 'config.json'}: vision_encoder {config['vision_encoder']!r}; expected 'dcformer'"
+        )
+    input_size = original_input_size(_field(config, "input_size", source))
+    hidden = int(_field(config, "hidden_size", source))
+    state = to_float32(read_checkpoint(source))
+    groups, singles, unused = split_state(
+        state,
+        {"vision": SIGLIP_VISION_PREFIX, "text": SIGLIP_TEXT_PREFIX},
+        SIGLIP_HEADS + SIGLIP_SCALARS,
+        "DEC_CLIP",
+    )
+    encoder = _build_encoder(encoder_config, groups["vision"], SIGLIP_VISION_PREFIX)
+
+    text_source = str(text_model or _field(config, "language_model_name_or_path", source))
+    # Built for real (~135M parameters for ClinicalBERT): its non-persistent buffers need values.
+    language_encoder = AutoModel.from_config(AutoConfig.from_pretrained(text_source))
+    load_prefixed_strict(language_encoder, groups["text"], SIGLIP_TEXT_PREFIX)
+    text_width = int(language_encoder.config.hidden_size)
+    vision_width = int(encoder.out_channels[-1])
+    for name, width in (("mm_vision_proj", vision_width), ("mm_language_proj", text_width)):
+        _check_shape(f"{name}.weight", singles[f"{name}.weight"], (hidden, width))
+        _check_shape(f"{name}.bias", singles[f"{name}.bias"], (hidden,))
+    for name in SIGLIP_SCALARS:
+        if singles[name].numel() != 1:
+            raise ReferenceLayoutError(f"key {name!r}: shape {list(singles[name].shape)}, expected a scalar")
+    t_prime = float(singles["t_prime"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_source = source if (source / "tokenizer_config.json").is_file() else text_source
+    language_encoder.save_pretrained(out / "text_encoder")
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(out / "text_encoder")
+    heads = {
+        "image_tower.mm_vision_proj.weight": singles["mm_vision_proj.weight"],
+        "image_tower.mm_vision_proj.bias": singles["mm_vision_proj.bias"],
+        "text_tower.mm_language_proj.weight": singles["mm_language_proj.weight"],
+        "text_tower.mm_language_proj.bias": singles["mm_language_proj.bias"],
+        "loss.log_scale": torch.tensor([log_scale_from_t_prime(t_prime, siglip_scale)]),
+        "loss.bias": singles["bias"].reshape(1),
+    }
+    save_file({k: v.contiguous() for k, v in heads.items()}, str(out / "siglip_heads.safetensors"))
+    origin = {
+        "source": str(source),
+        "original_config": config,
+        "siglip_scale": siglip_scale,
+        "t_prime": t_prime,
+    }
+    write_encoder_export(
+        out / "encoder",
+        encoder,
+        encoder_config,
+        input_size,
+        "siglip",
+        experiment,
+        extra={"imported_from": origin["source"]},
+    )
+    _write_json(
+        out / "import.json",
+        {
+            "kind": "siglip",
+            **origin,
+            "created": time.time(),
+            "embed_dim": hidden,
+            "text_model_config": text_source,
+            "tokenizer": str(tokenizer_source),
+            "keys": {"vision": len(groups["vision"]), "text": len(groups["text"]), "heads": len(singles)},
+            "unused_keys": unused,
+        },
+    )
+    return out
+
+
+# --- the merged VLM (VLMQwenForCausalLM) ----------------------------------------------------------
+
+
+def qwen2_config(config: Mapping[str, Any]) -> Qwen2Config:
+    """The LLM's ``Qwen2Config``: the original config without its vision fields and metadata."""
+    return Qwen2Config(**{k: v for k, v in config.items() if k not in VLM_ONLY_FIELDS})
+
+
+def _qwen2_from_state(config: Qwen2Config, state: Mapping[str, Tensor]) -> Qwen2ForCausalLM:
+    """The LLM built on the meta device (no 7B random init, no second copy), filled from ``state``;
+    the rotary embedding (non-persistent buffers only) is rebuilt for real."""
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(config)
+    load_prefixed_strict(llm, state, "")
+    llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm.config)
+    left = [name for name, t in (*llm.named_parameters(), *llm.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"Qwen2 tensor {left[0]!r} was not filled by the checkpoint")
+    return llm.eval()
+
+
+def original_projector_config(
+    projector_config: ExportConfig, config: Mapping[str, Any], where: Path
+) -> dict[str, Any]:
+    """Our projector node with the original's Mixer sizes (``{low,high}_output_size``, ``mm_mlp_depth``)."""
+    if _field(config, "mm_projector_type", where) != "mixer":
+        raise ValueError(
+            f"{where / 'config.json'}: mm_projector_type {config['mm_projector_type']!r}; expected 'mixer'"
+        )
+    low, high = (
+        list(_field(config, "low_output_size", where)),
+        list(_field(config, "high_output_size", where)),
+    )
+    return {
+        **projector_config,
+        "low_tokens": low,
+        "high_tokens": high,
+        "depth": len(low),
+        "mlp_depth": int(_field(config, "mm_mlp_depth", where)),
+    }
+
+
+def import_vlm(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    encoder_config: ExportConfig,
+    projector_config: ExportConfig,
+    reference_placement: bool = True,
+    image_token: str = IMAGE_TOKEN,
+) -> Path:
+    """Convert a merged ``VLMQwenForCausalLM`` release folder into a ``load_pretrained`` folder.
+
+    ``encoder_config`` / ``projector_config``: our ``_target_`` nodes (DCFormer-small, Mixer); the
+    Mixer's sizes come from the original config. ``reference_placement``: the original's image-token
+    placement, on for the released weights (they were trained with it).
+    """
+    source = Path(source)
+    config = read_original_config(source, "vlm_qwen")
+    if _field(config, "vision_tower", source) != "dcformer":
+        raise ValueError(
+            f"{source / 'config.json'}: vision_tower {config['vision_tower']!r}; expected 'dcformer'"
+        )
+    input_size = original_input_size(_field(config, "input_size", source))
+    proj_node = original_projector_config(projector_config, config, source)
+    state = to_float32(read_checkpoint(source))
+    groups, _, unused = split_state(
+        state,
+        {"vision": VLM_VISION_PREFIX, "projector": VLM_PROJECTOR_PREFIX, "llm": ("model.", "lm_head.")},
+        (),
+        "VLMQwenForCausalLM",
+    )
+    vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
+    llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
+    hidden = llm.get_input_embeddings().weight.shape[1]
+    projector, proj_built = build_projector(proj_node, vision_tower, input_size, hidden)
+    for name, key in (("low", "low_input_size"), ("high", "high_input_size")):
+        built = list(getattr(projector, f"{name}_size"))
+        if key in config and list(config[key]) != built:
+            raise ValueError(
+                f"{source / 'config.json'}: {key} {config[key]} but the configured encoder at input size "
+                f"{input_size} gives {built}; choose the encoder variant / input size the release used"
+            )
+    load_reference_state_dict(projector, groups["projector"], VLM_PROJECTOR_PREFIX)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    if image_token not in tokenizer.get_vocab():
+        raise ValueError(f"{source}: the saved tokenizer has no {image_token!r} token")
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if token_id >= rows:
+        raise ValueError(
+            f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows"
+        )
+    model = VisionLanguageModel(
+        vision_tower, projector.eval(), llm, tokenizer, image_token, reference_placement
+    )
+    # Written before save_pretrained, so config.json's fingerprint covers it.
+    _write_json(
+        Path(out) / "import.json",
+        {
+            "kind": "vlm",
+            "source": str(source),
+            "original_config": config,
+            "created": time.time(),
+            "image_token_id": token_id,
+            "reference_placement": reference_placement,
+            "keys": {name: len(group) for name, group in groups.items()},
+            "unused_keys": unused,
+        },
+    )
+    return model.save_pretrained(out, dict(encoder_config), proj_built, input_size)

@@ -1,0 +1,33 @@
+"""``python -m med3dvlm.import_weights source=DIR kind=siglip|vlm [out=DIR]``: convert a released
+Med3DVLM checkpoint folder into our formats (see ``med3dvlm.import_released``)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import med3dvlm.config  # noqa: F401  (registers the resolvers)
+from med3dvlm.import_released import import_siglip, import_vlm
+
+
+@hydra.main(config_path="configs", config_name="import_weights", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    encoder = OmegaConf.to_container(cfg.encoder, resolve=True)
+    if cfg.kind == "siglip":
+        out = import_siglip(
+            cfg.source, cfg.out, encoder, cfg.text_model, cfg.siglip_scale, cfg.experiment_name
+        )
+        print(
+            f"imported into {out}: encoder export {out / 'encoder'} (stage.encoder_export=...), "
+            f"text encoder {out / 'text_encoder'}, heads and loss {out / 'siglip_heads.safetensors'}"
+        )
+    elif cfg.kind == "vlm":
+        projector = OmegaConf.to_container(cfg.projector, resolve=True)
+        out = import_vlm(cfg.source, cfg.out, encoder, projector, cfg.reference_placement)
+        print(f"imported into {out}  (evaluate: python -m med3dvlm.evaluate model={out})")
+    else:
+        raise ValueError(f"kind={cfg.kind!r}: expected siglip or vlm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation metrics: image-text retrieval (more follow with the evaluation stage)."""

@@ -1,0 +1,336 @@
+"""The vision-language model: 3D vision tower + projector + any Hugging Face causal LM.
+
+The tokenizer gains an ``<im_patch>`` token; a prompt carries exactly ``num_image_tokens`` of
+them, and the projected image features replace their embeddings wherever they sit (mask
+scatter), so left and right padding both work. The ``<im_patch>`` embedding is held in its own
+one-row parameter so that a stage can train that row alone without optimiser state for the whole
+embedding matrix; ``sync_image_token_row`` writes it back into the LLM before saving.
+
+``reference_placement=True`` reproduces the released Med3DVLM model's placement (see
+``shared/reference/checkpoint_layouts.md`` (iv)): the original assumes a BOS token at position 0,
+which Qwen2.5 does not have, so the raw ``<im_patch>`` embedding stays at the first image
+position, the features fill the N positions after it and the first text token after the image
+block is overwritten. Use it only to score weights trained that way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from med3dvlm.models.components import build_component
+from med3dvlm.models.llm import load_llm_folder
+from med3dvlm.utils.atomic import atomic_path, atomic_write_text
+from med3dvlm.utils.fingerprint import folder_fingerprint, verify_fingerprint
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<im_patch>"
+CONFIG_FILE = "config.json"
+LLM_DIR = "llm"
+EXPORT_FORMAT = "med3dvlm-vlm"
+EXPORT_VERSION = 1
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel, image_token: str) -> int:
+    """Add ``image_token`` to the tokenizer and LLM (new rows = mean of the old ones); return its id.
+
+    A tokenizer that already knows the token (a reloaded export) is left as it is.
+    """
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    old_rows = llm.get_input_embeddings().weight.shape[0]
+    if token_id >= old_rows:
+        # Exact mean rows (HF's mean_resizing samples around the mean instead).
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            inp = llm.get_input_embeddings().weight
+            inp[old_rows:] = inp[:old_rows].mean(dim=0)
+            out = llm.get_output_embeddings()
+            if out is not None and out.weight is not inp:
+                out.weight[old_rows:] = out.weight[:old_rows].mean(dim=0)
+    return token_id
+
+
+class VisionLanguageModel(nn.Module):
+    """Vision tower -> projector -> image tokens spliced into a causal LM's input embeddings.
+
+    ``vision_tower(x (B,1,D,H,W))`` returns the list of stage outputs the ``projector`` takes;
+    the projector returns ``(B, num_tokens, llm_hidden)``.
+    """
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token: str = IMAGE_TOKEN,
+        reference_placement: bool = False,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_token = image_token
+        self.reference_placement = reference_placement
+        self.image_token_id = add_image_token(tokenizer, llm, image_token)
+        self.num_image_tokens = int(projector.num_tokens)
+        row = llm.get_input_embeddings().weight[self.image_token_id].detach().clone()
+        self.image_token_embedding = nn.Parameter(row)
+        self.vision_tower_frozen = False
+        # Volume size (D, H, W) the vision tower and projector were built for; set by loaders.
+        self.input_size: tuple[int, int, int] | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().weight.shape[1]
+
+    def image_prompt(self) -> str:
+        """The image block every prompt starts with: ``num_image_tokens`` ``<im_patch>`` tokens."""
+        return self.image_token * self.num_image_tokens
+
+    # --- freezing -------------------------------------------------------------------------
+
+    def freeze_vision_tower(self) -> None:
+        """No gradients and eval mode (BatchNorm statistics frozen) for the vision tower, kept
+        in eval mode across later ``train()`` calls."""
+        self.vision_tower.requires_grad_(False)
+        self.vision_tower_frozen = True
+        self.vision_tower.eval()
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        super().train(mode)
+        if self.vision_tower_frozen:
+            self.vision_tower.eval()
+        return self
+
+    # --- image features and the splice ----------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Vision-tower stage outputs for ``images (B,1,D,H,W)``."""
+        return self.vision_tower(images)
+
+    def project(self, encoder_outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Projector output ``(B, num_image_tokens, hidden)`` for the vision tower's outputs."""
+        features = self.projector(encoder_outputs)
+        if features.shape[1:] != (self.num_image_tokens, self.hidden_size):
+            raise ValueError(
+                f"projector output {tuple(features.shape)} does not match "
+                f"(B, {self.num_image_tokens} image tokens, {self.hidden_size} LLM hidden size)"
+            )
+        return features
+
+    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the positions the image features go to, checked per sample."""
+        is_image = input_ids == self.image_token_id
+        counts = is_image.sum(dim=1)
+        bad = (counts != self.num_image_tokens).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"sample {bad[0]} has {int(counts[bad[0]])} {self.image_token} tokens; the projector "
+                f"produces {self.num_image_tokens} image features per volume"
+            )
+        if not self.reference_placement:
+            return is_image
+        # Reference placement: the image block must be contiguous; features go one position later.
+        first = is_image.int().argmax(dim=1)
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+        block = (idx >= first[:, None]) & (idx < first[:, None] + self.num_image_tokens)
+        if not torch.equal(block, is_image):
+            raise ValueError(f"reference placement needs one contiguous block of {self.image_token} tokens")
+        if int((first + self.num_image_tokens).max()) >= input_ids.shape[1]:
+            raise ValueError("reference placement needs at least one token after the image block")
+        return torch.roll(is_image, shifts=1, dims=1)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with ``image_features (B,N,hidden)`` spliced in at the image positions."""
+        is_image_token = (input_ids == self.image_token_id).unsqueeze(-1)
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        embeds = torch.where(is_image_token, self.image_token_embedding.to(embeds.dtype), embeds)
+        targets = self.image_positions(input_ids).unsqueeze(-1)
+        return embeds.masked_scatter(targets, image_features.to(embeds.dtype))
+
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions counted over real tokens only, so left padding does not shift them."""
+        return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        encoder_outputs: list[torch.Tensor] | None = None,
+    ) -> CausalLMOutputWithPast:
+        """LM outputs (with ``loss`` when ``labels`` are given). Pass ``images`` or precomputed
+        (cached) ``encoder_outputs``."""
+        if encoder_outputs is None:
+            if images is None:
+                raise ValueError("forward needs images or encoder_outputs")
+            encoder_outputs = self.encode_images(images)
+        embeds = self.embed(input_ids, self.project(encoder_outputs))
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask),
+            labels=labels,
+            use_cache=False,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_features: torch.Tensor | None = None,
+        **gen_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids ``(B, T_new)`` from the LLM's own ``generate``; pass left-padded prompts.
+
+        Pass ``images (B,1,D,H,W)``, or ``images=None`` and precomputed ``image_features
+        (B, num_image_tokens, hidden)`` (``project(encode_images(...))``, e.g. one encoding per
+        distinct volume repeated for its questions)."""
+        if (images is None) == (image_features is None):
+            raise ValueError("generate needs exactly one of images and image_features")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded prompts (a sample ends with padding)")
+        if image_features is None:
+            image_features = self.project(self.encode_images(images))
+        embeds = self.embed(input_ids, image_features)
+        gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        gen_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)
+
+    def sync_image_token_row(self) -> None:
+        """Copy the trained ``<im_patch>`` row into the LLM's embedding matrix."""
+        with torch.no_grad():
+            self.llm.get_input_embeddings().weight[self.image_token_id] = self.image_token_embedding
+
+    # --- one-folder export ----------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        vision_tower_config: dict,
+        projector_config: dict,
+        input_size: tuple[int, int, int] | list[int],
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write LLM + tokenizer (``llm/``), vision tower, projector and ``config.json`` to ``path``.
+
+        The component configs are the ``_target_`` nodes that rebuild the vision tower and the
+        projector; ``input_size`` is the volume size ``(D, H, W)`` they were built for; ``extra``
+        adds fields (the importer's record of its source). ``config.json`` is written last, so a
+        folder with it is complete, and lists the SHA-256 of every other file (``files``).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.sync_image_token_row()
+        self.llm.save_pretrained(path / LLM_DIR)
+        self.tokenizer.save_pretrained(path / LLM_DIR)
+        for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector)):
+            with atomic_path(path / f"{name}.safetensors") as tmp:
+                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(state, str(tmp))
+        config = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "image_token": self.image_token,
+            "num_image_tokens": self.num_image_tokens,
+            "reference_placement": self.reference_placement,
+            "input_size": list(input_size),
+            "vision_tower": vision_tower_config,
+            "projector": projector_config,
+            **(extra or {}),
+            "files": folder_fingerprint(path, skip={CONFIG_FILE}),
+        }
+        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2))
+        return path
+
+
+def load_state_strict(module: nn.Module, path: str | os.PathLike) -> None:
+    """Load a safetensors file into ``module``; missing, extra or mis-shaped keys are an error."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: weights not found")
+    state = load_file(str(path))
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(
+            f"{path}: does not fit {type(module).__name__}: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"{path}: key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str = "float32",
+    reference_placement: bool | None = None,
+    verify_files: bool = True,
+) -> VisionLanguageModel:
+    """Rebuild a VLM written by ``save_pretrained`` / ``python -m med3dvlm.export`` (eval mode).
+
+    Strict: the vision tower and projector are our own components (``med3dvlm.models.components``),
+    every weight file fits its module exactly, and the LLM folder is complete and consistent with its
+    tokenizer (``load_llm_folder``; the ``<im_patch>`` id inside the embedding matrix).
+    ``verify_files`` checks each file's SHA-256 against ``config.json`` first (off: skip hashing a
+    very large folder; everything else is still checked).
+    """
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; write a VLM folder with `python -m med3dvlm.export`")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{config_file}: not a {EXPORT_FORMAT} folder")
+    if verify_files:
+        if "files" in config:
+            verify_fingerprint(path, config["files"], config_file, closed=[LLM_DIR])
+        else:
+            log.warning("%s records no file fingerprints (written by an older version); files not verified",
+                        config_file)
+    vision_tower = build_component(config["vision_tower"], config_file, "vision_tower")
+    projector = build_component(config["projector"], config_file, "projector")
+    load_state_strict(vision_tower, path / "vision_tower.safetensors")
+    load_state_strict(projector, path / "projector.safetensors")
+    llm, tokenizer = load_llm_folder(path / LLM_DIR, dtype=dtype)
+    image_token = config["image_token"]
+    token_id = tokenizer.get_vocab().get(image_token)
+    rows = llm.get_input_embeddings().weight.shape[0]
+    if token_id is None or token_id >= rows:
+        found = "is not in the tokenizer" if token_id is None else f"has id {token_id}"
+        raise ValueError(f"{path / LLM_DIR / 'tokenizer.json'}: {image_token} {found}; the LLM's embedding "
+                         f"matrix has {rows} rows")
+    placement = config["reference_placement"] if reference_placement is None else reference_placement
+    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token=image_token,
+                                reference_placement=placement)
+    model.input_size = tuple(config["input_size"])
+    if model.num_image_tokens != config["num_image_tokens"]:
+        raise ValueError(
+            f"{config_file}: num_image_tokens {config['num_image_tokens']} but the projector gives "
+            f"{model.num_image_tokens}"
+        )
+    return model.to(llm.dtype).eval()

@@ -1,0 +1,2 @@
+"""Training stages as LightningModules (siglip, pretrain, finetune); they orchestrate components
+built from configs and hold no architecture themselves."""
