@@ -4,6 +4,7 @@ directory, with the configs it ships and outputs under the current directory."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,7 +23,16 @@ def test_a_wheel_runs_the_demo_siglip_stage_from_an_empty_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": ""}
     env.pop("MED3DVLM_ROOT", None)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)], REPO, env)
+    # Built from the tracked files only: an in-tree build would reuse the checkout's build/ folder,
+    # where a module deleted from the sources would still be packed.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file() and not (REPO / name).is_symlink():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)], source,
+        env)
     (wheel,) = (tmp_path / "dist").glob("med3dvlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "med3dvlm/configs/train.yaml" in names and "med3dvlm/configs/experiment/demo.yaml" in names

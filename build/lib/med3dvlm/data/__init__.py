@@ -1,1 +1,0 @@
-"""Data half of the pipeline: volume IO, preparation, datasets and the DataModule."""

@@ -1,1 +1,0 @@
-"""Evaluation runner: batched resumable generation, benchmark scoring, run-folder outputs."""

@@ -1,1 +1,0 @@
-"""Evaluation metrics: image-text retrieval (more follow with the evaluation stage)."""

@@ -1,2 +1,0 @@
-"""Training stages as LightningModules (siglip, pretrain, finetune); they orchestrate components
-built from configs and hold no architecture themselves."""
