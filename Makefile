@@ -50,10 +50,10 @@ eval: install nltk-data ## closed + open VQA of MODEL=<export folder> (default: 
 	$(OFFLINE) $(PY) -m med3dvlm.evaluate task=vqa_open model=$(EVAL_MODEL) $(if $(EVAL_DATA),data_dir=$(EVAL_DATA)) hydra.run.dir=$(EVAL_DIR) $(EVAL_ARGS)
 
 bench: install ## measure loader, encoder, projector, loss, stage steps and generation here
-	$(OFFLINE) $(PY) -m med3dvlm.bench
+	$(OFFLINE) $(PY) -m med3dvlm.bench $(if $(REFERENCE),--reference $(REFERENCE))
 
 gpu-check: install ## a few FSDP+bf16 steps of each stage at paper shapes on one GPU: step time, samples/s, memory
-	$(OFFLINE) $(PY) -m med3dvlm.gpu_check $(GPU_CHECK_ARGS)
+	$(OFFLINE) $(PY) -m med3dvlm.gpu_check $(if $(REFERENCE),--reference $(REFERENCE)) $(GPU_CHECK_ARGS)
 
 lint: install ## ruff
 	$(PY) -m ruff check med3dvlm tests

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2, help="samples per step")
     parser.add_argument("--cases", type=int, default=24, help="synthetic cases to prepare")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--reference", type=Path, default=None, metavar="PATH",
+                        help="a checkout of the original (mirthAI/Med3DVLM): also time its encoder and Mixer beside "
+                             "ours on this GPU in bf16 (its code runs here)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure.")
@@ -150,8 +153,20 @@ def main(argv: list[str] | None = None) -> int:
           f"Qwen2 {params / 1e6:.0f}M (random), Mixer 256 tokens; median of steps after warm-up")
     print("| stage | steps | step s | samples/s | peak GPU memory GiB |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows))
+    if args.reference is not None:
+        print("\nSide by side with the original on this GPU (bf16 autocast, interleaved pairs):")
+        print(side_by_side(args.reference))
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def side_by_side(reference: Path) -> str:
+    """The encoder and projector bench rows on the GPU against the original at ``reference``."""
+    from med3dvlm.bench import format_table
+    from med3dvlm.benchmarks import BenchOptions, encoder, projector
+
+    options = BenchOptions(reference=reference)
+    return format_table(encoder.run(options, device="cuda") + projector.run(options, device="cuda"))
 
 
 if __name__ == "__main__":

@@ -121,25 +121,6 @@ def test_full_stem_reaches_every_voxel(size):
     assert [o.shape[1] for o in outputs] == model.token_counts(size)
 
 
-@pytest.mark.parametrize("stem", ["reference", "full"])
-def test_channels_last_gives_the_same_outputs_and_gradients(stem):
-    torch.manual_seed(0)
-    # Eval mode: BatchNorm then uses running statistics, so conv-bias gradients are not ~0 noise.
-    plain = DCFormer("nano", stem=stem, layer_scale=0.5).eval()
-    fast = DCFormer("nano", stem=stem, layer_scale=0.5, channels_last=True).eval()
-    fast.load_state_dict(plain.state_dict())
-    assert fast.stages[1][0].dwconv.along_h.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    x = torch.rand(2, 1, 20, 36, 28)
-    outputs = []
-    for model in (plain, fast):
-        outputs.append(model(x))
-        sum(o.square().mean() for o in outputs[-1]).backward()
-    for a, b in zip(*outputs, strict=True):
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
-    for p, q in zip(plain.parameters(), fast.parameters(), strict=True):
-        assert (p.grad - q.grad).abs().max() <= 1e-4 * p.grad.abs().max()
-
-
 def test_bf16_autocast_runs_close_to_float32():
     torch.manual_seed(0)
     model = DCFormer("nano").eval()
@@ -157,7 +138,12 @@ def test_backward_reaches_every_parameter():
     torch.manual_seed(0)
     model = DCFormer("nano", layer_scale=0.5).train()
     sum(o.mean() for o in model(torch.rand(2, 1, 16, 32, 32))).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    # A convolution bias right before a training-mode BatchNorm is subtracted out with the batch
+    # mean: its gradient is zero in exact arithmetic (rounding noise at most). Every other one moves.
+    moving = {n: p for n, p in model.named_parameters() if not n.endswith("conv.bias")}
+    assert len(moving) == 0.8 * len(list(model.parameters()))  # 24 of the 120 are such biases
+    assert all(p.grad.abs().sum() > 0 for p in moving.values())
 
 
 def test_drop_path_acts_in_training_only():

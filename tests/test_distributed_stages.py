@@ -53,7 +53,10 @@ def deterministic(module: L.LightningModule) -> L.LightningModule:
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
         if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
-            layer.register_forward_pre_hook(lambda bn, _: bn.train(False) and None)
+            # Kept in eval mode whatever Lightning's train() calls say (the encoder reads a
+            # BatchNorm's mode before running it, so switching it from a hook would be too late).
+            layer.eval()
+            layer.train = functools.partial(lambda bn, mode=True: bn, layer)
     return module
 
 

@@ -23,10 +23,11 @@ def test_a_wheel_runs_the_demo_siglip_stage_from_an_empty_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": ""}
     env.pop("MED3DVLM_ROOT", None)
-    # Built from the tracked files only: an in-tree build would reuse the checkout's build/ folder,
-    # where a module deleted from the sources would still be packed.
+    # Built from the sources git sees (tracked, or new and not ignored): an in-tree build would reuse
+    # the checkout's build/ folder, where a module deleted from the sources would still be packed.
     source = tmp_path / "source"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, check=True).stdout
     for name in filter(None, tracked.decode().split("\0")):
         if (REPO / name).is_file() and not (REPO / name).is_symlink():
             (source / name).parent.mkdir(parents=True, exist_ok=True)

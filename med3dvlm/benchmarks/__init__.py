@@ -1,28 +1,42 @@
 """Benchmark sections for ``python -m med3dvlm.bench``.
 
-Each section module exposes ``run(quick: bool) -> list[BenchRow]``; ``SECTIONS`` lists them in
-print order. A section measures on the machine at hand and states the original
-implementation's figure beside ours where one is known.
+Each section module exposes ``run(options: BenchOptions) -> list[BenchRow]``; ``SECTIONS`` lists
+them in print order. A section measures on the machine at hand. A figure for the original
+implementation appears only when it was measured here, side by side with ours (``--reference``):
+interleaved in one process, same shapes and inputs, with the median of the per-pair ratios.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What every section is run with: fewer repeats (``quick``), the original's checkout."""
+
+    quick: bool = False
+    reference: Path | None = None
 
 
 @dataclass(frozen=True)
 class BenchRow:
-    """One line of the benchmark table."""
+    """One line of the benchmark table; ``original`` and ``ratio`` (ours / original, the median of
+    interleaved pairs) only where the original ran beside ours."""
 
     section: str
     name: str
     value: float
     unit: str
-    original: str = ""
     note: str = ""
+    original: float | None = None
+    ratio: float | None = None
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -35,6 +49,50 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def paired_seconds(
+    original: Callable[[], object], ours: Callable[[], object], repeats: int, warmup: int = 2,
+    synchronize: Callable[[], None] = lambda: None,
+) -> tuple[float, float, float]:
+    """Interleaved timing: each repeat runs the original, then ours. Returns both medians and the
+    median of the per-pair ratios ours / original (machine noise hits both sides of a pair)."""
+    for _ in range(warmup):
+        original()
+        ours()
+    pairs = []
+    for _ in range(repeats):
+        seconds = []
+        for fn in (original, ours):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            seconds.append(time.perf_counter() - start)
+        pairs.append(seconds)
+    return (
+        statistics.median(a for a, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        statistics.median(b / a for a, b in pairs),
+    )
+
+
+def saved_for_backward_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the tensors autograd keeps between ``forward()`` and its backward pass, each storage
+    counted once (several nodes may save the same tensor), leaving out ``exclude`` (parameters,
+    which exist anyway)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(seen.values())
 
 
 SECTIONS: tuple[str, ...] = ("loader", "encoder", "projector", "loss", "vlm", "generation")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from med3dvlm.benchmarks import BenchRow, median_seconds
+from med3dvlm.benchmarks import BenchOptions, BenchRow, median_seconds, saved_for_backward_bytes
 from med3dvlm.losses import SigLIPLoss
 
 BATCH, WIDTH = 64, 768
@@ -40,32 +40,21 @@ def _step_seconds(chunk_size: int | None, repeats: int) -> float:
     return median_seconds(step, repeats, warmup=3)
 
 
-def saved_for_backward_bytes(chunk_size: int | None, batch: int) -> int:
-    """Bytes of the tensors autograd keeps between the forward and the backward pass."""
+def _saved_bytes(chunk_size: int | None, batch: int) -> int:
     loss = SigLIPLoss(distributed="none", chunk_size=chunk_size)
     image, text = _embeddings(batch, requires_grad=True)
-    seen: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        # Count each storage once: several nodes may save the same tensor.
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss(image, text)
-    return sum(seen.values())
+    return saved_for_backward_bytes(lambda: loss(image, text))
 
 
-def run(quick: bool) -> list[BenchRow]:
+def run(options: BenchOptions) -> list[BenchRow]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    repeats = 10 if quick else 50
+    repeats = 10 if options.quick else 50
     try:
         dense = _step_seconds(None, repeats)
         chunked = _step_seconds(CHUNK, repeats)
-        dense_mb = saved_for_backward_bytes(None, MEMORY_BATCH) / 2**20
-        chunked_mb = saved_for_backward_bytes(MEMORY_CHUNK, MEMORY_BATCH) / 2**20
+        dense_mb = _saved_bytes(None, MEMORY_BATCH) / 2**20
+        chunked_mb = _saved_bytes(MEMORY_CHUNK, MEMORY_BATCH) / 2**20
     finally:
         torch.set_num_threads(threads)
     pairs = f"{MEMORY_BATCH}x{MEMORY_BATCH} pairs, width {WIDTH}"
@@ -75,7 +64,6 @@ def run(quick: bool) -> list[BenchRow]:
             f"SigLIP forward+backward, batch {BATCH} x {WIDTH}",
             dense * 1e3,
             "ms",
-            "",
             "1 thread, median",
         ),
         BenchRow(
@@ -83,18 +71,16 @@ def run(quick: bool) -> list[BenchRow]:
             f"SigLIP forward+backward chunked ({CHUNK} rows), batch {BATCH} x {WIDTH}",
             chunked * 1e3,
             "ms",
-            "",
             "1 thread, median; backward recomputes the logits",
         ),
         BenchRow(
-            "loss", f"SigLIP kept for backward, dense, {pairs}", dense_mb, "MiB", "", "saved-tensor bytes"
+            "loss", f"SigLIP kept for backward, dense, {pairs}", dense_mb, "MiB", "saved-tensor bytes"
         ),
         BenchRow(
             "loss",
             f"SigLIP kept for backward, chunked ({MEMORY_CHUNK} rows), {pairs}",
             chunked_mb,
             "MiB",
-            "",
             "saved-tensor bytes (the embeddings only)",
         ),
     ]

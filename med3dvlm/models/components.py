@@ -14,6 +14,7 @@ A research user's own encoder or projector class joins the list with :func:`regi
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,13 @@ COMPONENTS: dict[str, type[nn.Module]] = {
     for cls in (DCFormer, ViT3D, MixerProjector, LinearProjector, MLPProjector)
 }
 _PLAIN = (str, int, float, bool, type(None))
+RETIRED_SETTINGS: dict[str, dict[str, str]] = {
+    "med3dvlm.models.dcformer.DCFormer": {
+        "channels_last": "the encoder now chooses the memory layout of each operation itself",
+    },
+}
+"""Settings older artifacts record that a component no longer takes: dropped, with a warning, when
+the artifact is loaded (they changed speed, never results)."""
 
 
 class UntrustedComponentError(ValueError):
@@ -71,4 +79,7 @@ def build_component(node: Mapping[str, Any], source: str | os.PathLike, key: str
     """Build the component a saved ``_target_`` node describes; refuses (naming ``source`` and
     ``key``) any target outside :data:`COMPONENTS`, any other ``_``-key and any non-JSON value."""
     cls = component_class(node, source, key)
-    return cls(**{k: v for k, v in node.items() if k != "_target_"})
+    retired = RETIRED_SETTINGS.get(node["_target_"], {})
+    for name in retired.keys() & node.keys():
+        warnings.warn(f"{source}: {key}.{name} is no longer a setting ({retired[name]}); ignored", stacklevel=2)
+    return cls(**{k: v for k, v in node.items() if k != "_target_" and k not in retired})

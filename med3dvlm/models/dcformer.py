@@ -21,13 +21,18 @@ stem's (``ceil(n / 4)`` per axis). It is still linear, so the comparison isolate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from med3dvlm.models.decomposed_ops import branch_sum, depthwise_along, gather_taps, taps_matrix
 
 AXES: tuple[str, ...] = ("along_h", "along_w", "along_d")
 """Branch names of a decomposed convolution, in the internal (H, W, D) frame's axis order."""
@@ -82,14 +87,110 @@ class DecompConv3d(nn.Module):
             self.add_module(name, ConvNorm(conv))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.along_h(x) + self.along_w(x) + self.along_d(x)
+        if self.along_h.norm.training:
+            return sum(self._normalised_branches(x))
+        kernels, bias = self.folded()
+        conv = self.along_h.conv
+        return branch_sum(x, kernels, bias, conv.stride[0], conv.groups)
+
+    def _normalised_branches(self, x: Tensor) -> list[Tensor]:
+        # Batch statistics: each branch is normalised on its own, as in the original.
+        conv = self.along_h.conv
+        if conv.groups == conv.in_channels == conv.out_channels and conv.stride == (1, 1, 1):
+            return [
+                b.norm(depthwise_along(x, b.conv.weight, b.conv.bias, axis))
+                for axis, b in enumerate(self.branches())
+            ]
+        return [b(x) for b in self.branches()]
+
+    def branches(self) -> tuple[ConvNorm, ConvNorm, ConvNorm]:
+        """The three branches in axis order (H, W, D of the internal frame)."""
+        return self.along_h, self.along_w, self.along_d
+
+    def folded(self) -> tuple[list[Tensor], Tensor]:
+        """Each branch's kernel with its BatchNorm's running statistics folded in, and the summed
+        bias: with BatchNorm in eval mode the module computes ``sum_b conv_b(x, kernel_b) + bias``."""
+        kernels, bias = [], 0
+        for b in self.branches():
+            norm = b.norm
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            kernels.append(b.conv.weight * scale.view(-1, 1, 1, 1, 1))
+            shift = -norm.running_mean if b.conv.bias is None else b.conv.bias - norm.running_mean
+            bias = bias + norm.bias + shift * scale
+        return kernels, bias
+
+    def plain_batch_norm(self) -> bool:
+        """Whether every branch normalises with a plain BatchNorm3d (not SyncBatchNorm), whose
+        batch statistics :meth:`taps_affine` may compute itself."""
+        return all(type(b.norm) is nn.BatchNorm3d for b in self.branches())
+
+    def taps_affine(self, taps: Tensor) -> tuple[Tensor, Tensor]:
+        """This module as an affine map of its :func:`gather_taps` columns, ``y = taps @ M.T + b``,
+        without running a convolution. In training each branch's batch mean and variance follow from
+        the taps' mean and covariance (the same statistics BatchNorm computes from the branch's
+        output, to float rounding) and update the running statistics as BatchNorm does."""
+        if not self.along_h.norm.training:
+            kernels, bias = self.folded()
+            return taps_matrix(kernels), bias
+        flat = taps.flatten(0, 3)
+        count = flat.shape[0]
+        mean = flat.mean(0)
+        centred = flat - mean
+        covariance = centred.t() @ centred / count
+        width = flat.shape[1] // 3
+        matrices, bias = [], 0
+        for i, b in enumerate(self.branches()):
+            part = slice(i * width, (i + 1) * width)
+            weight = b.conv.weight.flatten(1)
+            branch_mean = weight @ mean[part] + b.conv.bias
+            branch_var = ((weight @ covariance[part, part]) * weight).sum(1)
+            _update_running_statistics(b.norm, branch_mean, branch_var, count)
+            scale = b.norm.weight * torch.rsqrt(branch_var + b.norm.eps)
+            matrices.append(weight * scale[:, None])
+            bias = bias + b.norm.bias + (b.conv.bias - branch_mean) * scale
+        return torch.cat(matrices, dim=1), bias
+
+    def after_channel_map(self, x: Tensor, matrix: Tensor) -> Tensor:
+        """This module applied to ``matrix @ x`` over channels (dense convolutions only), computed
+        with kernels composed with ``matrix``: cheaper when ``x`` has fewer channels than the map's
+        output. Zero padding commutes with the map, so the borders are exact."""
+        if self.along_h.norm.training:
+            return sum(
+                b.norm(F.conv3d(x, _compose(b.conv.weight, matrix), b.conv.bias, b.conv.stride, b.conv.padding))
+                for b in self.branches()
+            )
+        kernels, bias = self.folded()
+        return branch_sum(x, [_compose(k, matrix) for k in kernels], bias, self.along_h.conv.stride[0], 1)
+
+
+def _compose(kernel: Tensor, matrix: Tensor) -> Tensor:
+    return torch.einsum("oc...,ct->ot...", kernel, matrix)
+
+
+@torch.no_grad()
+def _update_running_statistics(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count: int) -> None:
+    # What BatchNorm does in training: the unbiased variance, momentum or (momentum=None) the
+    # cumulative average.
+    if not norm.track_running_stats:
+        return
+    norm.num_batches_tracked.add_(1)
+    factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    norm.running_mean.lerp_(mean, factor)
+    norm.running_var.lerp_(var * count / max(count - 1, 1), factor)
 
 
 class ReferenceStem(nn.Module):
-    """The original's linear stem: decomposed conv (kernel 7, stride 4), then three with kernel 3."""
+    """The original's linear stem: decomposed conv (kernel 7, stride 4), then three with kernel 3.
+
+    Its first two convolutions run as one (they are linear, with no activation between): the first
+    is an affine map of the few input values each position reads (:meth:`DecompConv3d.taps_affine`),
+    so the second reads those taps through composed kernels, a third of the channels, and the
+    first's 64-channel output is never built. Same outputs, gradients and running statistics.
+    """
 
     def __init__(self, in_channels: int, channels: int, kernel_sizes: Sequence[int], stride: int) -> None:
         super().__init__()
+        self.stride = stride
         self.layers = nn.Sequential(
             *(
                 DecompConv3d(in_channels if i == 0 else channels, channels, k, stride if i == 0 else 1)
@@ -97,8 +198,31 @@ class ReferenceStem(nn.Module):
             )
         )
 
+    def _fusable(self) -> bool:
+        if len(self.layers) < 2:
+            return False
+        first, second = self.layers[0], self.layers[1]
+        taps = 3 * first.along_h.conv.in_channels * first.along_h.conv.kernel_size[0]
+        return (
+            first.plain_batch_norm()
+            and second.plain_batch_norm()
+            and first.along_h.norm.training == second.along_h.norm.training
+            and taps + 1 < first.along_h.conv.out_channels
+        )
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        if not self._fusable():
+            return self.layers(x)
+        first, second = self.layers[0], self.layers[1]
+        taps = gather_taps(x, first.along_h.conv.kernel_size[0], self.stride)
+        matrix, bias = first.taps_affine(taps)
+        # A constant channel carries the first layer's bias: zero in the second's padding, exactly
+        # where the first's output would be zero-padded.
+        extended = torch.cat([taps, taps.new_ones(*taps.shape[:4], 1)], dim=4).permute(0, 4, 1, 2, 3)
+        if first.along_h.norm.training:
+            extended = extended.contiguous()  # oneDNN's training convolutions are slower channels-last
+        x = second.after_channel_map(extended, torch.cat([matrix, bias[:, None]], dim=1))
+        return self.layers[2:](x)
 
 
 class FullStem(nn.Module):
@@ -172,9 +296,16 @@ class ConvBlock(nn.Module):
         self.scale = nn.Parameter(torch.full((channels,), layer_scale))
         self.drop_path_rate = drop_path_rate
 
+    def _pool(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            # CPU max pooling runs about 10x faster channels-last; its backward does not, so a
+            # pass that needs gradients keeps the layout it has.
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return self.pool(x)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample:
-            x = self.proj(self.pool(x))
+            x = self.proj(self._pool(x)).contiguous()
         y = self.dwconv(x).permute(0, 2, 3, 4, 1)
         y = (self.mlp(y) * self.scale).permute(0, 4, 1, 2, 3)
         return x + drop_path(y, self.drop_path_rate, self.training)
@@ -199,9 +330,15 @@ class DCFormer(nn.Module):
         kernel_sizes: depthwise kernel of stages s1..s4.
         stem_kernel_sizes, stem_stride: the stem's kernels and the first one's stride.
         layer_scale: initial value of every block's per-channel scale.
-        channels_last: keep weights and activations in ``torch.channels_last_3d`` (faster on CPU).
-            Use this flag rather than ``model.to(memory_format=...)``: see the stem note in ``__init__``.
-        compile: wrap each stage in ``torch.compile``.
+        compile: run the forward through ``torch.compile`` (one graph per mode and input shape).
+        checkpoint_stages: stages (0 = stem .. 4) whose activations are recomputed in the backward
+            pass instead of kept (less memory, one more forward of those stages); BatchNorm's
+            running statistics are updated once, by the first forward.
+
+    Memory layout is chosen per operation (see :mod:`med3dvlm.models.decomposed_ops`), not by the
+    caller: inputs of any layout give the same results. The fast paths read each BatchNorm's mode,
+    parameters and statistics rather than always calling it, so forward hooks registered on the
+    BatchNorm modules themselves may not run; set their mode with ``train()`` / ``eval()``.
     """
 
     def __init__(
@@ -216,8 +353,8 @@ class DCFormer(nn.Module):
         stem_kernel_sizes: Sequence[int] = (7, 3, 3, 3),
         stem_stride: int = 4,
         layer_scale: float = 1e-6,
-        channels_last: bool = False,
         compile: bool = False,
+        checkpoint_stages: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -239,10 +376,12 @@ class DCFormer(nn.Module):
         stems = {"reference": ReferenceStem, "full": FullStem}
         if stem not in stems:
             raise ValueError(f"DCFormer stem {stem!r} unknown; choose one of {sorted(stems)}")
+        if not set(checkpoint_stages) <= set(range(5)):
+            raise ValueError(f"DCFormer checkpoint_stages must be among 0..4, got {list(checkpoint_stages)}")
 
         self.out_channels: list[int] = list(channels)
         self.stem_stride = stem_stride
-        self.channels_last = channels_last
+        self.checkpoint_stages = frozenset(checkpoint_stages)
         total = sum(num_blocks[1:])
         rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
         stages: list[nn.Module] = [stems[stem](in_channels, channels[0], stem_kernel_sizes, stem_stride)]
@@ -263,19 +402,8 @@ class DCFormer(nn.Module):
                 )
             )
         self.stages = nn.ModuleList(stages)
-        if channels_last:
-            self.to(memory_format=torch.channels_last_3d)
-            for module in self.modules():
-                # torch 2.13's CPU Conv3d corrupts the heap when the weight or the input of a conv with
-                # one input channel is in channels_last_3d (the stem's first conv, kernel (1, 1, 7),
-                # stride 4); with one input channel both layouts hold the data in the same order.
-                if isinstance(module, nn.Conv3d) and module.in_channels == 1:
-                    module.weight = nn.Parameter(
-                        module.weight.detach().clone(memory_format=torch.contiguous_format)
-                    )
         if compile:
-            for stage in self.stages:
-                stage.compile()
+            self.compile(dynamic=False)
 
     def token_counts(self, input_size: tuple[int, int, int]) -> list[int]:
         """Tokens of each stage output for an input of spatial size ``(D, H, W)``."""
@@ -289,17 +417,37 @@ class DCFormer(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         if x.ndim != 5:
             raise ValueError(f"DCFormer expects (B, C, D, H, W), got shape {tuple(x.shape)}")
-        x = x.permute(0, 1, 3, 4, 2)
-        if self.channels_last:
-            # One input channel stays in the default layout: see the torch note in __init__.
-            layout = torch.channels_last_3d if x.shape[1] > 1 else torch.contiguous_format
-            x = x.contiguous(memory_format=layout)
+        x = x.permute(0, 1, 3, 4, 2).contiguous()
         outputs = []
-        for stage in self.stages:
-            x = stage(x)
+        for i, stage in enumerate(self.stages):
+            if i in self.checkpoint_stages and torch.is_grad_enabled():
+                x = checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_contexts, stage))
+            else:
+                x = stage(x)
             # (B, C, H, W, D) -> (B, D, H, W, C) -> tokens in (D, H, W) raster order.
             outputs.append(x.permute(0, 4, 2, 3, 1).flatten(1, 3))
         return outputs
+
+
+def _recompute_contexts(stage: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), _statistics_kept(stage)
+
+
+@contextlib.contextmanager
+def _statistics_kept(module: nn.Module) -> Iterator[None]:
+    """BatchNorm's running statistics stay as they are (the recomputed forward of a checkpointed
+    stage must not count its batch twice): momentum 0 leaves them bitwise unchanged."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def input_coverage(stem: nn.Module, input_size: tuple[int, int, int], in_channels: int = 1) -> float:
