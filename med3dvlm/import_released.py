@@ -1,4 +1,4 @@
-"""Import the released Med3DVLM checkpoints (``shared/reference/checkpoint_layouts.md`` (i), (iv)).
+"""Import the released Med3DVLM checkpoints (``tests/data/reference/checkpoint_layouts.md`` (i), (iv)).
 
 ``import_siglip`` reads ``MagicXin/DCFormer_SigLIP`` (the stage-1 ``DEC_CLIP`` model) and writes
 

@@ -1,6 +1,6 @@
 """``python -m med3dvlm.parity FILE.pt [--tolerance 1e-5]``: check our modules against the original.
 
-FILE is a test-vector file in the layout of ``../shared/reference/*.pt`` (``kind`` ``dcformer`` or
+FILE is a test-vector file in the layout of ``tests/data/reference/*.pt`` (``kind`` ``dcformer`` or
 ``mixer``, ``config``, ``state_dict`` in the original's key layout, inputs, expected outputs). The
 module is built from ``config``, the weights go through the strict converter, and every output
 is compared: the relative difference is ``max|ours - ref| / max|ref|``. Exit status 0 only if

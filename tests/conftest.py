@@ -21,12 +21,15 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "reference"
+REFERENCE_FILES = ("dcformer_nano.pt", "mixer_small.pt", "keys.json", "checkpoint_layouts.md")
 
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """``../shared/reference`` beside the checkout (the original implementation's test vectors)."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip(f"reference vectors not found at {REFERENCE_DIR}")
+    """``tests/data/reference``: the original implementation's test vectors (provenance in its README).
+    They are part of the repository, so a missing one fails the tests rather than skipping them."""
+    missing = [name for name in REFERENCE_FILES if not (REFERENCE_DIR / name).is_file()]
+    if missing:
+        pytest.fail(f"reference vectors missing from {REFERENCE_DIR}: {missing}")
     return REFERENCE_DIR

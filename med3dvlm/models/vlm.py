@@ -7,7 +7,7 @@ one-row parameter so that a stage can train that row alone without optimiser sta
 embedding matrix; ``sync_image_token_row`` writes it back into the LLM before saving.
 
 ``reference_placement=True`` reproduces the released Med3DVLM model's placement (see
-``shared/reference/checkpoint_layouts.md`` (iv)): the original assumes a BOS token at position 0,
+``tests/data/reference/checkpoint_layouts.md`` (iv)): the original assumes a BOS token at position 0,
 which Qwen2.5 does not have, so the raw ``<im_patch>`` embedding stays at the first image
 position, the features fill the N positions after it and the first text token after the image
 block is overwritten. Use it only to score weights trained that way.
