@@ -28,7 +28,6 @@ from med3dvlm.stages.optim import SchedulerFactory, param_groups
 log = logging.getLogger(__name__)
 
 STAGE = "siglip"
-MONITOR = "val/recall_mean"
 
 
 def sample_indices(batch: Mapping[str, Any]) -> torch.Tensor:
