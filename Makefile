@@ -7,7 +7,7 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_M
 # CPU torch from the local wheel cache; a GPU machine installs its own CUDA torch into $(VENV) first.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: help install nltk-data demo test test-fast eval bench gpu-check lint clean
+.PHONY: help install nltk-data browser demo test test-fast eval bench gpu-check lint clean app
 NLTK_DATA_DIR := data/nltk_data
 WORDNET := /usr/share/wordnet/index.sense
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# constraints.txt: the exact versions CI runs with (a GPU torch installed first is kept).
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,scans,eval]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,scans,eval,app]"
 	touch $(STAMP)
 
 nltk-data: $(NLTK_DATA_DIR)/.complete ## offline WordNet 3.0 + punkt for METEOR (Debian wordnet-base)
@@ -31,10 +31,15 @@ $(NLTK_DATA_DIR)/.complete: | $(STAMP)
 	$(PY) -m med3dvlm.metrics.nltk_setup --out $(NLTK_DATA_DIR)
 	touch $@
 
+browser: ## Debian's chromium + chromium-driver for the app's browser test
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| { echo "the app's browser test needs: sudo apt-get install chromium chromium-driver" >&2; exit 1; }
+
 demo: install nltk-data ## the whole chain offline on CPU on synthetic data
 	$(OFFLINE) $(PY) -m med3dvlm.demo
 
-test: install nltk-data ## the test suite (CPU, offline)
+test: install nltk-data browser ## the test suite (CPU, offline)
 	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q
 
 test-fast: install nltk-data ## the test suite without tests marked slow
@@ -51,6 +56,9 @@ eval: install nltk-data ## closed + open VQA of MODEL=<export folder> (default: 
 
 bench: install ## measure loader, encoder, projector, loss, stage steps and generation here
 	$(OFFLINE) $(PY) -m med3dvlm.bench $(if $(REFERENCE),--reference $(REFERENCE))
+
+app: install ## serve the web page for the demo model (python -m med3dvlm.app; MODEL=folder for another)
+	$(OFFLINE) $(PY) -m med3dvlm.app model=$(or $(MODEL),$(EVAL_MODEL)) volumes_dir=data/demo/prepared
 
 gpu-check: install ## a few FSDP+bf16 steps of each stage at paper shapes on one GPU: step time, samples/s, memory
 	$(OFFLINE) $(PY) -m med3dvlm.gpu_check $(if $(REFERENCE),--reference $(REFERENCE)) $(GPU_CHECK_ARGS)

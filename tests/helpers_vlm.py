@@ -80,3 +80,25 @@ def fit(stage: L.LightningModule, batches: list[dict], steps: int) -> None:
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     trainer.fit(stage, loader)
+
+
+def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:
+    """A finetune stage trained a few steps on toy batches, its hand-off folder and the batches
+    (pretrain 1 step -> hand-off -> finetune 3 steps, LoRA on every linear layer)."""
+    from peft import LoraConfig
+
+    from med3dvlm.stages.vlm_finetune import FinetuneStage, load_pretrain_handoff
+    from med3dvlm.stages.vlm_pretrain import PretrainStage
+
+    torch.manual_seed(0)
+    pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,
+                        optimizer(), scheduler(), experiment="unit", export_dir=str(root / "pre"))
+    fit(pre, toy_batches(pre.model, count=1), steps=1)
+    model, meta = load_pretrain_handoff(root / "pre", encoder(), tiny_llm(root))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(), scheduler(),
+                          train_input_embeddings=True, train_lm_head=True, experiment="unit",
+                          export_dir=str(root / "fine"))
+    batches = toy_batches(stage.model)
+    fit(stage, batches, steps=3)
+    return stage, root / "fine", batches

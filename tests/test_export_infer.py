@@ -8,22 +8,11 @@ import sys
 
 import pytest
 import torch
-from helpers_vlm import (
-    ENCODER_CONFIG,
-    INPUT_SIZE,
-    PROJECTOR_CONFIG,
-    encoder,
-    fit,
-    optimizer,
-    scheduler,
-    tiny_llm,
-    toy_batches,
-)
-from peft import LoraConfig
+from helpers_vlm import INPUT_SIZE
+from helpers_vlm import finetuned as finetune_handoff
 
 from med3dvlm.models.vlm import load_pretrained
-from med3dvlm.stages.vlm_finetune import FinetuneStage, export_merged, load_pretrain_handoff
-from med3dvlm.stages.vlm_pretrain import PretrainStage
+from med3dvlm.stages.vlm_finetune import export_merged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,18 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def finetuned(tmp_path_factory):
     """A trained finetune stage and its hand-off folder."""
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,
-                        optimizer(), scheduler(), experiment="unit", export_dir=str(root / "pre"))
-    fit(pre, toy_batches(pre.model, count=1), steps=1)
-    model, meta = load_pretrain_handoff(root / "pre", encoder(), tiny_llm(root))
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(), scheduler(),
-                          train_input_embeddings=True, train_lm_head=True, experiment="unit",
-                          export_dir=str(root / "fine"))
-    batches = toy_batches(stage.model)
-    fit(stage, batches, steps=3)
-    return stage.model.eval(), root / "fine", batches, root
+    stage, handoff, batches = finetune_handoff(root)
+    return stage.model.eval(), handoff, batches, root
 
 
 def test_export_reload_gives_identical_outputs(finetuned, tmp_path):

@@ -1,0 +1,3 @@
+"""The web page for one scan (``python -m med3dvlm.app``): :mod:`~med3dvlm.web.session` holds what it
+does (models, uploads, views, prompts, answers) without a browser; :mod:`~med3dvlm.web.page` lays it
+out with Gradio."""

@@ -1,0 +1,190 @@
+"""The web app: its functions without a browser (uploads, limits, views, prompts, streaming, one
+answer at a time), and the page in a real headless Chromium (upload a NIfTI, ask, read the answer)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers_vlm import INPUT_SIZE
+from helpers_vlm import finetuned as finetune_handoff
+from test_scans import ct_volume, write_dicom_series, write_nifti
+
+from med3dvlm.inference import answer
+from med3dvlm.stages.vlm_finetune import export_merged
+from med3dvlm.web.session import (
+    GenerationSettings,
+    Limits,
+    Models,
+    UploadError,
+    is_model_folder,
+    prompt_for,
+    question_text,
+    read_upload,
+    shown_prompt,
+    stream_answer,
+    view,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "app.png"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    _, handoff, _ = finetune_handoff(root)
+    folders = root / "models"
+    export_merged(handoff, folders / "demo")
+    (folders / "not-a-model").mkdir()
+    return folders
+
+
+@pytest.fixture(scope="module")
+def models(models_dir):
+    return Models(models_dir=models_dir)
+
+
+def test_models_dir_offers_only_model_folders(models, models_dir):
+    assert models.names() == ["demo"]
+    assert is_model_folder(models_dir / "demo") and not is_model_folder(models_dir / "not-a-model")
+    with pytest.raises(FileNotFoundError, match="no model folder found"):
+        Models(models_dir=models_dir / "not-a-model")
+
+
+def test_a_scan_is_prepared_as_prepare_does_and_a_window_is_applied(tmp_path):
+    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, "soft_tissue")
+    assert scan.volume.shape == INPUT_SIZE and scan.raw.shape == (10, 12, 14)  # (x, y, z) -> (D, H, W)
+    assert 0.0 <= scan.volume.min() and scan.volume.max() <= 1.0 and not scan.hu_unwindowed
+    bare = read_upload(tmp_path / "ct.nii.gz", INPUT_SIZE, "none")
+    assert bare.hu_unwindowed and not np.allclose(bare.volume, scan.volume)
+
+
+def test_a_zipped_dicom_series_reads_like_its_folder(tmp_path):
+    series = write_dicom_series(tmp_path / "series", ct_volume())
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file in series.iterdir():
+            zf.write(file, f"CT/{file.name}")
+    from_zip = read_upload(archive, INPUT_SIZE, "soft_tissue")
+    from_folder = read_upload(series, INPUT_SIZE, "soft_tissue")
+    assert np.array_equal(from_zip.volume, from_folder.volume)
+
+
+@pytest.mark.parametrize(("member", "message"), [("../evil.dcm", "leaves the archive"), ("a.dcm", "more than 0 MiB")])
+def test_a_hostile_zip_is_refused(tmp_path, member, message):
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(member, b"\0" * 4096)
+    with pytest.raises(UploadError, match=message):
+        read_upload(archive, INPUT_SIZE, "none", Limits(max_zip_bytes=1024 if member == "a.dcm" else 1 << 20))
+
+
+def test_bad_uploads_get_a_message(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UploadError, match="notes.txt: not a supported upload"):
+        read_upload(tmp_path / "notes.txt", INPUT_SIZE)
+    write_nifti(tmp_path / "big.nii.gz", ct_volume())
+    with pytest.raises(UploadError, match="voxels"):
+        read_upload(tmp_path / "big.nii.gz", INPUT_SIZE, limits=Limits(max_voxels=100))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    with pytest.raises(UploadError, match="broken.nii.gz"):
+        read_upload(tmp_path / "broken.nii.gz", INPUT_SIZE)
+
+
+def test_views_cut_each_axis():
+    volume = np.zeros((4, 6, 8), dtype=np.float32)
+    volume[3] = 1.0  # the last axial slice
+    assert view(volume, "axial", 1.0).shape == (6, 8) and view(volume, "axial", 1.0).min() == 255
+    coronal = view(volume, "coronal", 0.5)
+    assert coronal.shape == (4, 8) and (coronal[0] == 255).all() and (coronal[1:] == 0).all()  # last slice on top
+    assert view(volume, "sagittal", 0.0).shape == (4, 6)
+
+
+def test_prompts_follow_the_benchmark(models):
+    model = models.get("demo")
+    closed = question_text("closed", "Which organ?", ("Liver", "Spleen", "Kidney", "Lung"))
+    assert closed == "Which organ? Choices: A. Liver B. Spleen C. Kidney D. Lung"
+    prompt = prompt_for(model, "closed", closed)
+    assert prompt == model.image_token * model.num_image_tokens + " " + closed
+    assert shown_prompt(model, prompt) == f"{model.image_token} × {model.num_image_tokens} {closed}"
+    report = prompt_for(model, "report", question_text("report"))
+    assert report.startswith(model.image_token * model.num_image_tokens + "Can you provide a caption")
+    with pytest.raises(UploadError, match="four choices"):
+        question_text("closed", "Which organ?", ("Liver", "", "", ""))
+
+
+def test_the_answer_streams_and_one_request_runs_at_a_time(models, tmp_path):
+    model, lock = models.get("demo"), models.lock("demo")
+    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, "soft_tissue")
+    prompt = prompt_for(model, "question", "Is there a large lesion in the liver?")
+    whole = answer(model, torch.from_numpy(scan.volume)[None, None], prompt, max_new_tokens=6)
+    pieces = list(stream_answer(model, lock, scan.volume, prompt, GenerationSettings(max_new_tokens=6)))
+    assert pieces and pieces[-1] == whole  # greedy: the streamed answer is infer's answer
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(pieces))
+    with lock:  # another request holds the model: this one waits
+        waiting = threading.Thread(target=lambda: list(stream_answer(model, lock, scan.volume, prompt,
+                                                                      GenerationSettings(max_new_tokens=2))))
+        waiting.start()
+        time.sleep(0.3)
+        assert waiting.is_alive()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_page_answers_in_a_headless_browser(models, tmp_path):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver_path is None:
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (make test installs them as root)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path / "uploads")
+    from med3dvlm.web.page import build, serve
+
+    port = _free_port()
+    page = serve(build(models), port=port, block=False)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(browser, 120)
+        upload = wait.until(ready.presence_of_element_located((By.CSS_SELECTOR, "#upload input[type=file]")))
+        upload.send_keys(str(write_nifti(tmp_path / "ct.nii.gz", ct_volume())))
+        wait.until(ready.text_to_be_present_in_element((By.ID, "status"), "ct.nii.gz"))
+        question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
+        question.clear()
+        question.send_keys("Is there a large lesion in the liver?")
+        browser.find_element(By.ID, "ask").click()
+        wait.until(ready.text_to_be_present_in_element((By.ID, "progress"), "Done."))
+        shown = browser.find_element(By.CSS_SELECTOR, "#answer textarea").get_attribute("value")
+        assert shown.strip()
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        browser.save_screenshot(str(tmp_path / "app.png"))
+        if os.environ.get("MED3DVLM_SCREENSHOT"):
+            shutil.copy(tmp_path / "app.png", SCREENSHOT)
+    finally:
+        browser.quit()
+        page.close()
