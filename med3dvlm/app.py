@@ -9,7 +9,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
-import med3dvlm.config  # noqa: F401  (registers the resolvers)
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
 
 
 @hydra.main(config_path="configs", config_name="app", version_base="1.3")

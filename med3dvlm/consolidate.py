@@ -18,10 +18,10 @@ import torch
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from omegaconf import DictConfig
 
-import med3dvlm.config  # noqa: F401  (registers the resolvers)
-from med3dvlm.checkpointing import CorruptCheckpoint, check_checkpoint
-from med3dvlm.shard_reader import RefusedCheckpointData, load_whole
-from med3dvlm.sharding import positional_optimizer_state
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint
+from med3dvlm.training.shard_reader import RefusedCheckpointData, load_whole
+from med3dvlm.training.sharding import positional_optimizer_state
 from med3dvlm.utils.atomic import atomic_path
 
 

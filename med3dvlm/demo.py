@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from med3dvlm.config import work_root
-from med3dvlm.exports import latest_export
-from med3dvlm.stages.handoff import latest_handoff
+from med3dvlm.artifacts.encoder_export import SIGLIP_EXPORT
+from med3dvlm.artifacts.handoff import ADAPTER_HANDOFF, PROJECTOR_HANDOFF
+from med3dvlm.artifacts.latest import latest
+from med3dvlm.configs import work_root
 
 EXPERIMENT = "demo"
 CHANCE = {"retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05, "retrieval i2t R@10 (100)": 0.10}
@@ -55,8 +56,8 @@ def make_data(raw: Path, cases: int) -> float:
 def train_stage(stage: str, run_dir: Path, fresh: bool, inputs_made: float) -> tuple[Path, float]:
     """Train ``stage`` of the demo experiment unless an export newer than its inputs (the data and the
     previous stage, made at ``inputs_made``) exists; return its folder and when its export was made."""
-    existing = latest_export(stage, EXPERIMENT, work_root() / "outputs") if stage == "siglip" else \
-        latest_handoff(work_root() / "outputs", "projector" if stage == "pretrain" else "adapter", EXPERIMENT)
+    kind = {"siglip": SIGLIP_EXPORT, "pretrain": PROJECTOR_HANDOFF, "finetune": ADAPTER_HANDOFF}[stage]
+    existing = latest(kind, EXPERIMENT, work_root() / "outputs")
     if existing is not None and existing.stat().st_mtime > inputs_made and not fresh:
         print(f"\n=== {stage}: reusing {existing}")
         return existing.parent, existing.stat().st_mtime

@@ -1,13 +1,13 @@
 """``python -m med3dvlm.import_weights source=DIR kind=siglip|vlm [out=DIR]``: convert a released
-Med3DVLM checkpoint folder into our formats (see ``med3dvlm.import_released``)."""
+Med3DVLM checkpoint folder into our formats (see ``med3dvlm.artifacts.released``)."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.config  # noqa: F401  (registers the resolvers)
-from med3dvlm.import_released import import_siglip, import_vlm
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+from med3dvlm.artifacts.released import import_siglip, import_vlm
 
 
 @hydra.main(config_path="configs", config_name="import_weights", version_base="1.3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.config  # noqa: F401  (registers the config resolvers)
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
 from med3dvlm.data.m3d_prepare import prepare_dataset
 
 

@@ -7,7 +7,7 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.config  # noqa: F401  (registers the config resolvers)
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
 from med3dvlm.data.synthetic import generate
 
 log = logging.getLogger(__name__)

@@ -14,14 +14,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.config  # noqa: F401  (registers the resolvers)
-from med3dvlm.checkpointing import AtomicCheckpointIO, resolve_checkpoint
+import med3dvlm.configs  # noqa: F401  (registers the resolvers)
 from med3dvlm.metrics.retrieval import format_table
-from med3dvlm.multirun import job_scope
-from med3dvlm.preflight import check_training_inputs
-from med3dvlm.resumable_data import make_training_data_resumable
-from med3dvlm.resume_guard import check_resume_config
-from med3dvlm.run_summary import MetricHistory, finish_wandb_runs, optimized_value, write_summary
+from med3dvlm.training.checkpointing import AtomicCheckpointIO, resolve_checkpoint
+from med3dvlm.training.multirun import job_scope
+from med3dvlm.training.preflight import check_training_inputs
+from med3dvlm.training.resumable_data import make_training_data_resumable
+from med3dvlm.training.resume_guard import check_resume_config
+from med3dvlm.training.run_summary import MetricHistory, finish_wandb_runs, optimized_value, write_summary
 
 log = logging.getLogger(__name__)
 

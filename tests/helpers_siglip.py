@@ -14,8 +14,8 @@ from med3dvlm.losses.siglip import SigLIPLoss
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.tiny_assets import build_tiny_bert
 from med3dvlm.models.towers import ImageTower, TextTower
-from med3dvlm.stages.optim import cosine_with_warmup
 from med3dvlm.stages.siglip import SigLIPStage
+from med3dvlm.training.optim import cosine_with_warmup
 
 INPUT_SIZE = (16, 32, 32)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
-from med3dvlm.stages.optim import cosine_with_warmup
+from med3dvlm.training.optim import cosine_with_warmup
 
 INPUT_SIZE = (32, 64, 64)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
@@ -87,8 +87,9 @@ def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:
     (pretrain 1 step -> hand-off -> finetune 3 steps, LoRA on every linear layer)."""
     from peft import LoraConfig
 
-    from med3dvlm.stages.vlm_finetune import FinetuneStage, load_pretrain_handoff
-    from med3dvlm.stages.vlm_pretrain import PretrainStage
+    from med3dvlm.artifacts.handoff import load_pretrain_handoff
+    from med3dvlm.stages.finetune import FinetuneStage
+    from med3dvlm.stages.pretrain import PretrainStage
 
     torch.manual_seed(0)
     pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,

@@ -14,19 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers_vlm import INPUT_SIZE
 from helpers_vlm import finetuned as finetune_handoff
 from test_scans import ct_volume, write_dicom_series, write_nifti
 
-from med3dvlm.inference import answer
-from med3dvlm.stages.vlm_finetune import export_merged
+from med3dvlm.artifacts.model_folder import is_model_folder, write_merged_model
+from med3dvlm.models.generation import GenerationSettings, answer
 from med3dvlm.web.session import (
-    GenerationSettings,
     Limits,
     Models,
     UploadError,
-    is_model_folder,
     prompt_for,
     question_text,
     read_upload,
@@ -44,7 +41,7 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("app")
     _, handoff, _ = finetune_handoff(root)
     folders = root / "models"
-    export_merged(handoff, folders / "demo")
+    write_merged_model(handoff, folders / "demo")
     (folders / "not-a-model").mkdir()
     return folders
 
@@ -127,7 +124,7 @@ def test_the_answer_streams_and_one_request_runs_at_a_time(models, tmp_path):
     model, lock = models.get("demo"), models.lock("demo")
     scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, "soft_tissue")
     prompt = prompt_for(model, "question", "Is there a large lesion in the liver?")
-    whole = answer(model, torch.from_numpy(scan.volume)[None, None], prompt, max_new_tokens=6)
+    whole = answer(model, scan.volume, prompt, GenerationSettings(max_new_tokens=6))
     pieces = list(stream_answer(model, lock, scan.volume, prompt, GenerationSettings(max_new_tokens=6)))
     assert pieces and pieces[-1] == whole  # greedy: the streamed answer is infer's answer
     assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(pieces))

@@ -154,7 +154,7 @@ def test_data_configs_instantiate(name, tokenizer):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from med3dvlm.config import CONFIG_DIR
+    from med3dvlm.configs import CONFIG_DIR
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="prepare", overrides=[f"+data={name}"])
@@ -199,7 +199,7 @@ def test_ddp_two_processes_get_disjoint_shards(prepared, tokenizer, tmp_path):
 
 
 def test_a_resumed_epoch_augments_as_the_uninterrupted_one_with_any_number_of_workers(prepared, tokenizer):
-    from med3dvlm.resumable_data import resumable
+    from med3dvlm.training.resumable_data import resumable
 
     def loader(workers: int):
         built = resumable(datamodule(prepared, tokenizer, batch_size=2, num_workers=workers).train_dataloader(), seed=3)

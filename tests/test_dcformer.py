@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from med3dvlm.config import CONFIG_DIR
+from med3dvlm.configs import CONFIG_DIR
 from med3dvlm.models.dcformer import VARIANTS, DCFormer, input_coverage
 from med3dvlm.models.reference_layout import (
     DCFORMER_PREFIXES,

@@ -28,7 +28,7 @@ def test_a_stage_export_older_than_the_data_is_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run", lambda step, args: calls.append(args))
     export = tmp_path / "old_run" / "export"
     export.mkdir(parents=True)
-    monkeypatch.setattr(demo, "latest_export", lambda stage, experiment, outputs: export)
+    monkeypatch.setattr(demo, "latest", lambda kind, experiment, outputs: export)
     now = time.time()
     os.utime(export, (now - 100, now - 100))
     assert demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now - 200)[0] == export.parent

@@ -26,14 +26,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig
 from safetensors.torch import load_file
 
+from med3dvlm.artifacts.encoder_export import load_encoder_export
 from med3dvlm.consolidate import consolidate
 from med3dvlm.data.datamodule import M3DDataModule
-from med3dvlm.exports import load_encoder_export
-from med3dvlm.sharding import FSDP2Strategy, shard_plan
-from med3dvlm.stages.optim import param_groups
-from med3dvlm.stages.vlm_finetune import FinetuneStage
-from med3dvlm.stages.vlm_pretrain import PretrainStage
-from med3dvlm.stages.vlm_stage import build_vlm
+from med3dvlm.models.build import build_vlm
+from med3dvlm.stages.finetune import FinetuneStage
+from med3dvlm.stages.pretrain import PretrainStage
+from med3dvlm.training.optim import param_groups
+from med3dvlm.training.sharding import FSDP2Strategy, shard_plan
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("siglip", "pretrain", "finetune")

@@ -13,13 +13,13 @@ import torch
 from torch.utils.data import Dataset
 
 from med3dvlm.evaluation.runner import (
-    GenerationSettings,
     distinct_rows,
     generate_predictions,
     model_generate_fn,
 )
 from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
 from med3dvlm.metrics import nltk_setup
+from med3dvlm.models.generation import GenerationSettings
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [  # (question type, answer letter, the fake model's output)
@@ -181,12 +181,13 @@ def exported_model(tmp_path_factory) -> tuple[Path, Path]:
         tiny_llm,
     )
 
-    from med3dvlm.stages.vlm_pretrain import PretrainStage
+    from med3dvlm.artifacts.model_folder import save_pretrained
+    from med3dvlm.stages.pretrain import PretrainStage
 
     root = tmp_path_factory.mktemp("eval_model")
     stage = PretrainStage(encoder(), ENCODER_CONFIG, "-", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE, optimizer(),
                           scheduler())
-    folder = stage.model.save_pretrained(root / "model", ENCODER_CONFIG, stage.projector_config, INPUT_SIZE)
+    folder = save_pretrained(stage.model, root / "model", ENCODER_CONFIG, stage.projector_config, INPUT_SIZE)
     return folder, make_prepared(root / "prepared", shape=INPUT_SIZE)
 
 
@@ -226,9 +227,9 @@ def test_distinct_rows():
 
 @pytest.mark.parametrize("zero_images", [False, True])
 def test_model_generate_encodes_each_volume_once_and_matches_the_model(exported_model, zero_images):
+    from med3dvlm.artifacts.model_folder import load_pretrained
     from med3dvlm.data.collate import PadCollate
     from med3dvlm.data.prompts import PromptBuilder
-    from med3dvlm.models.vlm import load_pretrained
 
     model = load_pretrained(exported_model[0])
     prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, 512)

@@ -11,8 +11,7 @@ import torch
 from helpers_vlm import INPUT_SIZE
 from helpers_vlm import finetuned as finetune_handoff
 
-from med3dvlm.models.vlm import load_pretrained
-from med3dvlm.stages.vlm_finetune import export_merged
+from med3dvlm.artifacts.model_folder import load_pretrained, write_merged_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +26,7 @@ def finetuned(tmp_path_factory):
 
 def test_export_reload_gives_identical_outputs(finetuned, tmp_path):
     trained, handoff, batches, _ = finetuned
-    folder = export_merged(handoff, tmp_path / "model")
+    folder = write_merged_model(handoff, tmp_path / "model")
     assert {p.name for p in folder.iterdir()} >= {"config.json", "llm", "vision_tower.safetensors",
                                                   "projector.safetensors"}
     reloaded = load_pretrained(folder)
@@ -45,7 +44,7 @@ def test_export_of_a_damaged_handoff_names_the_file(finetuned, tmp_path):
     subprocess.run(["cp", "-r", str(handoff), str(broken)], check=True)
     (broken / "projector.safetensors").write_bytes((handoff / "vision_tower.safetensors").read_bytes())
     with pytest.raises(ValueError, match="projector.safetensors: does not fit MixerProjector"):
-        export_merged(broken, tmp_path / "model")
+        write_merged_model(broken, tmp_path / "model")
 
 
 def run_module(args: list[str]) -> subprocess.CompletedProcess:
@@ -70,7 +69,7 @@ def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
     import numpy as np
 
     _, handoff, _, _ = finetuned
-    folder = export_merged(handoff, tmp_path / "model")
+    folder = write_merged_model(handoff, tmp_path / "model")
     volume = np.random.default_rng(0).normal(100, 30, size=(50, 41, 23)).astype(np.int16)  # (x, y, z)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
     done = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'scan.nii.gz'}",
@@ -85,7 +84,7 @@ def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(finetuned, tmp_pa
     from test_scans import ct_volume, write_dicom_series, write_nifti
 
     _, handoff, _, _ = finetuned
-    folder = export_merged(handoff, tmp_path / "model")
+    folder = write_merged_model(handoff, tmp_path / "model")
     for scan in (write_dicom_series(tmp_path / "series", ct_volume()), write_nifti(tmp_path / "ct.nii.gz", ct_volume())):
         done = run_module(["med3dvlm.infer", f"model={folder}", f"image={scan}", "intensity.window=soft_tissue",
                            "question=Is there a large lesion in the liver?", "max_new_tokens=4"])

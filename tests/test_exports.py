@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from med3dvlm.exports import (
+from med3dvlm.artifacts.encoder_export import (
     EXPORT_FILE,
+    SIGLIP_BEST_EXPORT,
+    SIGLIP_EXPORT,
     WEIGHTS_FILE,
-    latest_export,
     load_encoder_export,
     read_export,
     write_encoder_export,
 )
+from med3dvlm.artifacts.latest import latest
 from med3dvlm.models.dcformer import DCFormer
 
 NANO = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
@@ -97,8 +100,8 @@ def test_latest_export_by_stage_experiment_and_kind(tmp_path):
     staging = tmp_path / "run4" / ".tmp-export-x"
     staging.mkdir(parents=True)
     (staging / EXPORT_FILE).write_text((tmp_path / "run1" / "export" / EXPORT_FILE).read_text())
-    assert latest_export("siglip", "a", tmp_path) == tmp_path / "run3" / "export"
-    assert latest_export("siglip", "a", tmp_path, which="best") == tmp_path / "run3" / "export_best"
-    assert latest_export("siglip", "b", tmp_path) == tmp_path / "run2" / "export"
-    assert latest_export("siglip", "c", tmp_path) is None
-    assert latest_export("pretrain", "a", tmp_path) is None
+    assert latest(SIGLIP_EXPORT, "a", tmp_path) == tmp_path / "run3" / "export"
+    assert latest(SIGLIP_BEST_EXPORT, "a", tmp_path) == tmp_path / "run3" / "export_best"
+    assert latest(SIGLIP_EXPORT, "b", tmp_path) == tmp_path / "run2" / "export"
+    assert latest(SIGLIP_EXPORT, "c", tmp_path) is None
+    assert latest(replace(SIGLIP_EXPORT, identity={**SIGLIP_EXPORT.identity, "stage": "pretrain"}), "a", tmp_path) is None

@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import DistilBertConfig, DistilBertModel, Qwen2Config, Qwen2ForCausalLM
 
-from med3dvlm.exports import load_encoder_export
-from med3dvlm.import_released import import_siglip, import_vlm, read_checkpoint
+from med3dvlm.artifacts.encoder_export import load_encoder_export
+from med3dvlm.artifacts.model_folder import load_pretrained
+from med3dvlm.artifacts.released import import_siglip, import_vlm, read_checkpoint
 from med3dvlm.models.reference_layout import ReferenceLayoutError
 from med3dvlm.models.tiny_qwen import train_tokenizer
 from med3dvlm.models.towers import TextTower
-from med3dvlm.models.vlm import IMAGE_TOKEN, load_pretrained
+from med3dvlm.models.vlm import IMAGE_TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NANO = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano", "stem": "reference"}

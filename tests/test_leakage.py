@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from med3dvlm.metrics.leakage import Item, case_id, format_leakage, split_leakage, strict_split
+from med3dvlm.data.leakage import Item, case_id, format_leakage, split_leakage, strict_split
 
 
 def entry(case: str, series: str, text: str) -> dict:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from med3dvlm.exports import load_encoder_export
-from med3dvlm.models.vlm import load_pretrained
+from med3dvlm.artifacts.encoder_export import load_encoder_export
+from med3dvlm.artifacts.model_folder import load_pretrained
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from med3dvlm.stages.optim import param_groups, split_decay
+from med3dvlm.training.optim import param_groups, split_decay
 
 
 def tiny_qwen2(tied: bool) -> Qwen2ForCausalLM:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from med3dvlm.config import CONFIG_DIR
+from med3dvlm.configs import CONFIG_DIR
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.projectors import LinearProjector, MixerProjector, MLPProjector, encoder_sizes
 from med3dvlm.models.reference_layout import MIXER_PREFIXES, MIXER_RULES, convert_state_dict

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from med3dvlm.config import CONFIG_DIR
+from med3dvlm.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_OF = {"train": "train", "export": "export", "infer": "infer", "evaluate": "evaluate", "prepare": "prepare"}
@@ -77,8 +77,8 @@ def test_a_missing_data_folder_or_an_unreachable_model_is_named_before_anything_
 
 
 def test_a_missing_bertscore_model_stops_the_evaluation_before_it_generates(monkeypatch, tmp_path):
-    from med3dvlm import preflight
     from med3dvlm.evaluation.tasks import EvalContext, OpenVQATask
+    from med3dvlm.training import preflight
 
     monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

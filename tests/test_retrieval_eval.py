@@ -14,17 +14,18 @@ from helpers_siglip import INPUT_SIZE, prepared_data, stage, tiny_bert
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from med3dvlm.data.datasets import read_caption_split
-from med3dvlm.evaluation.tasks import EvalContext, RetrievalTask
-from med3dvlm.exports import (
+from med3dvlm.artifacts.encoder_export import (
     EXPORT_FILE,
     HEADS_FILE,
+    SIGLIP_EXPORT,
     TEXT_ENCODER_DIR,
     WEIGHTS_FILE,
-    latest_export,
     load_encoder_export,
     load_siglip_export,
 )
+from med3dvlm.artifacts.latest import latest
+from med3dvlm.data.datasets import read_caption_split
+from med3dvlm.evaluation.tasks import EvalContext, RetrievalTask
 from med3dvlm.metrics.retrieval import retrieval_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_stage_export_holds_both_towers_and_stays_an_encoder_export(exported):
     encoder, _ = load_encoder_export(folder)  # what stage 2 reads is unchanged
     for name, value in module.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value)
-    assert latest_export("siglip", "unit", folder.parent.parent) == folder
+    assert latest(SIGLIP_EXPORT, "unit", folder.parent.parent) == folder
     towers = load_siglip_export(folder)
     for loaded, original in zip(_probe(towers), _probe(module)):
         assert torch.equal(loaded, original)
@@ -148,7 +149,7 @@ def test_loader_reads_what_the_importer_writes(tmp_path, reference_dir):
     from test_import_weights import NANO, siglip_state, write_siglip
     from transformers import DistilBertConfig, DistilBertModel
 
-    from med3dvlm.import_released import import_siglip
+    from med3dvlm.artifacts.released import import_siglip
     from med3dvlm.models.tiny_qwen import train_tokenizer
 
     text_model = tmp_path / "distilbert"

@@ -19,15 +19,15 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from med3dvlm.checkpointing import (
+from med3dvlm.configs import CONFIG_DIR
+from med3dvlm.training.checkpointing import (
     AtomicCheckpointIO,
     CorruptCheckpoint,
     check_checkpoint,
     latest_valid_checkpoint,
     write_shard_checksums,
 )
-from med3dvlm.config import CONFIG_DIR
-from med3dvlm.resumable_data import ResumableDataLoader, resumable
+from med3dvlm.training.resumable_data import ResumableDataLoader, resumable
 
 REPO = Path(__file__).resolve().parents[1]
 # Wall-clock rates differ between any two runs.
@@ -116,7 +116,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     newest = tmp_path / "step000020.ckpt"
     assert latest_valid_checkpoint(tmp_path) == newest
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="med3dvlm.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="med3dvlm.training.checkpointing"):
         assert latest_valid_checkpoint(tmp_path) == tmp_path / "step000010.ckpt"
     assert f"{newest}: unreadable" in caplog.text
     with pytest.raises(CorruptCheckpoint, match="step000020.ckpt: unreadable"):
@@ -136,7 +136,7 @@ def test_a_checkpoint_with_damaged_bytes_fails_its_checksum(tmp_path, caplog):
     assert torch.load(newest, weights_only=True)["global_step"] == 20
     with pytest.raises(CorruptCheckpoint, match=r"step000020.ckpt: checksum check failed"):
         check_checkpoint(newest)
-    with caplog.at_level(logging.WARNING, logger="med3dvlm.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="med3dvlm.training.checkpointing"):
         assert latest_valid_checkpoint(tmp_path) == tmp_path / "step000010.ckpt"
     assert "step000020.ckpt: checksum check failed" in caplog.text
     io.remove_checkpoint(newest)
@@ -287,7 +287,7 @@ class _StubRun:
 
 
 def test_the_sweeper_gets_the_best_validation_value_or_the_last():
-    from med3dvlm.run_summary import MetricHistory, optimized_value
+    from med3dvlm.training.run_summary import MetricHistory, optimized_value
 
     history = MetricHistory("val/loss", "min")
     history.load_state_dict({"values": [[5, 2.0], [10, 1.5]]})  # before a crash, restored from the checkpoint
@@ -302,7 +302,7 @@ def test_the_sweeper_gets_the_best_validation_value_or_the_last():
 def test_final_metrics_reach_the_run_folder_and_the_wandb_summary(tmp_path):
     from lightning.pytorch.loggers import WandbLogger
 
-    from med3dvlm.run_summary import SUMMARY_FILE, finish_wandb_runs, write_summary
+    from med3dvlm.training.run_summary import SUMMARY_FILE, finish_wandb_runs, write_summary
 
     run = _StubRun()
     logger = WandbLogger(experiment=run)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import monai.transforms as mtf
 import nibabel as nib
@@ -15,10 +14,9 @@ import pytest
 
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.m3d_prepare import prepare_dataset
-from med3dvlm.data.preprocess import WINDOWS, prepare_scan, preprocess_volume, window_range
+from med3dvlm.data.preprocess import WINDOWS, model_input, prepare_scan, preprocess_volume, window_range
 from med3dvlm.data.scans import load_nifti_as_dhw, read_scan, scan_format
 from med3dvlm.data.volume_io import is_prepared, read_volume
-from med3dvlm.inference import load_volume_for
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 SPACING = (0.7, 0.8, 2.5)  # x, y, z in mm
@@ -174,10 +172,8 @@ def test_a_raw_hu_ct_prepares_with_a_window_and_without_one_says_which(scans, tm
         np.testing.assert_allclose(prepared, prepare_scan(scans[kind], SIZE, (-160.0, 240.0)).volume, atol=1e-6)
         assert is_prepared(out / image) and not is_prepared(scans["nifti"])
         # One code path: infer gives the model what prepare wrote, for the raw scan and for the prepared file.
-        model = SimpleNamespace(input_size=SIZE)
-        np.testing.assert_allclose(load_volume_for(model, scans[kind], "soft_tissue")[0, 0].numpy(), prepared,
-                                   atol=1e-6)
-        np.testing.assert_array_equal(load_volume_for(model, out / image)[0, 0].numpy(), prepared)
+        np.testing.assert_allclose(model_input(scans[kind], SIZE, "soft_tissue").volume, prepared, atol=1e-6)
+        np.testing.assert_array_equal(model_input(out / image, SIZE).volume, prepared)
     explicit = prepare_dataset(_own_csv(tmp_path / "none.csv", scans["nifti"]), tmp_path / "none", spatial_size=SIZE,
                                workers=0, progress=False, split={"train": 1.0}, window="none")
     assert explicit["intensity"]["window"] == "none"

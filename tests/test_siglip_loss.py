@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from med3dvlm.losses import ClipLoss, SigLIPLoss, clip_loss, siglip_loss
-from med3dvlm.stages.optim import split_decay
+from med3dvlm.training.optim import split_decay
 
 
 def reference_siglip(

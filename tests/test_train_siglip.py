@@ -14,10 +14,11 @@ import torch
 from helpers_siglip import INPUT_SIZE, ResumableLoader, prepared_data, stage, tiny_bert
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from med3dvlm.artifacts.encoder_export import SIGLIP_EXPORT, load_encoder_export
+from med3dvlm.artifacts.latest import latest
 from med3dvlm.data.datamodule import M3DDataModule
-from med3dvlm.exports import latest_export, load_encoder_export
-from med3dvlm.stages.callbacks import RNGStateInCheckpoint
-from med3dvlm.stages.optim import split_decay
+from med3dvlm.training.callbacks import RNGStateInCheckpoint
+from med3dvlm.training.optim import split_decay
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,7 @@ def test_loss_decreases_and_exports(assets, tmp_path):
     assert config["variant"] == "nano"
     for key, value in module.encoder.state_dict().items():
         assert torch.equal(value, encoder.state_dict()[key])
-    assert latest_export("siglip", "unit", tmp_path) == tmp_path / "export"
+    assert latest(SIGLIP_EXPORT, "unit", tmp_path) == tmp_path / "export"
 
 
 def test_validation_logs_retrieval_and_best_export(assets, tmp_path):
@@ -205,4 +206,4 @@ def test_train_cli_fast_dev_run_with_offline_wandb(assets, tmp_path):
     assert "retrieval (R@K on the first N pairs)" in result.stdout
     assert "i2t_R@1" in result.stdout
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
-    assert latest_export("siglip", "demo", tmp_path / "outputs") == run / "export"
+    assert latest(SIGLIP_EXPORT, "demo", tmp_path / "outputs") == run / "export"

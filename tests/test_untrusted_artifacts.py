@@ -14,10 +14,11 @@ import torch
 from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, tiny_llm
 from safetensors.torch import load_file, save_file
 
-from med3dvlm.exports import load_encoder_export, write_encoder_export
+from med3dvlm.artifacts.encoder_export import load_encoder_export, write_encoder_export
+from med3dvlm.artifacts.model_folder import load_pretrained, save_pretrained
+from med3dvlm.models.build import build_projector
 from med3dvlm.models.components import UntrustedComponentError, build_component
-from med3dvlm.models.vlm import VisionLanguageModel, load_pretrained
-from med3dvlm.stages.vlm_stage import build_projector
+from med3dvlm.models.vlm import VisionLanguageModel
 
 
 class _Payload:
@@ -40,7 +41,7 @@ def model_folder(tmp_path_factory) -> Path:
     projector, projector_config = build_projector(PROJECTOR_CONFIG, vision, INPUT_SIZE,
                                                   language_model.get_input_embeddings().weight.shape[1])
     model = VisionLanguageModel(vision, projector, language_model, llm.load_tokenizer())
-    return model.save_pretrained(root / "model", ENCODER_CONFIG, projector_config, INPUT_SIZE)
+    return save_pretrained(model, root / "model", ENCODER_CONFIG, projector_config, INPUT_SIZE)
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -87,7 +88,7 @@ def test_nested_targets_and_hydra_keys_inside_an_allowed_component_are_refused(n
 
 
 def test_a_pretrain_handoff_naming_a_foreign_projector_is_refused(tmp_path):
-    from med3dvlm.stages.vlm_finetune import load_pretrain_handoff
+    from med3dvlm.artifacts.handoff import load_pretrain_handoff
 
     planted = tmp_path / "pwned.txt"
     (tmp_path / "handoff.json").write_text(json.dumps({
@@ -98,8 +99,8 @@ def test_a_pretrain_handoff_naming_a_foreign_projector_is_refused(tmp_path):
 
 
 def test_a_planted_sharded_checkpoint_does_not_run_on_resume_or_consolidate(tmp_path):
-    from med3dvlm.checkpointing import CorruptCheckpoint, check_checkpoint, latest_valid_checkpoint
     from med3dvlm.consolidate import consolidate
+    from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint, latest_valid_checkpoint
 
     planted = tmp_path / "pwned"
     folder = tmp_path / "checkpoints" / "step999999.ckpt"
@@ -120,8 +121,8 @@ def test_a_byte_item_of_a_sharded_checkpoint_is_read_without_pickle(tmp_path):
     with ``weights_only=True``, so a planted object is refused."""
     import torch.distributed.checkpoint as dcp
 
-    from med3dvlm.checkpointing import CorruptCheckpoint
     from med3dvlm.consolidate import consolidate
+    from med3dvlm.training.checkpointing import CorruptCheckpoint
 
     planted = tmp_path / "pwned"
     folder = tmp_path / "last.ckpt"

@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from med3dvlm.config import CONFIG_DIR
+from med3dvlm.configs import CONFIG_DIR
 from med3dvlm.models.projectors import MixerProjector, encoder_sizes
 from med3dvlm.models.vit3d import ViT3D
 

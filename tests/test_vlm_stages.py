@@ -17,10 +17,11 @@ from helpers_vlm import (
 )
 from peft import LoraConfig
 
+from med3dvlm.artifacts.handoff import PROJECTOR_HANDOFF, load_pretrain_handoff
+from med3dvlm.artifacts.latest import resolve
 from med3dvlm.models.lora import merge_lora
-from med3dvlm.stages.handoff import resolve_handoff
-from med3dvlm.stages.vlm_finetune import FinetuneStage, load_pretrain_handoff
-from med3dvlm.stages.vlm_pretrain import PretrainStage
+from med3dvlm.stages.finetune import FinetuneStage
+from med3dvlm.stages.pretrain import PretrainStage
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_pretrain_loss_decreases(assets):
 def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
     stage = pretrain_stage(assets, export_dir=str(tmp_path / "run" / "export"))
     fit(stage, toy_batches(stage.model, count=1), steps=1)
-    folder = resolve_handoff(None, tmp_path, "projector", "unit", "python -m med3dvlm.train stage=pretrain")
+    folder = resolve(None, PROJECTOR_HANDOFF, "unit", tmp_path)
     assert folder == tmp_path / "run" / "export"
     model, meta = load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
     torch.testing.assert_close(snapshot(model.projector), snapshot(stage.model.projector))
@@ -81,7 +82,7 @@ def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
     assert meta["vision_tower"] == ENCODER_CONFIG and meta["num_image_tokens"] == 8
 
     with pytest.raises(FileNotFoundError, match="python -m med3dvlm.train stage=pretrain"):
-        resolve_handoff(None, tmp_path, "projector", "other-experiment", "python -m med3dvlm.train stage=pretrain")
+        resolve(None, PROJECTOR_HANDOFF, "other-experiment", tmp_path)
     # a projector trained for a different configuration does not load
     meta_file = folder / "handoff.json"
     meta_file.write_text(meta_file.read_text().replace('"low_tokens": [\n      4,\n      4\n    ]',
@@ -186,21 +187,21 @@ def test_feature_cache_gives_the_same_loss_and_computes_each_volume_once(assets)
 
 
 def test_stages_2_and_3_refuse_data_of_another_size_than_their_exports(assets, tmp_path):
-    from med3dvlm.exports import write_encoder_export
-    from med3dvlm.stages import vlm_finetune, vlm_pretrain
+    from med3dvlm.artifacts.encoder_export import write_encoder_export
+    from med3dvlm.stages import finetune, pretrain
 
     export = write_encoder_export(tmp_path / "siglip", encoder(), ENCODER_CONFIG, INPUT_SIZE, "siglip", "unit")
     nodes = {"experiment": "unit", "projector": PROJECTOR_CONFIG,
              "llm": {"_target_": "med3dvlm.models.llm.LanguageModel", "name_or_path": tiny_llm(assets).name_or_path},
              "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
-             "scheduler": {"_target_": "med3dvlm.stages.optim.constant", "_partial_": True}}
+             "scheduler": {"_target_": "med3dvlm.training.optim.constant", "_partial_": True}}
     with pytest.raises(ValueError, match=r"export.json: the encoder was trained on \[32, 64, 64\] volumes, the data "
                                          r"is \[16, 32, 32\]"):
-        vlm_pretrain.pretrain_stage(encoder_export=str(export), input_size=[16, 32, 32], export_dir=None, **nodes)
+        pretrain.pretrain_stage(encoder_export=str(export), input_size=[16, 32, 32], export_dir=None, **nodes)
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
     with pytest.raises(ValueError, match=r"handoff.json: the projector was trained on \[32, 64, 64\] volumes"):
-        vlm_finetune.finetune_stage(pretrain_export=str(tmp_path / "pre"), log_dir=str(tmp_path), llm=nodes["llm"],
+        finetune.finetune_stage(pretrain_export=str(tmp_path / "pre"), log_dir=str(tmp_path), llm=nodes["llm"],
                                     lora={"_target_": "peft.LoraConfig"}, optimizer=nodes["optimizer"],
                                     scheduler=nodes["scheduler"], export_dir=None, experiment="unit",
                                     input_size=[16, 32, 32])
@@ -211,7 +212,7 @@ def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
-    from med3dvlm.checkpointing import AtomicCheckpointIO
+    from med3dvlm.training.checkpointing import AtomicCheckpointIO
 
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -221,7 +222,7 @@ def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
 
 
 def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(assets, tmp_path):
-    from med3dvlm.stages.lean_checkpoint import FrozenBaseMismatch, split_state_keys
+    from med3dvlm.training.lean_checkpoint import FrozenBaseMismatch, split_state_keys
 
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
@@ -266,7 +267,7 @@ def test_stage_3_validates_by_generation_with_closed_vqa_accuracy_per_question_t
     from lightning.pytorch.loggers import CSVLogger
 
     from med3dvlm.data.datamodule import M3DDataModule
-    from med3dvlm.stages.callbacks import ClosedVQAValidation
+    from med3dvlm.training.callbacks import ClosedVQAValidation
 
     stage = finetune_stage(assets, tmp_path, train_vision_tower=False)
     data = make_prepared(tmp_path / "prepared", shape=INPUT_SIZE)

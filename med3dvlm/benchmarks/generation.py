@@ -18,11 +18,12 @@ from torch.utils.data import Dataset
 
 from med3dvlm.benchmarks import BenchOptions, BenchRow, median_seconds
 from med3dvlm.data.prompts import PromptBuilder
-from med3dvlm.evaluation.runner import GenerationSettings, generate_predictions, model_generate_fn
+from med3dvlm.evaluation.runner import generate_predictions, model_generate_fn
+from med3dvlm.models.build import build_vlm
 from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.models.generation import GenerationSettings
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
-from med3dvlm.stages.vlm_stage import build_vlm
 
 SECTION = "generation"
 INPUT_SIZE = (32, 64, 64)

@@ -19,10 +19,10 @@ from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_assets import build_tiny_bert
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
 from med3dvlm.models.towers import ImageTower, TextTower
-from med3dvlm.stages.optim import SchedulerFactory, cosine_with_warmup
+from med3dvlm.stages.finetune import FinetuneStage
+from med3dvlm.stages.pretrain import PretrainStage
 from med3dvlm.stages.siglip import SigLIPStage
-from med3dvlm.stages.vlm_finetune import FinetuneStage
-from med3dvlm.stages.vlm_pretrain import PretrainStage
+from med3dvlm.training.optim import SchedulerFactory, cosine_with_warmup
 
 SECTION = "vlm"
 INPUT_SIZE = (32, 64, 64)

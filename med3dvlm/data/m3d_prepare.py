@@ -14,7 +14,7 @@ Volumes, texts, JSON and CSV files are written atomically, and the pipeline is d
 uninterrupted one.
 
 ``strict_split``: test items whose case (the volume's folder; for own data, the volume itself) or
-exact report text also occurs in train move to train (``med3dvlm.metrics.leakage.strict_split``),
+exact report text also occurs in train move to train (``med3dvlm.data.leakage.strict_split``),
 and so do the VQA test rows about a case that train now holds; the manifest records what moved.
 """
 
@@ -60,6 +60,8 @@ from med3dvlm.data.layout import (
     subfolders,
     vqa_csvs,
 )
+from med3dvlm.data.leakage import case_id
+from med3dvlm.data.leakage import strict_split as move_leaking_test_items
 from med3dvlm.data.preprocess import (
     WindowSpec,
     prepare_scan,
@@ -70,8 +72,6 @@ from med3dvlm.data.preprocess import (
 )
 from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, SUPPORTED, missing_reader, scan_format
 from med3dvlm.data.volume_io import FORMATS, read_volume_raw, to_float, volume_suffix, write_volume
-from med3dvlm.metrics.leakage import case_id
-from med3dvlm.metrics.leakage import strict_split as move_leaking_test_items
 from med3dvlm.utils.atomic import atomic_write_text
 from med3dvlm.utils.fingerprint import file_sha256
 

@@ -17,6 +17,7 @@ default ``select_fn``. A volume with no voxel above the threshold is kept whole.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -28,6 +29,9 @@ import numpy as np
 
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, read_scan
+from med3dvlm.data.volume_io import is_prepared, read_volume
+
+log = logging.getLogger(__name__)
 
 SLICE_SUFFIXES: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 _NUMBER = re.compile(r"\d+")
@@ -222,6 +226,7 @@ class PreparedScan:
     raw: np.ndarray
     volume: np.ndarray
     hu_unwindowed: bool  # raw CT in HU min-maxed for want of a window
+    already_prepared: bool = False  # a volume prepare wrote, used as it is
 
 
 def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], window: tuple[float, float] | None = None,
@@ -231,3 +236,26 @@ def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], window: t
     raw = read_scan(path, max_voxels)
     volume = preprocess_volume(raw, spatial_size, foreground_threshold, path, window)
     return PreparedScan(raw, volume, window is None and looks_like_hu(raw))
+
+
+def model_input(path: str | os.PathLike, input_size: Sequence[int], window: WindowSpec = None,
+                max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
+    """What a model of ``input_size`` receives from the file at ``path`` (``infer`` and the web page).
+
+    A volume ``prepare`` wrote (``.npy``, or a NIfTI with its header mark) is read as it is and must
+    have the model's size; any other scan (``data.scans``: NIfTI, NRRD, MetaImage, a DICOM folder; up
+    to ``max_voxels``) goes through exactly ``prepare``'s steps (:func:`prepare_scan`): ``window``
+    (HU) or min-max, foreground crop, resize. A raw-HU scan without a window is min-maxed, with a
+    warning naming the setting.
+    """
+    if is_prepared(path):
+        if window_range(window) is not None:
+            log.info("%s was prepared already (window as prepare chose); intensity.window is not applied again", path)
+        volume = read_volume(path, shape=tuple(input_size))
+        return PreparedScan(volume, volume, hu_unwindowed=False, already_prepared=True)
+    scan = prepare_scan(path, input_size, window_range(window), max_voxels=max_voxels)
+    if scan.hu_unwindowed:
+        log.warning("%s looks like raw CT in Hounsfield units and no intensity.window is set: it was min-max "
+                    "normalised, which squeezes soft tissue into a sliver of [0, 1]; pass the window the "
+                    "training data was prepared with (e.g. intensity.window=soft_tissue)", path)
+    return scan

@@ -71,6 +71,14 @@ def generation_prompt(image_token: str, num_image_tokens: int, question: str) ->
     return build_prompt(image_token, num_image_tokens, question, VQA_SEPARATOR)
 
 
+def ask_prompt(image_token: str, num_image_tokens: int, question: str | None = None) -> str:
+    """The prompt a user's question is asked with (``infer``, the web page): the VQA format, or with
+    ``question=None`` the first caption question, as captions were trained (a report)."""
+    if question is None:
+        return build_prompt(image_token, num_image_tokens, caption_question(), CAPTION_SEPARATOR)
+    return generation_prompt(image_token, num_image_tokens, question)
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     """``input_ids`` and ``labels`` of one example (``labels`` is None in prompt-only mode)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +20,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from med3dvlm.data.collate import PadCollate
+from med3dvlm.models.generation import GenerationSettings
 from med3dvlm.models.vlm import VisionLanguageModel
 
 GenerateFn = Callable[[Mapping[str, Any]], list[str]]
 PRED = "Pred"
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Explicit decoding: greedy unless ``do_sample``; sampling is seeded with ``seed``."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int = 42
-
-    def kwargs(self) -> dict[str, Any]:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
-        if self.do_sample:
-            kwargs["temperature"] = self.temperature
-            if self.top_p is not None:
-                kwargs["top_p"] = self.top_p
-        return kwargs
 
 
 def distinct_rows(keys: Sequence[Any]) -> tuple[list[int], torch.Tensor]:

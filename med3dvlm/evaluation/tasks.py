@@ -27,6 +27,7 @@ from med3dvlm.data.datasets import (
     read_report,
     vqa_csv,
 )
+from med3dvlm.data.leakage import Item, case_id, format_leakage, split_leakage
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.evaluation.outputs import (
     bar_chart,
@@ -36,8 +37,7 @@ from med3dvlm.evaluation.outputs import (
     write_metrics_json,
     write_scored_csv,
 )
-from med3dvlm.evaluation.runner import GenerateFn, GenerationSettings, generate_predictions, model_generate_fn
-from med3dvlm.metrics.leakage import Item, case_id, format_leakage, split_leakage
+from med3dvlm.evaluation.runner import GenerateFn, generate_predictions, model_generate_fn
 from med3dvlm.metrics.retrieval import (
     DIRECTIONS,
     RECALL_AT,
@@ -49,6 +49,7 @@ from med3dvlm.metrics.retrieval import (
 )
 from med3dvlm.metrics.text import TEXT_METRICS, BERTScorer, bertscore_problem, mean, text_scores
 from med3dvlm.metrics.vqa import closed_vqa_metrics, open_vqa_metrics
+from med3dvlm.models.generation import GenerationSettings
 from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class GenerationTask:
 
     def run(self, ctx: EvalContext) -> EvalResult:
         """Load the exported model, build the test dataset and evaluate."""
-        from med3dvlm.models.vlm import load_pretrained
+        from med3dvlm.artifacts.model_folder import load_pretrained
 
         if not ctx.model:
             raise ValueError("evaluation needs model=PATH (a folder written by python -m med3dvlm.export)")
@@ -290,7 +291,7 @@ class RetrievalTask:
         self.recall_at = tuple(int(k) for k in recall_at)
 
     def run(self, ctx: EvalContext) -> EvalResult:
-        from med3dvlm.exports import load_siglip_export
+        from med3dvlm.artifacts.encoder_export import load_siglip_export
 
         if not ctx.model:
             raise ValueError("retrieval needs model=PATH: a stage-1 export (<siglip run folder>/export) or the "

@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from med3dvlm.config import work_root
+from med3dvlm.configs import work_root
 from med3dvlm.utils.atomic import atomic_write_text
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")

@@ -15,30 +15,14 @@ block is overwritten. Use it only to score weights trained that way.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from med3dvlm.models.components import build_component
-from med3dvlm.models.llm import load_llm_folder
-from med3dvlm.utils.atomic import atomic_path, atomic_write_text
-from med3dvlm.utils.fingerprint import folder_fingerprint, verify_fingerprint
-
-log = logging.getLogger(__name__)
-
 IMAGE_TOKEN = "<im_patch>"
-CONFIG_FILE = "config.json"
-LLM_DIR = "llm"
-EXPORT_FORMAT = "med3dvlm-vlm"
-EXPORT_VERSION = 1
 
 
 def add_image_token(tokenizer: PreTrainedTokenizerBase, llm: PreTrainedModel, image_token: str) -> int:
@@ -219,118 +203,3 @@ class VisionLanguageModel(nn.Module):
         """Copy the trained ``<im_patch>`` row into the LLM's embedding matrix."""
         with torch.no_grad():
             self.llm.get_input_embeddings().weight[self.image_token_id] = self.image_token_embedding
-
-    # --- one-folder export ----------------------------------------------------------------
-
-    def save_pretrained(
-        self,
-        path: str | os.PathLike,
-        vision_tower_config: dict,
-        projector_config: dict,
-        input_size: tuple[int, int, int] | list[int],
-        extra: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write LLM + tokenizer (``llm/``), vision tower, projector and ``config.json`` to ``path``.
-
-        The component configs are the ``_target_`` nodes that rebuild the vision tower and the
-        projector; ``input_size`` is the volume size ``(D, H, W)`` they were built for; ``extra``
-        adds fields (the importer's record of its source). ``config.json`` is written last, so a
-        folder with it is complete, and lists the SHA-256 of every other file (``files``).
-        """
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.sync_image_token_row()
-        self.llm.save_pretrained(path / LLM_DIR)
-        self.tokenizer.save_pretrained(path / LLM_DIR)
-        for name, module in (("vision_tower", self.vision_tower), ("projector", self.projector)):
-            with atomic_path(path / f"{name}.safetensors") as tmp:
-                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                save_file(state, str(tmp))
-        config = {
-            "format": EXPORT_FORMAT,
-            "version": EXPORT_VERSION,
-            "image_token": self.image_token,
-            "num_image_tokens": self.num_image_tokens,
-            "reference_placement": self.reference_placement,
-            "input_size": list(input_size),
-            "vision_tower": vision_tower_config,
-            "projector": projector_config,
-            **(extra or {}),
-            "files": folder_fingerprint(path, skip={CONFIG_FILE}),
-        }
-        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2))
-        return path
-
-
-def load_state_strict(module: nn.Module, path: str | os.PathLike) -> None:
-    """Load a safetensors file into ``module``; missing, extra or mis-shaped keys are an error."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: weights not found")
-    state = load_file(str(path))
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(
-            f"{path}: does not fit {type(module).__name__}: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
-        )
-    for key, value in state.items():
-        if value.shape != own[key].shape:
-            raise ValueError(
-                f"{path}: key {key!r} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}"
-            )
-    module.load_state_dict(state, strict=True)
-
-
-def load_pretrained(
-    path: str | os.PathLike,
-    dtype: torch.dtype | str = "float32",
-    reference_placement: bool | None = None,
-    verify_files: bool = True,
-) -> VisionLanguageModel:
-    """Rebuild a VLM written by ``save_pretrained`` / ``python -m med3dvlm.export`` (eval mode).
-
-    Strict: the vision tower and projector are our own components (``med3dvlm.models.components``),
-    every weight file fits its module exactly, and the LLM folder is complete and consistent with its
-    tokenizer (``load_llm_folder``; the ``<im_patch>`` id inside the embedding matrix).
-    ``verify_files`` checks each file's SHA-256 against ``config.json`` first (off: skip hashing a
-    very large folder; everything else is still checked).
-    """
-    path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found; write a VLM folder with `python -m med3dvlm.export`")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_file}: not valid JSON ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{config_file}: not a {EXPORT_FORMAT} folder")
-    if verify_files:
-        if "files" in config:
-            verify_fingerprint(path, config["files"], config_file, closed=[LLM_DIR])
-        else:
-            log.warning("%s records no file fingerprints (written by an older version); files not verified",
-                        config_file)
-    vision_tower = build_component(config["vision_tower"], config_file, "vision_tower")
-    projector = build_component(config["projector"], config_file, "projector")
-    load_state_strict(vision_tower, path / "vision_tower.safetensors")
-    load_state_strict(projector, path / "projector.safetensors")
-    llm, tokenizer = load_llm_folder(path / LLM_DIR, dtype=dtype)
-    image_token = config["image_token"]
-    token_id = tokenizer.get_vocab().get(image_token)
-    rows = llm.get_input_embeddings().weight.shape[0]
-    if token_id is None or token_id >= rows:
-        found = "is not in the tokenizer" if token_id is None else f"has id {token_id}"
-        raise ValueError(f"{path / LLM_DIR / 'tokenizer.json'}: {image_token} {found}; the LLM's embedding "
-                         f"matrix has {rows} rows")
-    placement = config["reference_placement"] if reference_placement is None else reference_placement
-    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token=image_token,
-                                reference_placement=placement)
-    model.input_size = tuple(config["input_size"])
-    if model.num_image_tokens != config["num_image_tokens"]:
-        raise ValueError(
-            f"{config_file}: num_image_tokens {config['num_image_tokens']} but the projector gives "
-            f"{model.num_image_tokens}"
-        )
-    return model.to(llm.dtype).eval()

@@ -1,29 +1,28 @@
 """Stage 1: SigLIP image-report alignment of the volume encoder and the text encoder.
 
-The module wires an image tower, a text tower and the SigLIP loss (all built from configs), owns
-the optimiser set-up, the per-step logging, the retrieval evaluation and the encoder export.
+The module wires an image tower, a text tower and the SigLIP loss (all built from configs) and owns
+the per-step logging, the retrieval evaluation and the encoder export; the optimiser, step timing
+and end-of-training export come from :class:`med3dvlm.training.stage.TrainingStage`.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from med3dvlm.exports import siglip_files, write_encoder_export
+from med3dvlm.artifacts.encoder_export import siglip_files, write_encoder_export
 from med3dvlm.metrics.retrieval import retrieval_metrics, true_match_ranks
-from med3dvlm.sharding import ShardedStage, full_weights
-from med3dvlm.stages.lean_checkpoint import LeanCheckpoint
-from med3dvlm.stages.optim import SchedulerFactory, param_groups
+from med3dvlm.models.build import plain_config
+from med3dvlm.training.optim import SchedulerFactory
+from med3dvlm.training.sharding import full_weights
+from med3dvlm.training.stage import TrainingStage
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def sample_indices(batch: Mapping[str, Any]) -> torch.Tensor:
     return torch.tensor([int(str(sid).rsplit("/", 1)[-1]) for sid in batch["sample_id"]], dtype=torch.long)
 
 
-class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
+class SigLIPStage(TrainingStage):
     """SigLIP training of ``image_tower`` (``encoder`` + head) and ``text_tower``.
 
     Args:
@@ -47,7 +46,7 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
         scheduler: ``_partial_`` ``(optimizer, total_steps) -> LRScheduler`` (stepped every step).
         encoder_config: the encoder's ``_target_`` node (recorded in the export).
         input_size: ``(D, H, W)`` the encoder is trained at (recorded in the export).
-        weight_decay: on weights only (see ``med3dvlm.stages.optim.split_decay``).
+        weight_decay: on weights only (see ``med3dvlm.training.optim.split_decay``).
         freeze_bn: keep every BatchNorm in eval mode (running statistics used and never updated)
             while the rest trains; affine parameters still train.
         experiment: name recorded in the export, used to chain stages.
@@ -71,26 +70,19 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
         export_dir: str | None = None,
         best_export_dir: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler, weight_decay, export_dir)
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.loss = loss
         self.tokenizer = tokenizer
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.encoder_config = dict(encoder_config)
         self.input_size = [int(n) for n in input_size]
-        self.weight_decay = weight_decay
         self.freeze_bn = freeze_bn
         self.experiment = experiment
-        self.export_dir = Path(export_dir) if export_dir else None
         self.best_export_dir = Path(best_export_dir) if best_export_dir else None
         self.best_score = float("-inf")
         self.last_retrieval: dict[str, Any] = {}
         self._eval_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._step_started = 0.0
-        self.frozen_base_source = {}  # everything trains: a checkpoint holds the whole stage
-        self._lean_init()
         # Pretrained towers load in eval mode; everything trains here (BatchNorm as ``freeze_bn`` says).
         self.train()
 
@@ -122,9 +114,6 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
 
     # --- training --------------------------------------------------------------------------
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
-
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         size = batch["image"].shape[0]
@@ -140,16 +129,6 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
         if grads:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             self.log("train/grad_norm", norm)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        seconds = max(time.perf_counter() - self._step_started, 1e-9)
-        self.log("train/samples_per_s", batch["image"].shape[0] * self.trainer.world_size / seconds)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(param_groups(self, self.weight_decay))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = self.scheduler_factory(optimizer, total_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- evaluation ------------------------------------------------------------------------
 
@@ -224,6 +203,9 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
 
     # --- export ----------------------------------------------------------------------------
 
+    def write_export(self, folder: Path) -> Path:
+        return self.export(folder, "final")
+
     def export(self, folder: Path, which: str, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the export (``which``: ``final`` or ``best``) to ``folder``: the encoder for stage 2,
         and the text encoder, tokenizer and heads for retrieval evaluation."""
@@ -235,14 +217,6 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
             siglip_files(self.text_tower.language_encoder, self.tokenizer, heads),
         )
 
-    def on_train_end(self) -> None:
-        if self.export_dir is None:
-            return
-        with full_weights(self):  # every rank (FSDP gathers the shards)
-            if self.trainer.is_global_zero:
-                folder = self.export(self.export_dir, "final")
-                log.info("wrote the siglip encoder export to %s", folder)
-
     # The RNG state travels in checkpoints through the RNGStateInCheckpoint callback (every stage).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -251,12 +225,6 @@ class SigLIPStage(LeanCheckpoint, ShardedStage, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.best_score = checkpoint.get("siglip_best_score", float("-inf"))
-
-
-def _plain(node: Mapping | DictConfig) -> dict[str, Any]:
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
 
 
 def siglip_stage(
@@ -279,8 +247,8 @@ def siglip_stage(
     argument; ``text_encoder`` is one whose ``model_name_or_path`` (a string, or a ``_target_``
     node that returns one, e.g. the tiny BERT builder) also names the tokenizer.
     """
-    encoder_config = _plain(encoder)
-    text_config = _plain(text_encoder)
+    encoder_config = plain_config(encoder)
+    text_config = plain_config(text_encoder)
     source = text_config["model_name_or_path"]
     if isinstance(source, Mapping):
         source = instantiate(source)

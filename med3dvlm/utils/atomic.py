@@ -1,12 +1,19 @@
-"""Atomic file writes: a killed process never leaves a half-written file behind."""
+"""Atomic writes: a killed process never leaves a half-written file or folder behind."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 @contextlib.contextmanager
@@ -25,9 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -39,3 +44,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``folder``; when the block succeeds it replaces ``folder``.
+
+    A reader finds the previous folder or the whole new one, never a half-written one: the previous
+    one is moved aside first (a crash in between leaves either), then removed. A failed block leaves
+    ``folder`` as it was. Staging names start with ``.tmp-`` / ``.old-`` so searches skip them.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is owner-only, as mkdir's would not be
+        retired = None
+        if folder.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
+            os.replace(folder, retired / folder.name)
+        os.replace(staging, folder)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_staging(path: Path) -> bool:
+    """Whether ``path`` lies inside a folder :func:`atomic_folder` or :func:`atomic_path` is writing."""
+    return any(part.startswith((".tmp-", ".old-")) for part in path.parts)

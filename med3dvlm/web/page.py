@@ -21,10 +21,10 @@ import numpy as np
 
 from med3dvlm.data.preprocess import WINDOWS
 from med3dvlm.data.prompts import caption_question
+from med3dvlm.models.generation import GenerationSettings
 from med3dvlm.web.session import (
     UPLOAD_SUFFIXES,
     VIEWS,
-    GenerationSettings,
     Limits,
     Models,
     Scan,

@@ -2,16 +2,15 @@
 ``prepare``'s steps, cut the three orthogonal views, build the benchmark's prompts and stream an
 answer. No Gradio here, so the tests call every function directly.
 
-Guarantees: a model folder is loaded strictly (:func:`med3dvlm.models.vlm.load_pretrained`, file
-hashes checked, no code from the folder runs); an upload is read only through
-:mod:`med3dvlm.data.scans` and :func:`med3dvlm.data.preprocess.prepare_scan` (the one code path of
-``prepare`` and ``infer``), bounded by its header's voxel count and, for a DICOM zip, by its
-uncompressed size and file count; each model answers one request at a time.
+Guarantees: a model folder is loaded strictly (:func:`med3dvlm.artifacts.model_folder.load_pretrained`,
+file hashes checked, no code from the folder runs); an upload is read only through
+:func:`med3dvlm.data.preprocess.model_input` (what ``infer`` reads, through ``prepare``'s steps),
+bounded by its header's voxel count and, for a DICOM zip, by its uncompressed size and file count;
+each model answers one request at a time.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -21,19 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from med3dvlm.artifacts.model_folder import is_model_folder, load_pretrained
 from med3dvlm.data import scans
-from med3dvlm.data.preprocess import WindowSpec, prepare_scan, window_range
-from med3dvlm.data.prompts import (
-    CAPTION_SEPARATOR,
-    build_prompt,
-    caption_question,
-    closed_question,
-    generation_prompt,
-)
-from med3dvlm.data.volume_io import is_prepared, read_volume
-from med3dvlm.models.vlm import CONFIG_FILE, EXPORT_FORMAT, VisionLanguageModel, load_pretrained
+from med3dvlm.data.preprocess import WindowSpec, model_input, window_range
+from med3dvlm.data.prompts import ask_prompt, caption_question, closed_question
+from med3dvlm.models.generation import GenerationSettings
+from med3dvlm.models.generation import stream_answer as stream_model_answer
+from med3dvlm.models.vlm import VisionLanguageModel
 
 UPLOAD_SUFFIXES: tuple[str, ...] = (*scans.SUFFIXES, ".zip", ".npy")
 """What the page accepts: the scan formats of ``data.scans``, a DICOM series as a zip, a prepared ``.npy``."""
@@ -64,30 +58,6 @@ class Scan:
     volume: np.ndarray
     window: str
     hu_unwindowed: bool
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """The page's "advanced" settings; greedy by default, as the benchmark."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def kwargs(self) -> dict:
-        sampled = {"temperature": self.temperature, "top_p": self.top_p} if self.do_sample else {}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "repetition_penalty": self.repetition_penalty, **sampled}
-
-
-def is_model_folder(path: Path) -> bool:
-    """Whether ``path`` holds one of our model folders (``export`` or ``import_weights`` wrote it)."""
-    try:
-        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 class Models:
@@ -169,22 +139,22 @@ def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], windo
     if not name.lower().endswith(UPLOAD_SUFFIXES) and not path.is_dir():
         raise UploadError(f"{name}: not a supported upload; use {scans.SUPPORTED}, a DICOM series as .zip, "
                           "or a prepared .npy")
-    label = "none" if window_range(window) is None else str(window)
     try:
-        if is_prepared(path):
-            volume = read_volume(path, shape=input_size)
-            return Scan(name, volume, volume, "as prepared", False)
         if name.lower().endswith(".zip"):
             with tempfile.TemporaryDirectory(prefix="med3dvlm-upload-") as tmp:
                 series = _extract_dicom_zip(path, Path(tmp), limits)
-                prepared = prepare_scan(series, input_size, window_range(window), max_voxels=limits.max_voxels)
+                prepared = model_input(series, input_size, window, limits.max_voxels)
         else:
-            prepared = prepare_scan(path, input_size, window_range(window), max_voxels=limits.max_voxels)
+            prepared = model_input(path, input_size, window, limits.max_voxels)
     except UploadError:
         raise
     except (ValueError, OSError, RuntimeError) as err:
         raise UploadError(str(err).replace(str(path.parent) + os.sep, "")) from err
-    return Scan(name, prepared.raw, prepared.volume, label, prepared.hu_unwindowed and window_range(window) is None)
+    if prepared.already_prepared:
+        label = "as prepared"
+    else:
+        label = "none" if window_range(window) is None else str(window)
+    return Scan(name, prepared.raw, prepared.volume, label, prepared.hu_unwindowed)
 
 
 def view(volume: np.ndarray, kind: str, position: float, display: tuple[float, float] | None = None) -> np.ndarray:
@@ -223,11 +193,9 @@ def question_text(kind: str, question: str = "", choices: tuple[str, str, str, s
 
 
 def prompt_for(model: VisionLanguageModel, kind: str, text: str) -> str:
-    """The prompt sent to the model: the image block then the question (a report's without the
-    space, as captions were trained)."""
-    if kind == "report":
-        return build_prompt(model.image_token, model.num_image_tokens, text, CAPTION_SEPARATOR)
-    return generation_prompt(model.image_token, model.num_image_tokens, text)
+    """The prompt sent to the model (:func:`med3dvlm.data.prompts.ask_prompt`): the image block then
+    the question, a report asked as captions were trained."""
+    return ask_prompt(model.image_token, model.num_image_tokens, None if kind == "report" else text)
 
 
 def shown_prompt(model: VisionLanguageModel, prompt: str) -> str:
@@ -239,35 +207,5 @@ def shown_prompt(model: VisionLanguageModel, prompt: str) -> str:
 def stream_answer(model: VisionLanguageModel, lock: threading.Lock, volume: np.ndarray, prompt: str,
                   settings: GenerationSettings | None = None) -> Iterator[str]:
     """The answer so far, each time a new piece is decoded; holds ``lock`` until the answer is done."""
-    from transformers import TextIteratorStreamer
-
-    settings = settings or GenerationSettings()
-    device = next(model.parameters()).device
-    dtype = next(model.vision_tower.parameters()).dtype
-    image = torch.from_numpy(np.ascontiguousarray(volume))[None, None].to(device, dtype)
-    encoded = model.tokenizer([prompt], return_tensors="pt")
-    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=False, skip_special_tokens=True)
-    failure: list[Exception] = []
-
-    def generate() -> None:
-        try:
-            with torch.no_grad():
-                model.generate(image, encoded["input_ids"].to(device), encoded["attention_mask"].to(device),
-                               streamer=streamer, **settings.kwargs())
-        except Exception as err:  # noqa: BLE001 (any failure is re-raised in the caller's thread)
-            failure.append(err)
-            streamer.end()
-
     with lock:
-        worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
-        text, shown = "", False
-        for piece in streamer:
-            text += piece
-            shown = True
-            yield text.strip()
-        worker.join()
-        if not shown and not failure:
-            yield ""
-    if failure:
-        raise failure[0]
+        yield from stream_model_answer(model, volume, prompt, settings)

@@ -4,11 +4,12 @@ An export is a folder holding ``encoder.safetensors`` and ``export.json`` (the e
 ``_target_`` config, the input size it was trained at, the stage, the experiment, which weights:
 ``final`` = end of training, ``best`` = best checkpoint by the monitored metric). The folder is
 built beside its destination and renamed into place, so a folder with ``export.json`` is always
-complete and consistent. Later stages find the newest one with ``latest_export`` or take an
-explicit path, and rebuild the encoder with ``load_encoder_export`` (strict).
+complete and consistent. Later stages take an explicit path or find the newest one
+(``med3dvlm.artifacts.latest`` with :data:`SIGLIP_EXPORT`), and rebuild the encoder with
+``load_encoder_export`` (strict).
 
 The SigLIP stage's export also holds the rest of the model, as the importer of the released
-weights writes it beside its ``encoder/`` export (``med3dvlm.import_released``):
+weights writes it beside its ``encoder/`` export (``med3dvlm.artifacts.released``):
 ``text_encoder/`` (the text encoder and its tokenizer as a Hugging Face folder) and
 ``siglip_heads.safetensors`` (both projection heads, the loss's scale and bias, under the stage's
 attribute names). ``load_siglip_export`` rebuilds both towers from either folder (retrieval).
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,15 +27,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from med3dvlm.config import work_root
+from med3dvlm.artifacts.latest import ArtifactKind
+from med3dvlm.artifacts.tensors import load_state_strict, save_tensors
 from med3dvlm.models.components import build_component
 from med3dvlm.models.towers import ImageTower, TextTower
-from med3dvlm.models.vlm import load_state_strict
+from med3dvlm.utils.atomic import atomic_folder
 
 EXPORT_FILE = "export.json"
 WEIGHTS_FILE = "encoder.safetensors"
@@ -47,6 +47,13 @@ HEADS_FILE = "siglip_heads.safetensors"
 IMPORTED_ENCODER_DIR = "encoder"
 # The original's text pooling (first token): the pooling of an export that does not record one.
 DEFAULT_TEXT_POOLING = "first"
+SIGLIP_EXPORT = ArtifactKind("siglip export", EXPORT_FILE, {"format": FORMAT, "stage": "siglip", "which": "final"},
+                             "python -m med3dvlm.train stage=siglip", "stage.encoder_export")
+"""Stage 1's export at the end of training (what stage 2 reads)."""
+SIGLIP_BEST_EXPORT = ArtifactKind("best siglip export", EXPORT_FILE,
+                                  {"format": FORMAT, "stage": "siglip", "which": "best"},
+                                  "python -m med3dvlm.train stage=siglip", "stage.encoder_export")
+"""Stage 1's export of its best validation."""
 
 
 def write_encoder_export(
@@ -68,12 +75,8 @@ def write_encoder_export(
         raise ValueError(f"export kind {which!r} unknown; one of {WHICH}")
     if "_target_" not in encoder_config:
         raise ValueError("encoder_config must be a `_target_` node that rebuilds the encoder")
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_FILE))
+    with atomic_folder(folder) as staging:
+        save_tensors(staging / WEIGHTS_FILE, encoder.state_dict())
         if write_files is not None:
             write_files(staging)
         meta = {
@@ -87,17 +90,7 @@ def write_encoder_export(
             **(extra or {}),
         }
         (staging / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        # Move the previous export aside first: a crash in between leaves the new or the old one.
-        retired = None
-        if folder.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".old-{folder.name}-", dir=folder.parent))
-            os.replace(folder, retired / folder.name)
-        os.replace(staging, folder)
-        if retired is not None:
-            shutil.rmtree(retired, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return Path(folder)
 
 
 def _folder(path: str | os.PathLike) -> Path:
@@ -133,27 +126,6 @@ def load_encoder_export(path: str | os.PathLike) -> tuple[nn.Module, dict[str, A
     return encoder, meta["encoder"]
 
 
-def latest_export(
-    stage: str, experiment: str, log_dir: str | os.PathLike | None = None, which: str = "final"
-) -> Path | None:
-    """The newest complete export of ``stage`` (``which`` weights) by ``experiment`` under ``log_dir``
-    (default: ``outputs/`` of the work root), or ``None``."""
-    root = Path(log_dir) if log_dir is not None else work_root() / "outputs"
-    found: list[tuple[float, str]] = []
-    for meta_file in root.glob(f"**/{EXPORT_FILE}"):
-        if any(part.startswith((".tmp-", ".old-")) for part in meta_file.relative_to(root).parts):
-            continue
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            continue
-        if (meta.get("format"), meta.get("stage"), meta.get("experiment"), meta.get("which")) == (
-            FORMAT, stage, experiment, which,
-        ):
-            found.append((float(meta.get("created", 0.0)), str(meta_file.parent)))
-    return Path(max(found)[1]) if found else None
-
-
 def siglip_files(text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  heads: Mapping[str, Tensor]) -> Callable[[Path], None]:
     """``write_files`` for :func:`write_encoder_export`: the text encoder with its tokenizer and the
@@ -162,7 +134,7 @@ def siglip_files(text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     def write(folder: Path) -> None:
         text_encoder.save_pretrained(folder / TEXT_ENCODER_DIR)
         tokenizer.save_pretrained(folder / TEXT_ENCODER_DIR)
-        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(folder / HEADS_FILE))
+        save_tensors(folder / HEADS_FILE, heads)
 
     return write
 

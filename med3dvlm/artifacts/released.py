@@ -11,7 +11,7 @@
     <out>/import.json        source, key counts and the choices below
 
 ``import_vlm`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B`` (the merged ``VLMQwenForCausalLM``) and writes a
-folder ``med3dvlm.models.vlm.load_pretrained`` reads (so ``evaluate`` and ``infer`` take it), with
+model folder (:mod:`med3dvlm.artifacts.model_folder`, so ``evaluate`` and ``infer`` take it), with
 the original's image-token placement on (``reference_placement``, stored in its config.json).
 
 Strictness: every checkpoint key goes to exactly one module (by prefix) or is in ``UNUSED_KEYS``;
@@ -39,15 +39,29 @@ from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from med3dvlm.exports import write_encoder_export
+from med3dvlm.artifacts.encoder_export import (
+    HEADS_FILE,
+    IMPORTED_ENCODER_DIR,
+    TEXT_ENCODER_DIR,
+    write_encoder_export,
+)
+from med3dvlm.artifacts.model_folder import save_pretrained
+from med3dvlm.artifacts.tensors import save_tensors
+from med3dvlm.models.build import build_projector
 from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict
 from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
-from med3dvlm.stages.vlm_stage import build_projector
-from med3dvlm.utils.atomic import atomic_write_text
+from med3dvlm.utils.atomic import atomic_folder, atomic_write_text
 
 SIGLIP_VISION_PREFIX = "vision_encoder."
 SIGLIP_TEXT_PREFIX = "language_encoder."
@@ -58,6 +72,7 @@ SIGLIP_HEADS = (
     "mm_language_proj.bias",
 )
 SIGLIP_SCALARS = ("t_prime", "bias")
+IMPORT_FILE = "import.json"
 VLM_VISION_PREFIX = "model.vision_tower.vision_tower."
 VLM_PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -278,24 +293,15 @@ def import_siglip(
     siglip_scale: SiglipScale = "exp",
     experiment: str = "imported",
 ) -> Path:
-    """Convert a ``DEC_CLIP`` release folder; see the module docstring for what lands in ``out``.
+    """Convert a ``DEC_CLIP`` release folder; see the module docstring for what lands in ``out``
+    (written whole or not at all).
 
     ``encoder_config``: the ``_target_`` node of our encoder (the release uses DCFormer-small).
     ``text_model``: Hub name or folder with the text encoder's config (the release does not ship
     it); ``None`` = the original config's ``language_model_name_or_path`` (medicalai/ClinicalBERT).
     """
-    source, out = Path(source), Path(out)
-    config = read_original_config(source, "dec_clip")
-    if _field(config, "loss_type", source) != "sigmoid":
-        raise ValueError(
-            f"{source / 'config.json'}: loss_type {config['loss_type']!r}; only 'sigmoid' is imported"
-        )
-    if _field(config, "vision_encoder", source) != "dcformer":
-        raise ValueError(
-            f"{source / 'config.json'}: vision_encoder {config['vision_encoder']!r}; expected 'dcformer'"
-        )
-    input_size = original_input_size(_field(config, "input_size", source))
-    hidden = int(_field(config, "hidden_size", source))
+    source = Path(source)
+    config = _siglip_config(source)
     state = to_float32(read_checkpoint(source))
     groups, singles, unused = split_state(
         state,
@@ -304,63 +310,67 @@ def import_siglip(
         "DEC_CLIP",
     )
     encoder = _build_encoder(encoder_config, groups["vision"], SIGLIP_VISION_PREFIX)
-
     text_source = str(text_model or _field(config, "language_model_name_or_path", source))
     # Built for real (~135M parameters for ClinicalBERT): its non-persistent buffers need values.
     language_encoder = AutoModel.from_config(AutoConfig.from_pretrained(text_source))
     load_prefixed_strict(language_encoder, groups["text"], SIGLIP_TEXT_PREFIX)
-    text_width = int(language_encoder.config.hidden_size)
-    vision_width = int(encoder.out_channels[-1])
+    hidden = int(_field(config, "hidden_size", source))
+    heads = _siglip_heads(singles, hidden, int(encoder.out_channels[-1]), int(language_encoder.config.hidden_size),
+                          siglip_scale)
+    tokenizer_source = source if (source / "tokenizer_config.json").is_file() else text_source
+    record = {
+        "kind": "siglip",
+        "source": str(source),
+        "original_config": config,
+        "siglip_scale": siglip_scale,
+        "t_prime": float(singles["t_prime"]),
+        "created": time.time(),
+        "embed_dim": hidden,
+        "text_model_config": text_source,
+        "tokenizer": str(tokenizer_source),
+        "keys": {"vision": len(groups["vision"]), "text": len(groups["text"]), "heads": len(singles)},
+        "unused_keys": unused,
+    }
+    with atomic_folder(out) as staging:
+        language_encoder.save_pretrained(staging / TEXT_ENCODER_DIR)
+        AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging / TEXT_ENCODER_DIR)
+        save_tensors(staging / HEADS_FILE, heads)
+        write_encoder_export(staging / IMPORTED_ENCODER_DIR, encoder, encoder_config,
+                             original_input_size(_field(config, "input_size", source)), "siglip", experiment,
+                             extra={"imported_from": str(source)})
+        _write_json(staging / IMPORT_FILE, record)
+    return Path(out)
+
+
+def _siglip_config(source: Path) -> dict[str, Any]:
+    """The release's ``config.json``, checked to be the sigmoid-loss DCFormer model we import."""
+    config = read_original_config(source, "dec_clip")
+    if _field(config, "loss_type", source) != "sigmoid":
+        raise ValueError(f"{source / 'config.json'}: loss_type {config['loss_type']!r}; only 'sigmoid' is imported")
+    if _field(config, "vision_encoder", source) != "dcformer":
+        raise ValueError(
+            f"{source / 'config.json'}: vision_encoder {config['vision_encoder']!r}; expected 'dcformer'")
+    return config
+
+
+def _siglip_heads(singles: Mapping[str, Tensor], hidden: int, vision_width: int, text_width: int,
+                  siglip_scale: SiglipScale) -> dict[str, Tensor]:
+    """Both projection heads and the loss's scale and bias under the SigLIP stage's names, their
+    shapes checked against the towers."""
     for name, width in (("mm_vision_proj", vision_width), ("mm_language_proj", text_width)):
         _check_shape(f"{name}.weight", singles[f"{name}.weight"], (hidden, width))
         _check_shape(f"{name}.bias", singles[f"{name}.bias"], (hidden,))
     for name in SIGLIP_SCALARS:
         if singles[name].numel() != 1:
             raise ReferenceLayoutError(f"key {name!r}: shape {list(singles[name].shape)}, expected a scalar")
-    t_prime = float(singles["t_prime"])
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer_source = source if (source / "tokenizer_config.json").is_file() else text_source
-    language_encoder.save_pretrained(out / "text_encoder")
-    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(out / "text_encoder")
-    heads = {
+    return {
         "image_tower.mm_vision_proj.weight": singles["mm_vision_proj.weight"],
         "image_tower.mm_vision_proj.bias": singles["mm_vision_proj.bias"],
         "text_tower.mm_language_proj.weight": singles["mm_language_proj.weight"],
         "text_tower.mm_language_proj.bias": singles["mm_language_proj.bias"],
-        "loss.log_scale": torch.tensor([log_scale_from_t_prime(t_prime, siglip_scale)]),
+        "loss.log_scale": torch.tensor([log_scale_from_t_prime(float(singles["t_prime"]), siglip_scale)]),
         "loss.bias": singles["bias"].reshape(1),
     }
-    save_file({k: v.contiguous() for k, v in heads.items()}, str(out / "siglip_heads.safetensors"))
-    origin = {
-        "source": str(source),
-        "original_config": config,
-        "siglip_scale": siglip_scale,
-        "t_prime": t_prime,
-    }
-    write_encoder_export(
-        out / "encoder",
-        encoder,
-        encoder_config,
-        input_size,
-        "siglip",
-        experiment,
-        extra={"imported_from": origin["source"]},
-    )
-    _write_json(
-        out / "import.json",
-        {
-            "kind": "siglip",
-            **origin,
-            "created": time.time(),
-            "embed_dim": hidden,
-            "text_model_config": text_source,
-            "tokenizer": str(tokenizer_source),
-            "keys": {"vision": len(groups["vision"]), "text": len(groups["text"]), "heads": len(singles)},
-            "unused_keys": unused,
-        },
-    )
-    return out
 
 
 # --- the merged VLM (VLMQwenForCausalLM) ----------------------------------------------------------
@@ -413,7 +423,7 @@ def import_vlm(
     reference_placement: bool = True,
     image_token: str = IMAGE_TOKEN,
 ) -> Path:
-    """Convert a merged ``VLMQwenForCausalLM`` release folder into a ``load_pretrained`` folder.
+    """Convert a merged ``VLMQwenForCausalLM`` release folder into a model folder (``load_pretrained``).
 
     ``encoder_config`` / ``projector_config``: our ``_target_`` nodes (DCFormer-small, Mixer); the
     Mixer's sizes come from the original config. ``reference_placement``: the original's image-token
@@ -426,7 +436,6 @@ def import_vlm(
             f"{source / 'config.json'}: vision_tower {config['vision_tower']!r}; expected 'dcformer'"
         )
     input_size = original_input_size(_field(config, "input_size", source))
-    proj_node = original_projector_config(projector_config, config, source)
     state = to_float32(read_checkpoint(source))
     groups, _, unused = split_state(
         state,
@@ -436,41 +445,48 @@ def import_vlm(
     )
     vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
     llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
-    hidden = llm.get_input_embeddings().weight.shape[1]
-    projector, proj_built = build_projector(proj_node, vision_tower, input_size, hidden)
+    projector, proj_built = _released_projector(
+        original_projector_config(projector_config, config, source), config, source, vision_tower, input_size,
+        llm.get_input_embeddings().weight.shape[1], groups["projector"])
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    token_id = _image_token_id(tokenizer, image_token, llm.get_input_embeddings().weight.shape[0], source)
+    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token, reference_placement)
+    record = {
+        "kind": "vlm",
+        "source": str(source),
+        "original_config": config,
+        "created": time.time(),
+        "image_token_id": token_id,
+        "reference_placement": reference_placement,
+        "keys": {name: len(group) for name, group in groups.items()},
+        "unused_keys": unused,
+    }
+    # Written into the folder before config.json, so its fingerprint covers the record.
+    return save_pretrained(model, out, dict(encoder_config), proj_built, input_size,
+                           write_files=lambda staging: _write_json(staging / IMPORT_FILE, record))
+
+
+def _released_projector(node: dict[str, Any], config: Mapping[str, Any], source: Path, vision_tower: nn.Module,
+                        input_size: Sequence[int], hidden: int,
+                        state: Mapping[str, Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """The Mixer built at the sizes our encoder gives, which must be the release's, with its weights."""
+    projector, built = build_projector(node, vision_tower, input_size, hidden)
     for name, key in (("low", "low_input_size"), ("high", "high_input_size")):
-        built = list(getattr(projector, f"{name}_size"))
-        if key in config and list(config[key]) != built:
+        sizes = list(getattr(projector, f"{name}_size"))
+        if key in config and list(config[key]) != sizes:
             raise ValueError(
                 f"{source / 'config.json'}: {key} {config[key]} but the configured encoder at input size "
-                f"{input_size} gives {built}; choose the encoder variant / input size the release used"
+                f"{input_size} gives {sizes}; choose the encoder variant / input size the release used"
             )
-    load_reference_state_dict(projector, groups["projector"], VLM_PROJECTOR_PREFIX)
+    load_reference_state_dict(projector, state, VLM_PROJECTOR_PREFIX)
+    return projector.eval(), built
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
+
+def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str, rows: int, source: Path) -> int:
+    """The release tokenizer's id of ``image_token``, which must index the embedding matrix."""
     if image_token not in tokenizer.get_vocab():
         raise ValueError(f"{source}: the saved tokenizer has no {image_token!r} token")
     token_id = tokenizer.convert_tokens_to_ids(image_token)
-    rows = llm.get_input_embeddings().weight.shape[0]
     if token_id >= rows:
-        raise ValueError(
-            f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows"
-        )
-    model = VisionLanguageModel(
-        vision_tower, projector.eval(), llm, tokenizer, image_token, reference_placement
-    )
-    # Written before save_pretrained, so config.json's fingerprint covers it.
-    _write_json(
-        Path(out) / "import.json",
-        {
-            "kind": "vlm",
-            "source": str(source),
-            "original_config": config,
-            "created": time.time(),
-            "image_token_id": token_id,
-            "reference_placement": reference_placement,
-            "keys": {name: len(group) for name, group in groups.items()},
-            "unused_keys": unused,
-        },
-    )
-    return model.save_pretrained(out, dict(encoder_config), proj_built, input_size)
+        raise ValueError(f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows")
+    return token_id

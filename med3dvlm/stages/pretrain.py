@@ -16,11 +16,13 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from med3dvlm.exports import EXPORT_FILE, latest_export, load_encoder_export, read_export
+from med3dvlm.artifacts.encoder_export import EXPORT_FILE, SIGLIP_EXPORT, load_encoder_export, read_export
+from med3dvlm.artifacts.handoff import IMAGE_TOKEN_FILE, PROJECTOR_HANDOFF, write_handoff
+from med3dvlm.artifacts.latest import resolve
+from med3dvlm.models.build import build_vlm
 from med3dvlm.models.llm import LanguageModel
-from med3dvlm.stages.handoff import save_tensors, write_handoff
-from med3dvlm.stages.optim import SchedulerFactory
-from med3dvlm.stages.vlm_stage import VLMStage, build_vlm, check_input_size
+from med3dvlm.stages.vlm import VLMStage, check_input_size
+from med3dvlm.training.optim import SchedulerFactory
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +98,9 @@ class PretrainStage(VLMStage):
         return self.lm_loss(out.logits, batch["labels"])
 
     def write_export(self, folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / "projector.safetensors", self.model.projector.state_dict())
-        save_tensors(folder / "image_token.safetensors", {"embedding": self.model.image_token_embedding})
-        return write_handoff(folder, "projector", {
+        tensors = {"projector.safetensors": self.model.projector.state_dict(),
+                   IMAGE_TOKEN_FILE: {"embedding": self.model.image_token_embedding}}
+        return write_handoff(folder, PROJECTOR_HANDOFF, tensors, {
             "experiment": self.experiment,
             "encoder_export": self.encoder_export,
             "vision_tower": self.vision_tower_config,
@@ -110,9 +111,6 @@ class PretrainStage(VLMStage):
             "num_image_tokens": self.model.num_image_tokens,
             "reference_placement": self.model.reference_placement,
         })
-
-
-SIGLIP_COMMAND = "python -m med3dvlm.train stage=siglip"
 
 
 def pretrain_stage(
@@ -131,17 +129,8 @@ def pretrain_stage(
 ) -> PretrainStage:
     """Hydra entry: resolve and strictly load the stage-1 encoder export (explicit path, else the latest
     completed ``siglip`` export of ``experiment``), then build the stage from the config nodes."""
-    if encoder_export:
-        path = encoder_export
-    else:
-        path = latest_export("siglip", experiment, log_dir)
-        if path is None:
-            raise FileNotFoundError(
-                f"no completed siglip export of experiment {experiment!r}; run `{SIGLIP_COMMAND}` "
-                f"first or pass stage.encoder_export=PATH"
-            )
-        log.info("encoder: the latest siglip export of experiment %r: %s", experiment, path)
-    check_input_size(read_export(path)["input_size"], input_size, Path(path) / EXPORT_FILE, "encoder")
+    path = resolve(encoder_export, SIGLIP_EXPORT, experiment, log_dir)
+    check_input_size(read_export(path)["input_size"], input_size, path / EXPORT_FILE, "encoder")
     vision_tower, vision_tower_config = load_encoder_export(path)
     return PretrainStage(
         vision_tower, vision_tower_config, str(path), projector, instantiate(llm), input_size,

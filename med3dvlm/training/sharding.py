@@ -43,12 +43,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from med3dvlm.checkpointing import write_shard_checksums
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.vit3d import ViT3D
 from med3dvlm.models.vlm import VisionLanguageModel
-from med3dvlm.shard_reader import load_into, read_metadata
-from med3dvlm.stages.lean_checkpoint import LeanCheckpoint, check_lean_keys
+from med3dvlm.training.checkpointing import write_shard_checksums
+from med3dvlm.training.lean_checkpoint import LeanCheckpoint, check_lean_keys
+from med3dvlm.training.shard_reader import load_into, read_metadata
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -128,7 +128,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             write_shard_checksums(path)
 
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        """A shard folder or one file, read as data (``med3dvlm.shard_reader``, ``weights_only=True``
+        """A shard folder or one file, read as data (``med3dvlm.training.shard_reader``, ``weights_only=True``
         whatever ``weights_only`` says: checkpoints hold tensors and plain values only)."""
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():

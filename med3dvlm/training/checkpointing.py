@@ -29,7 +29,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from med3dvlm.shard_reader import RefusedCheckpointData, read_metadata
+from med3dvlm.training.shard_reader import RefusedCheckpointData, read_metadata
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
 from med3dvlm.utils.fingerprint import file_sha256, folder_fingerprint, verify_fingerprint
 
