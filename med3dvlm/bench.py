@@ -10,19 +10,20 @@ import importlib
 from pathlib import Path
 
 from med3dvlm.benchmarks import SECTIONS, BenchOptions, BenchRow
+from med3dvlm.utils.markdown import markdown_table
 
 
-def format_table(rows: list[BenchRow]) -> str:
+def bench_table(rows: list[BenchRow]) -> str:
     """Markdown table of benchmark rows; the original's columns only where some row has them."""
     side_by_side = any(r.original is not None for r in rows)
-    head = "| section | measurement | ours | unit |" + (" original | ours / original |" if side_by_side else "")
-    lines = [head + " note |", "|---|---|---:|---|" + ("---:|---:|" if side_by_side else "") + "---|"]
+    header = ["section", "measurement", "ours", "unit", *(["original", "ours / original"] if side_by_side else []), "note"]
+    cells = []
     for r in rows:
-        cells = [r.section, r.name, f"{r.value:.3g}", r.unit]
+        row = [r.section, r.name, f"{r.value:.3g}", r.unit]
         if side_by_side:
-            cells += ["" if r.original is None else f"{r.original:.3g}", "" if r.ratio is None else f"{r.ratio:.2f}"]
-        lines.append("| " + " | ".join(cells + [r.note]) + " |")
-    return "\n".join(lines)
+            row += ["" if r.original is None else f"{r.original:.3g}", "" if r.ratio is None else f"{r.ratio:.2f}"]
+        cells.append([*row, r.note])
+    return markdown_table(header, cells, right=[2, 4, 5] if side_by_side else [2])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[BenchRow] = []
     for section in args.only or SECTIONS:
         rows.extend(importlib.import_module(f"med3dvlm.benchmarks.{section}").run(options))
-    print(format_table(rows))
+    print(bench_table(rows))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from med3dvlm.artifacts.encoder_export import SIGLIP_EXPORT
 from med3dvlm.artifacts.handoff import ADAPTER_HANDOFF, PROJECTOR_HANDOFF
 from med3dvlm.artifacts.latest import latest
 from med3dvlm.configs import work_root
+from med3dvlm.utils.markdown import markdown_table
 
 EXPERIMENT = "demo"
 CHANCE = {"retrieval i2t R@1 (100)": 0.01, "retrieval i2t R@5 (100)": 0.05, "retrieval i2t R@10 (100)": 0.10}
@@ -100,11 +101,10 @@ def _cell(value: float | None) -> str:
 
 def score_table(scores: dict[str, float], zero_image_scores: dict[str, float]) -> str:
     """Markdown table: each score beside the same model fed all-zero volumes and the chance level."""
-    lines = ["| demo score | value | zero-image control | chance |", "|---|---:|---:|---:|"]
-    for name, value in scores.items():
-        chance = CLOSED_CHANCE if name.startswith("closed VQA") else CHANCE.get(name)
-        lines.append(f"| {name} | {_cell(value)} | {_cell(zero_image_scores.get(name))} | {_cell(chance)} |")
-    return "\n" + "\n".join(lines)
+    rows = [[name, _cell(value), _cell(zero_image_scores.get(name)),
+             _cell(CLOSED_CHANCE if name.startswith("closed VQA") else CHANCE.get(name))]
+            for name, value in scores.items()]
+    return "\n" + markdown_table(["demo score", "value", "zero-image control", "chance"], rows, right=[1, 2, 3])
 
 
 def main(argv: list[str] | None = None) -> None:

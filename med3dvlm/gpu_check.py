@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or scratch)
         print(f"gpu-check on {torch.cuda.get_device_name(0)}, scratch {work}", flush=True)
         prepared = prepare_data(work / "data", args.cases)
-        from med3dvlm.data.synthetic import corpus_texts
+        from med3dvlm.data.layout import corpus_texts
 
         params = build_llm(work / "qwen2_0_5b", corpus_texts(prepared))
         print(f"data and a {params / 1e6:.0f}M-parameter Qwen2 ready after {time.perf_counter() - started:.0f} s",
@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def side_by_side(reference: Path) -> str:
     """The encoder and projector bench rows on the GPU against the original at ``reference``."""
-    from med3dvlm.bench import format_table
+    from med3dvlm.bench import bench_table
     from med3dvlm.benchmarks import BenchOptions, encoder, projector
 
     options = BenchOptions(reference=reference)
-    return format_table(encoder.run(options, device="cuda") + projector.run(options, device="cuda"))
+    return bench_table(encoder.run(options, device="cuda") + projector.run(options, device="cuda"))
 
 
 if __name__ == "__main__":

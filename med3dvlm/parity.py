@@ -140,7 +140,7 @@ def compare_file(path: str | Path) -> list[Comparison]:
     return rows
 
 
-def format_table(rows: list[Comparison], tolerance: float) -> str:
+def comparison_text(rows: list[Comparison], tolerance: float) -> str:
     """Plain-text table: output, max abs diff, max |ref|, relative diff, verdict."""
     lines = [f"{'output':<18} {'max abs diff':>13} {'max |ref|':>10} {'relative':>10}  within {tolerance:g}"]
     for r in rows:
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{args.file}")
-    print(format_table(rows, args.tolerance))
+    print(comparison_text(rows, args.tolerance))
     return 0 if all(r.relative <= args.tolerance for r in rows) else 1
 
 

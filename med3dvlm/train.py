@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.configs  # noqa: F401  (registers the resolvers)
-from med3dvlm.metrics.retrieval import format_table
+from med3dvlm.metrics.retrieval import retrieval_table
 from med3dvlm.training.checkpointing import AtomicCheckpointIO, resolve_checkpoint
 from med3dvlm.training.multirun import job_scope
 from med3dvlm.training.preflight import check_training_inputs
@@ -84,7 +84,7 @@ def _train(cfg: DictConfig) -> float | None:
 def report(metrics: dict[str, float]) -> None:
     """Print the retrieval table (if the stage measured retrieval) and the final metrics."""
     for split in ("test", "val"):
-        table = format_table({k: v for k, v in metrics.items() if k.startswith(f"{split}/")})
+        table = retrieval_table({k: v for k, v in metrics.items() if k.startswith(f"{split}/")})
         if table.count("\n") > 1:
             print(f"\n{split} retrieval (R@K on the first N pairs):\n{table}\n")
             break

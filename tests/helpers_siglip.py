@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from med3dvlm.data.layout import corpus_texts
 from med3dvlm.data.m3d_prepare import prepare_dataset
-from med3dvlm.data.synthetic import corpus_texts, generate
+from med3dvlm.data.synthetic import generate
 from med3dvlm.losses.siglip import SigLIPLoss
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.tiny_assets import build_tiny_bert

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from med3dvlm import benchmarks
-from med3dvlm.bench import format_table
+from med3dvlm.bench import bench_table
 from med3dvlm.benchmarks import BenchRow, paired_seconds
 from med3dvlm.benchmarks.original import load_original
 from med3dvlm.benchmarks.peak_memory import step_peak_mib
@@ -35,10 +35,10 @@ def test_pairs_are_interleaved_and_the_ratio_is_the_median_of_pairs(monkeypatch)
 
 
 def test_the_table_has_original_columns_only_when_the_original_ran():
-    alone = format_table([BenchRow("encoder", "forward", 0.06, "s", "2 threads")])
+    alone = bench_table([BenchRow("encoder", "forward", 0.06, "s", "2 threads")])
     assert "original" not in alone
     assert alone.splitlines()[2] == "| encoder | forward | 0.06 | s | 2 threads |"
-    beside = format_table([BenchRow("encoder", "forward", 0.06, "s", "pairs", original=0.12, ratio=0.5),
+    beside = bench_table([BenchRow("encoder", "forward", 0.06, "s", "pairs", original=0.12, ratio=0.5),
                            BenchRow("encoder", "coverage", 15.6, "%")])
     assert "| original | ours / original |" in beside
     assert "| encoder | forward | 0.06 | s | 0.12 | 0.50 | pairs |" in beside

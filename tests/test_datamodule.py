@@ -74,22 +74,6 @@ def test_training_batches_are_padded_per_batch_on_the_right(prepared, tokenizer)
     assert len(set(lengths)) > 1
 
 
-def test_predict_batches_are_left_padded_prompts(prepared, tokenizer):
-    dm = datamodule(prepared, tokenizer, batch_size=5)
-    batch = next(iter(dm.predict_dataloader()))
-    assert "labels" not in batch
-    mask = batch["attention_mask"]
-    assert mask[:, -1].all() and not mask.all()
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    for row in range(mask.shape[0]):
-        pad = int((mask[row] == 0).sum())
-        assert (batch["input_ids"][row, :pad] == tokenizer.pad_token_id).all()
-        assert (batch["input_ids"][row, pad:pad + N_IMAGE] == image_id).all()
-        decoded = tokenizer.decode(batch["input_ids"][row, pad:])
-        separator = "" if batch["task"][row] == "caption" else " "
-        assert decoded == IMAGE_TOKEN * N_IMAGE + separator + batch["question"][row]
-
-
 def test_augmentation_only_in_training(prepared, tokenizer):
     dm = datamodule(prepared, tokenizer, mixture="caption", batch_size=4,
                     augmentation={"rotate90_prob": 1.0, "scale_prob": 1.0})

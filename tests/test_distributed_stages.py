@@ -27,13 +27,12 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 
 from med3dvlm.artifacts.encoder_export import load_encoder_export
-from med3dvlm.consolidate import consolidate
 from med3dvlm.data.datamodule import M3DDataModule
 from med3dvlm.models.build import build_vlm
 from med3dvlm.stages.finetune import FinetuneStage
 from med3dvlm.stages.pretrain import PretrainStage
 from med3dvlm.training.optim import param_groups
-from med3dvlm.training.sharding import FSDP2Strategy, shard_plan
+from med3dvlm.training.sharding import FSDP2Strategy, consolidate, shard_plan
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("siglip", "pretrain", "finetune")
@@ -357,7 +356,7 @@ def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
     assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
 
     consolidated = tmp_path / "last.ckpt"
-    cli("med3dvlm.consolidate", str(sharded), f"out={consolidated}", f"hydra.run.dir={tmp_path / 'consolidate'}")
+    cli("med3dvlm.consolidate", str(sharded), "--out", str(consolidated))
     checkpoint = torch.load(consolidated, weights_only=True)
     assert checkpoint["global_step"] == 2
     # the export written from the gathered shards holds the checkpoint's final encoder weights

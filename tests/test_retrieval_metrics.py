@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from med3dvlm.metrics.retrieval import format_table, retrieval_metrics, subset_sizes, true_match_ranks
+from med3dvlm.metrics.retrieval import retrieval_metrics, retrieval_table, subset_sizes, true_match_ranks
 
 
 def test_ranks_of_a_hand_made_matrix():
@@ -79,5 +79,5 @@ def test_bad_inputs_are_clear_errors():
 
 def test_table_lists_each_subset():
     image, text = _embeddings_with_known_ranks(100, [1] * 100)
-    table = format_table({f"test/{k}": v for k, v in retrieval_metrics(image, text).items()})
+    table = retrieval_table({f"test/{k}": v for k, v in retrieval_metrics(image, text).items()})
     assert "| 100 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in table

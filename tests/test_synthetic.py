@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from med3dvlm.data import synthetic as syn
+from med3dvlm.data.layout import corpus_texts
 
 SMALL = {"slices": 16, "size": 32}
 
@@ -344,7 +345,7 @@ def test_defect_rate_injects_defects_and_leaves_other_cases_alone(tmp_path):
 
 def test_corpus_texts_gathers_reports_and_questions(dataset):
     out, _ = dataset
-    texts = syn.corpus_texts(out)
+    texts = corpus_texts(out)
     report = (out / "M3D_Cap" / "ct_case" / "000004" / "text.txt").read_text(encoding="utf-8").strip()
     assert report in texts
     assert "portal venous phase" in texts and "Yes" in texts

@@ -99,8 +99,8 @@ def test_a_pretrain_handoff_naming_a_foreign_projector_is_refused(tmp_path):
 
 
 def test_a_planted_sharded_checkpoint_does_not_run_on_resume_or_consolidate(tmp_path):
-    from med3dvlm.consolidate import consolidate
     from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint, latest_valid_checkpoint
+    from med3dvlm.training.sharding import consolidate
 
     planted = tmp_path / "pwned"
     folder = tmp_path / "checkpoints" / "step999999.ckpt"
@@ -121,8 +121,8 @@ def test_a_byte_item_of_a_sharded_checkpoint_is_read_without_pickle(tmp_path):
     with ``weights_only=True``, so a planted object is refused."""
     import torch.distributed.checkpoint as dcp
 
-    from med3dvlm.consolidate import consolidate
     from med3dvlm.training.checkpointing import CorruptCheckpoint
+    from med3dvlm.training.sharding import consolidate
 
     planted = tmp_path / "pwned"
     folder = tmp_path / "last.ckpt"

@@ -45,6 +45,13 @@ def _model_experiment(model: str | None) -> str:
     return "default"
 
 
+def _prepared_size(data_dir: str, default: list[int]) -> list[int]:
+    # data.spatial_size: the size prepare wrote the folder's volumes at, so it is typed once (at prepare).
+    from med3dvlm.data.layout import prepared_spatial_size
+
+    return prepared_spatial_size(data_dir) or list(default)
+
+
 def _register_resolvers() -> None:
     # `${project_root:}`: the work root (see the module docstring), where data/ and outputs/ go.
     OmegaConf.register_new_resolver("project_root", lambda: str(work_root()), replace=True)
@@ -55,6 +62,7 @@ def _register_resolvers() -> None:
     OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
     OmegaConf.register_new_resolver("run_stamp", _run_stamp, replace=True)
     OmegaConf.register_new_resolver("model_experiment", _model_experiment, replace=True)
+    OmegaConf.register_new_resolver("prepared_size", _prepared_size, replace=True)
 
 
 _register_resolvers()

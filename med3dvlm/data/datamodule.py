@@ -1,9 +1,10 @@
-"""``M3DDataModule``: the prepared M3D data as train / val / test / predict loaders for every stage.
+"""``M3DDataModule``: the prepared M3D data as train / val / test loaders for every stage.
 
 Mixtures: ``retrieval`` (image + report, SigLIP), ``pretrain`` (caption + closed + open VQA),
 ``finetune`` (+ yes/no VQA), or one task alone (``caption``, ``closed_vqa``, ``open_vqa``,
 ``yes_no_vqa``). Training shuffles and augments; validation and test use the fixed caption
-question and no augmentation; predict gives prompt-only, left-padded test batches for generation.
+question and no augmentation. Benchmark generation (``med3dvlm.evaluation``) reads prompt-only
+datasets of any CSV of the folder itself, left-padded and resumable.
 Under DDP, Lightning swaps in a ``DistributedSampler`` (disjoint shards per rank).
 """
 
@@ -121,7 +122,7 @@ class M3DDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_source, None if self.retrieval else self.image_token)
         return self._tokenizer
 
-    def build(self, split: str, train: bool = False, prompt_only: bool = False) -> Dataset:
+    def build(self, split: str, train: bool = False) -> Dataset:
         """The mixture's dataset of ``split`` (a ``ConcatDataset`` for several tasks)."""
         volumes = VolumeReader(self.spatial_size, self.augmentation if train else None)
         common = {"on_error": self.on_error, "skip_log": self.skip_log, "limit": self.subsets[split]}
@@ -137,8 +138,7 @@ class M3DDataModule(L.LightningDataModule):
                 continue
             prompts = PromptBuilder(self.tokenizer, self.image_token, self.num_image_tokens, self.max_length)
             extra = {"random_question": train} if task == "caption" else {}
-            parts.append(VLM_TASKS[task](self.data_dir, split, prompts, volumes, prompt_only=prompt_only,
-                                         **common, **extra))
+            parts.append(VLM_TASKS[task](self.data_dir, split, prompts, volumes, **common, **extra))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def setup(self, stage: str | None = None) -> None:
@@ -148,18 +148,16 @@ class M3DDataModule(L.LightningDataModule):
             self.datasets.setdefault("validation", self.build("validation"))
         if stage in (None, "test"):
             self.datasets.setdefault("test", self.build("test"))
-        if stage in (None, "predict") and not self.retrieval:
-            self.datasets.setdefault("predict", self.build("test", prompt_only=True))
 
-    def collate(self, padding_side: str = "right") -> PadCollate:
+    def collate(self) -> PadCollate:
         pad = self.tokenizer.pad_token_id
         if pad is None:  # many causal LMs ship without a pad token; padded positions are masked anyway
             pad = self.tokenizer.eos_token_id
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
-        return PadCollate(pad, padding_side)
+        return PadCollate(pad)
 
-    def _loader(self, name: str, shuffle: bool, batch_size: int, padding_side: str = "right") -> DataLoader:
+    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
         if name not in self.datasets:
             self.setup({"train": "fit", "validation": "validate"}.get(name, name))
         return DataLoader(
@@ -167,7 +165,7 @@ class M3DDataModule(L.LightningDataModule):
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=self.collate(padding_side),
+            collate_fn=self.collate(),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             # Each iterator draws a worker base seed: from its own generator (seeded by the run's seed),
@@ -184,15 +182,10 @@ class M3DDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
 
-    def predict_dataloader(self) -> DataLoader:
-        if self.retrieval:
-            raise ValueError("the retrieval mixture has no generation prompts; use test_dataloader")
-        return self._loader("predict", False, self.eval_batch_size, padding_side="left")
-
     def summary(self, split: str = "train") -> str:
         """Shapes, dtypes and the decoded text of the first batch of ``split``'s loader."""
         loader = {"train": self.train_dataloader, "validation": self.val_dataloader,
-                  "test": self.test_dataloader, "predict": self.predict_dataloader}[split]()
+                  "test": self.test_dataloader}[split]()
         batch = next(iter(loader))
         out = io.StringIO()
         out.write(f"{split} batch of mixture {self.mixture!r} ({len(loader.dataset)} samples)\n")

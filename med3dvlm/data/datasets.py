@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.layout import SPLIT_FILE, SPLITS, VQA_DIR, vqa_csv_name
+from med3dvlm.data.layout import IMAGE_COLUMN, SPLIT_FILE, SPLITS, VQA_DIR, vqa_csv_name
 from med3dvlm.data.prompts import (
     CAPTION_SEPARATOR,
     VQA_SEPARATOR,
@@ -296,7 +296,7 @@ class CaptionDataset(VLMDataset):
 class _VQADataset(VLMDataset):
     """A VQA CSV of the prepared folder: the split's, or ``csv`` (a file name in ``M3D-VQA/``)."""
 
-    columns: tuple[str, ...] = ("Image Path", "Question", "Answer", "Question Type")
+    columns: tuple[str, ...] = (IMAGE_COLUMN, "Question", "Answer", "Question Type")
     yes_no = False
 
     def __init__(self, data_dir: str | os.PathLike, split: str, prompts: PromptBuilder, volumes: VolumeReader,
@@ -307,10 +307,10 @@ class _VQADataset(VLMDataset):
         self.rows = read_csv_columns(self.csv, self.columns, limit)
 
     def __len__(self) -> int:
-        return len(self.rows["Image Path"])
+        return len(self.rows[IMAGE_COLUMN])
 
     def image_path(self, index: int) -> str:
-        return self.rows["Image Path"][index]
+        return self.rows[IMAGE_COLUMN][index]
 
     def source(self, index: int) -> str:
         return f"{self.csv} (data row {index + 1})"

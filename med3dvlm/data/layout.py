@@ -18,8 +18,10 @@ release, ``M3D-VQA/`` with every CSV rewritten to the prepared paths.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -34,13 +36,21 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 CAP_DIR = "M3D_Cap"
 VQA_DIR = "M3D-VQA"
 SPLIT_FILE = "M3D_Cap.json"
+MANIFEST_FILE = "manifest.json"
+"""What ``prepare`` wrote into a prepared folder, with its settings (``spatial_size``, window, ...)."""
 REPORT_FILE = "text.txt"
+IMAGE_COLUMN = "Image Path"
+"""The VQA CSV column that names a row's volume."""
 VQA_COLUMNS: tuple[str, ...] = (
-    "Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
+    IMAGE_COLUMN, "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
     "Choice D", "Answer", "Answer Choice",
 )
+CORPUS_COLUMNS: tuple[str, ...] = ("Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer")
+"""The VQA columns whose texts a tokenizer trained on a dataset sees (:func:`corpus_texts`)."""
 CSV_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 VOLUME_SUFFIXES: tuple[str, ...] = (".npy", ".nii.gz", ".nii")
+TEST5K_CSV = "M3D_VQA_test5k.csv"
+"""The release's 5,000-question subset of the test CSV (what later papers score on)."""
 
 
 def vqa_csv_name(split: str, yes_no: bool = False) -> str:
@@ -160,3 +170,35 @@ def is_test_csv(name: str) -> str | None:
     """For a test CSV of the release (``M3D_VQA[_yn]_test*.csv``), the name of its train CSV."""
     match = re.fullmatch(r"M3D_VQA(_yn)?_test\w*\.csv", name)
     return f"M3D_VQA{match.group(1) or ''}_train.csv" if match else None
+
+
+def corpus_texts(root: str | os.PathLike) -> list[str]:
+    """All report texts and VQA question/choice/answer texts under a raw or prepared root, deduplicated.
+
+    For training tokenizers: reports come from every ``text.txt`` of a case under ``M3D_Cap``, the
+    rest from every CSV under ``M3D-VQA``; order is deterministic.
+    """
+    root = Path(root)
+    texts: dict[str, None] = {}
+    for path in sorted((root / CAP_DIR).glob(f"*/*/{REPORT_FILE}")):
+        text = path.read_text(encoding="utf-8").strip()
+        if text:
+            texts[text] = None
+    for path in sorted((root / VQA_DIR).glob("*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                for column in CORPUS_COLUMNS:
+                    value = (row.get(column) or "").strip()
+                    if value:
+                        texts[value] = None
+    return list(texts)
+
+
+def prepared_spatial_size(data_dir: str | os.PathLike) -> list[int] | None:
+    """The ``(D, H, W)`` size ``prepare`` wrote the volumes of ``data_dir`` at (its manifest's
+    ``spatial_size``), or ``None`` when there is no readable manifest."""
+    try:
+        size = json.loads((Path(data_dir) / MANIFEST_FILE).read_text(encoding="utf-8"))["spatial_size"]
+        return [int(n) for n in size]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

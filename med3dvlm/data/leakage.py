@@ -19,6 +19,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+from med3dvlm.utils.markdown import markdown_table
+
 
 def case_id(image_path: str) -> str:
     """The case of a volume: its parent folder (``M3D_Cap/ct_case/000006/Axial.npy`` ->
@@ -112,11 +114,10 @@ def strict_split(
 
 def format_leakage(report: LeakageReport, title: str, limit: int = 20) -> str:
     """A Markdown summary: counts, then the leaking test items (first ``limit``)."""
-    lines = [f"### {title}", "", "| count | value |", "|---|---:|"]
-    lines += [f"| {key} | {value} |" for key, value in report.counts().items()]
+    lines = [f"### {title}", "", markdown_table(["count", "value"], report.counts().items(), right=[1])]
     if report.leaking:
-        lines += ["", "| test item | shared with train |", "|---|---|"]
-        lines += [f"| {item} | {', '.join(reasons)} |" for item, reasons in list(report.leaking.items())[:limit]]
+        rows = [[item, ", ".join(reasons)] for item, reasons in list(report.leaking.items())[:limit]]
         if len(report.leaking) > limit:
-            lines.append(f"| ... {len(report.leaking) - limit} more | |")
+            rows.append([f"... {len(report.leaking) - limit} more", ""])
+        lines += ["", markdown_table(["test item", "shared with train"], rows)]
     return "\n".join(lines)

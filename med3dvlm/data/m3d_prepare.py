@@ -46,6 +46,8 @@ from tqdm import tqdm
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.layout import (
     CAP_DIR,
+    IMAGE_COLUMN,
+    MANIFEST_FILE,
     REPORT_FILE,
     SPLIT_FILE,
     SPLITS,
@@ -79,7 +81,6 @@ log = logging.getLogger(__name__)
 
 OnError = Literal["fail", "skip"]
 OWN_DIR = "own"
-MANIFEST_FILE = "manifest.json"
 SKIPPED_FILE = "skipped.txt"
 JOURNAL_FILE = ".prepare-journal.jsonl"
 LOCK_FILE = ".prepare.lock"
@@ -585,13 +586,13 @@ def _point_at_prepared(source: Path, table: Table, prepared: Mapping[str, str], 
     columns, rows = table
     kept, dropped, unknown = [], set(), []
     for number, row in enumerate(rows, start=2):
-        key = series_key(row["Image Path"] or "")
+        key = series_key(row[IMAGE_COLUMN] or "")
         if key in prepared:
-            kept.append({**row, "Image Path": prepared[key]})
+            kept.append({**row, IMAGE_COLUMN: prepared[key]})
         elif key in found:
-            dropped.add(row["Image Path"])
+            dropped.add(row[IMAGE_COLUMN])
         else:
-            unknown.append((number, row["Image Path"]))
+            unknown.append((number, row[IMAGE_COLUMN]))
     if unknown:
         line, image = unknown[0]
         policy.handle(str(source), DataError(source, f"{len(unknown)} row(s) name no series of the raw tree "
@@ -613,12 +614,12 @@ def _hold_out_train_cases(tables: dict[str, Table], report: dict[str, dict[str, 
         if train_name is None:
             continue
         train_rows = tables[train_name][1] if train_name in tables else []
-        held = train_cases | {case_id(row["Image Path"]) for row in train_rows}
+        held = train_cases | {case_id(row[IMAGE_COLUMN]) for row in train_rows}
         moved, kept = [], []
         for row in tables[name][1]:
-            (moved if case_id(row["Image Path"]) in held else kept).append(row)
+            (moved if case_id(row[IMAGE_COLUMN]) in held else kept).append(row)
         tables[name] = (tables[name][0], kept)
-        report[name]["moved_images"] = sorted({row["Image Path"] for row in moved})
+        report[name]["moved_images"] = sorted({row[IMAGE_COLUMN] for row in moved})
         if name != train_name.replace("train", "test"):
             report[name]["removed_as_train_cases"] = len(moved)
             continue
@@ -802,21 +803,13 @@ def prepare_dataset(
     looks like raw HU is min-maxed and a warning says which setting to use.
     Returns the manifest that was written to ``out/manifest.json``.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if npy_dtype not in ("uint8", "float16"):
-        raise ValueError(f"npy_dtype must be 'uint8' or 'float16', got {npy_dtype!r}")
     source_path, out = Path(source), Path(out)
     is_csv = source_path.suffix.lower() == ".csv"
-    if window is not None and not is_csv:
-        raise ValueError("intensity.window applies to your own scans in Hounsfield units (a CSV source); M3D-Cap's "
-                         "slices are display-windowed 8-bit images and are min-maxed as the original does")
-    settings = Settings(format, npy_dtype, spatial_size_tuple(spatial_size), float(foreground_threshold),
-                        window_range(window))
-    fractions = split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05})
+    settings = _settings(format, npy_dtype, spatial_size, foreground_threshold, window, is_csv)
     policy = _ErrorPolicy(on_error)
     if not is_csv and not source_path.is_dir():
         raise DataError(source_path, "not found (expected a raw M3D folder or an image,report .csv)")
+    fractions = split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05})
     plan = (plan_own if is_csv else plan_m3d)(source_path, format, fractions, policy)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -827,10 +820,7 @@ def prepare_dataset(
         volumes = _prepare_volumes(plan, out, settings, policy, _default_workers() if workers is None else workers,
                                    progress, max_voxels)
         if plan.hu_unwindowed and window is None:
-            log.warning("%d scan(s) look like raw CT in Hounsfield units (air below -500, tissue above 200) and no "
-                        "intensity.window is set: they were min-max normalised as M3D's display-windowed JPEGs are, "
-                        "which squeezes soft tissue into a sliver of [0, 1]. Set intensity.window=soft_tissue (W400/L40; "
-                        "or lung, bone, brain, [low,high]), or intensity.window=none to keep min-max", plan.hu_unwindowed)
+            _warn_raw_hu(plan.hu_unwindowed)
         split_lists, moved = _split_lists(plan, volumes, strict_split, case_of=str if is_csv else case_id)
         _write_json(out / SPLIT_FILE, split_lists)
         vqa = {}
@@ -840,23 +830,51 @@ def prepare_dataset(
             vqa = rewrite_vqa_csvs(source_path, out, plan, prepared, policy, train_cases)
         skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
         atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
-        manifest = {
-            "format": format,
-            "npy_dtype": npy_dtype,
-            "spatial_size": list(settings.spatial_size),
-            "source": str(source_path.resolve()),
-            "settings": settings.fingerprint(),
-            "split_source": plan.split_source,
-            "volumes": volumes,
-            "skipped": skipped,
-            "duplicates": plan.duplicates,
-            "intensity": {"window": window if isinstance(window, str | None) else list(window),
-                          "range": list(settings.window) if settings.window else None,
-                          "hu_like_min_maxed": plan.hu_unwindowed},
-            "vqa": vqa,
-            "strict_split": moved,
-            "counts": _counts(plan, volumes, skipped, split_lists, vqa, moved),
-        }
+        manifest = _manifest(source_path, settings, window, plan, volumes, skipped, split_lists, vqa, moved)
         _write_json(out / MANIFEST_FILE, manifest)
     log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))
     return manifest
+
+
+def _manifest(source: Path, settings: Settings, window: WindowSpec, plan: Plan, volumes: Mapping[str, Any],
+              skipped: list[dict[str, str]], split_lists: Mapping[str, list], vqa: Mapping[str, Any],
+              moved: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``manifest.json`` records: the settings, every volume, what was skipped and why, the counts."""
+    return {
+        "format": settings.format,
+        "npy_dtype": settings.npy_dtype,
+        "spatial_size": list(settings.spatial_size),
+        "source": str(source.resolve()),
+        "settings": settings.fingerprint(),
+        "split_source": plan.split_source,
+        "volumes": volumes,
+        "skipped": skipped,
+        "duplicates": plan.duplicates,
+        "intensity": {"window": window if isinstance(window, str | None) else list(window),
+                      "range": list(settings.window) if settings.window else None,
+                      "hu_like_min_maxed": plan.hu_unwindowed},
+        "vqa": vqa,
+        "strict_split": moved,
+        "counts": _counts(plan, volumes, skipped, split_lists, vqa, moved),
+    }
+
+
+def _settings(format: str, npy_dtype: str, spatial_size: Sequence[int], foreground_threshold: float,
+              window: WindowSpec, is_csv: bool) -> Settings:
+    """The checked settings every volume is prepared with."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if npy_dtype not in ("uint8", "float16"):
+        raise ValueError(f"npy_dtype must be 'uint8' or 'float16', got {npy_dtype!r}")
+    if window is not None and not is_csv:
+        raise ValueError("intensity.window applies to your own scans in Hounsfield units (a CSV source); M3D-Cap's "
+                         "slices are display-windowed 8-bit images and are min-maxed as the original does")
+    return Settings(format, npy_dtype, spatial_size_tuple(spatial_size), float(foreground_threshold),
+                    window_range(window))
+
+
+def _warn_raw_hu(count: int) -> None:
+    log.warning("%d scan(s) look like raw CT in Hounsfield units (air below -500, tissue above 200) and no "
+                "intensity.window is set: they were min-max normalised as M3D's display-windowed JPEGs are, "
+                "which squeezes soft tissue into a sliver of [0, 1]. Set intensity.window=soft_tissue (W400/L40; "
+                "or lung, bone, brain, [low,high]), or intensity.window=none to keep min-max", count)

@@ -45,9 +45,11 @@ from PIL import Image
 
 from med3dvlm.data.layout import (
     CAP_DIR,
+    IMAGE_COLUMN,
     REPORT_FILE,
     SPLIT_FILE,
     SPLITS,
+    TEST5K_CSV,
     VQA_COLUMNS,
     VQA_DIR,
     fold_series_name,
@@ -551,7 +553,7 @@ def closed_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path
             choices.sort(key=_choice_pool(qtype, attrs).index)
             letter = choices.index(answer)
         rows.append({
-            "Image Path": image_path, "Text": text, "Question Type": str(qtype),
+            IMAGE_COLUMN: image_path, "Text": text, "Question Type": str(qtype),
             "Question": _pick(rng, _QUESTIONS[qtype - 1]).format(organ=attrs.organ),
             "Choice A": choices[0], "Choice B": choices[1], "Choice C": choices[2], "Choice D": choices[3],
             "Answer": answer, "Answer Choice": "ABCD"[letter],
@@ -573,7 +575,7 @@ def yes_no_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path
             f"Is the lesion in the {asked}?",
         ][qtype - 1]
         rows.append({
-            "Image Path": image_path, "Text": text, "Question Type": str(qtype), "Question": question,
+            IMAGE_COLUMN: image_path, "Text": text, "Question Type": str(qtype), "Question": question,
             "Choice A": "", "Choice B": "", "Choice C": "", "Choice D": "",
             "Answer": "Yes" if yes else "No", "Answer Choice": "",
         })
@@ -592,7 +594,7 @@ def corrupt_case(case_dir: str | os.PathLike, defect: str) -> None:
     """
     case_dir = Path(case_dir)
     if defect == "empty_report":
-        (case_dir / "text.txt").write_text("", encoding="utf-8")
+        (case_dir / REPORT_FILE).write_text("", encoding="utf-8")
         return
     series_dir = next(p for p in sorted(case_dir.iterdir()) if p.is_dir())
     slices = sorted(series_dir.glob("*.jpeg"), key=lambda p: int(p.stem))
@@ -762,30 +764,8 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
     for name, ids in split_ids.items():
         atomic_write_text(out / VQA_DIR / vqa_csv_name(name), _csv_text([r for i in ids for r in by_id[i].closed_rows]))
     test_rows = [r for i in split_ids["test"] for r in by_id[i].closed_rows]
-    atomic_write_text(out / VQA_DIR / "M3D_VQA_test5k.csv", _csv_text(test_rows[:5000]))
+    atomic_write_text(out / VQA_DIR / TEST5K_CSV, _csv_text(test_rows[:5000]))
     atomic_write_text(out / VQA_DIR / vqa_csv_name("train", yes_no=True),
                       _csv_text([r for i in split_ids["train"] for r in by_id[i].yes_no_rows]))
     defects = {r.case_id: r.defect for r in records if r.defect}
     return GenerationSummary(out, cases, split_ids, defects, time.perf_counter() - start)
-
-
-def corpus_texts(root: str | os.PathLike) -> list[str]:
-    """All report texts and VQA question/choice/answer texts under a raw or prepared root, deduplicated.
-
-    For training tokenizers: reports come from every ``text.txt`` of a case under ``M3D_Cap``, the
-    rest from every CSV under ``M3D-VQA``; order is deterministic.
-    """
-    root = Path(root)
-    texts: dict[str, None] = {}
-    for path in sorted((root / CAP_DIR).glob(f"*/*/{REPORT_FILE}")):
-        text = path.read_text(encoding="utf-8").strip()
-        if text:
-            texts[text] = None
-    for path in sorted((root / VQA_DIR).glob("*.csv")):
-        with open(path, newline="", encoding="utf-8") as fh:
-            for row in csv.DictReader(fh):
-                for column in ("Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer"):
-                    value = (row.get(column) or "").strip()
-                    if value:
-                        texts[value] = None
-    return list(texts)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
+from med3dvlm.utils.markdown import markdown_table
 
 
 def write_scored_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
@@ -38,7 +39,7 @@ def _cell(value: Any, percent: bool) -> str:
     return str(value)
 
 
-def markdown_table(by_metric: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None,
+def metric_table(by_metric: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None,
                    percent: bool = True) -> str:
     """Rows = question types (or one row), columns = metrics; ``by_metric[metric][type]``."""
     labels = labels or {}
@@ -46,12 +47,9 @@ def markdown_table(by_metric: Mapping[str, Mapping[str, Any]], labels: Mapping[s
     types: list[str] = []
     for values in by_metric.values():
         types += [t for t in values if t not in types]
-    lines = ["| type | " + " | ".join(labels.get(m, m) for m in metrics) + " |",
-             "|---|" + "---:|" * len(metrics)]
-    for qtype in types:
-        cells = [_cell(by_metric[m].get(qtype, float("nan")), percent and m != "count") for m in metrics]
-        lines.append(f"| {qtype} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[qtype, *(_cell(by_metric[m].get(qtype, float("nan")), percent and m != "count") for m in metrics)]
+            for qtype in types]
+    return markdown_table(["type", *(labels.get(m, m) for m in metrics)], rows, right=range(1, len(metrics) + 1))
 
 
 def bar_chart(path: str | os.PathLike, by_metric: Mapping[str, Mapping[str, float]], title: str) -> Path:

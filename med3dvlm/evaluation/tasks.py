@@ -27,13 +27,14 @@ from med3dvlm.data.datasets import (
     read_report,
     vqa_csv,
 )
+from med3dvlm.data.layout import IMAGE_COLUMN
 from med3dvlm.data.leakage import Item, case_id, format_leakage, split_leakage
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.evaluation.outputs import (
     bar_chart,
     flatten,
     log_wandb_table,
-    markdown_table,
+    metric_table,
     write_metrics_json,
     write_scored_csv,
 )
@@ -144,7 +145,7 @@ class GenerationTask:
             "chart": bar_chart(out / f"scores_{self.name}.png", {METRIC_LABELS.get(k, k): v for k, v in by_metric.items()
                                                                    if k != "count"}, self.title),
         }
-        table = f"## {self.title}\n\n" + markdown_table(by_metric, METRIC_LABELS) + self.notes(metrics)
+        table = f"## {self.title}\n\n" + metric_table(by_metric, METRIC_LABELS) + self.notes(metrics)
         files["table"] = out / f"metrics_{self.name}.md"
         atomic_write_text(files["table"], table + "\n")
         log_wandb_table(ctx.loggers, f"eval/{self.name}/predictions", rows, columns,
@@ -204,7 +205,7 @@ class ClosedVQATask(_VQATask):
 
     name = "vqa_closed"
     title = "Closed-ended VQA"
-    generation_columns = ("Question Type", "Question", "Answer", "Answer Choice", "Pred", "Image Path")
+    generation_columns = ("Question Type", "Question", "Answer", "Answer Choice", "Pred", IMAGE_COLUMN)
     score_columns = ("Correct", "Correct (strict)")
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
@@ -214,7 +215,7 @@ class ClosedVQATask(_VQATask):
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
         return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
                 "Answer": batch["answer"][i], "Answer Choice": batch["answer_choice"][i],
-                "Image Path": batch["image_path"][i]}
+                IMAGE_COLUMN: batch["image_path"][i]}
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         from med3dvlm.metrics.vqa import strict_correct, substring_correct
@@ -236,7 +237,7 @@ class OpenVQATask(_TextScoredTask, _VQATask):
 
     name = "vqa_open"
     title = "Open-ended VQA"
-    generation_columns = ("Question Type", "Question", "Answer", "Pred", "Image Path")
+    generation_columns = ("Question Type", "Question", "Answer", "Pred", IMAGE_COLUMN)
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
         return OpenVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit,
@@ -244,7 +245,7 @@ class OpenVQATask(_TextScoredTask, _VQATask):
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
         return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
-                "Answer": batch["answer"][i], "Image Path": batch["image_path"][i]}
+                "Answer": batch["answer"][i], IMAGE_COLUMN: batch["image_path"][i]}
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         scores, info = self.text_metrics(rows, ctx)
@@ -259,7 +260,7 @@ class ReportTask(_TextScoredTask):
     title = "Report generation"
     pred_column = "pred"
     reference_column = "Ground Truth"
-    generation_columns = ("Question", "Ground Truth", "pred", "Image Path")
+    generation_columns = ("Question", "Ground Truth", "pred", IMAGE_COLUMN)
 
     def __init__(self, split: str = "test", limit: int | None = 1000) -> None:
         super().__init__(split, limit)
@@ -269,7 +270,7 @@ class ReportTask(_TextScoredTask):
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
         return {"Question": batch["question"][i], "Ground Truth": batch["answer"][i],
-                "Image Path": batch["image_path"][i]}
+                IMAGE_COLUMN: batch["image_path"][i]}
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         scores, info = self.text_metrics(rows, ctx)
@@ -329,12 +330,12 @@ class RetrievalTask:
         by_metric = {f"R@{k}": {f"{d} n={n}": flat[metric_name(d, k, n)] for n in held for d in DIRECTIONS}
                      for k in self.recall_at}
         ranks = true_match_ranks(image_emb[: held[-1]] @ text_emb[: held[-1]].T)
-        columns = ["Image Path", "Text Path", f"i2t rank (n={held[-1]})", f"t2i rank (n={held[-1]})"]
+        columns = [IMAGE_COLUMN, "Text Path", f"i2t rank (n={held[-1]})", f"t2i rank (n={held[-1]})"]
         rows = [dict(zip(columns, (image_paths[i], text_paths[i], int(ranks["i2t"][i]), int(ranks["t2i"][i]))))
                 for i in range(held[-1])]
         metrics = {"task": self.name, "model": ctx.model, "split": self.split, "num_pairs": int(image_emb.shape[0]),
                    "subsets": held, "metrics": flat}
-        table = (f"## {self.title}\n\n" + markdown_table(by_metric) +
+        table = (f"## {self.title}\n\n" + metric_table(by_metric) +
                  f"\n\nRecall in %, first N of {metrics['num_pairs']} {self.split} pairs; i2t: image query, text "
                  "candidates; t2i: the reverse. Ties count against the query.")
         files = {
@@ -367,7 +368,7 @@ class LeakageTask:
         reports = {"captions": split_leakage(captions(self.train), captions(self.test))}
         if self.include_vqa and vqa_csv(data_dir, self.test).is_file():
             def vqa(split: str) -> list[Item]:
-                paths = read_csv_columns(vqa_csv(data_dir, split), ["Image Path"])["Image Path"]
+                paths = read_csv_columns(vqa_csv(data_dir, split), [IMAGE_COLUMN])[IMAGE_COLUMN]
                 return [Item(f"{split} row {i + 1}: {paths[i]}", case_id(paths[i])) for i in range(len(paths))]
 
             reports["vqa"] = split_leakage(vqa(self.train), vqa(self.test))

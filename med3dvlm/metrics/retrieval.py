@@ -18,6 +18,8 @@ SUBSET_SIZES: tuple[int, ...] = (100, 500, 1000, 2000)
 RECALL_AT: tuple[int, ...] = (1, 5, 10)
 DIRECTIONS: tuple[str, ...] = ("i2t", "t2i")
 
+from med3dvlm.utils.markdown import markdown_table
+
 
 def true_match_ranks(similarity: torch.Tensor) -> dict[str, torch.Tensor]:
     """1-based rank of the true match for every query of a square similarity matrix.
@@ -80,7 +82,7 @@ def retrieval_metrics(
     return metrics
 
 
-def format_table(metrics: dict[str, float], recall_at: Sequence[int] = RECALL_AT) -> str:
+def retrieval_table(metrics: dict[str, float], recall_at: Sequence[int] = RECALL_AT) -> str:
     """A Markdown table of ``retrieval_metrics`` output (keys may carry a ``split/`` prefix)."""
     by_n: dict[int, dict[str, float]] = {}
     for key, value in metrics.items():
@@ -90,8 +92,5 @@ def format_table(metrics: dict[str, float], recall_at: Sequence[int] = RECALL_AT
         head, n = name.rsplit("_n", 1)
         by_n.setdefault(int(n), {})[head] = value
     columns = [f"{d}_R@{k}" for d in DIRECTIONS for k in recall_at]
-    lines = ["| pairs | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns)]
-    for n in sorted(by_n):
-        cells = [f"{by_n[n][c]:.3f}" if c in by_n[n] else "-" for c in columns]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [[n, *(f"{by_n[n][c]:.3f}" if c in by_n[n] else "-" for c in columns)] for n in sorted(by_n)]
+    return markdown_table(["pairs", *columns], rows, right=range(len(columns) + 1))

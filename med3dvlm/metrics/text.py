@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from med3dvlm.training.preflight import PACKAGED_MODELS, unreachable_model
+from med3dvlm.models.sources import PACKAGED_MODELS, unreachable_model
 
 log = logging.getLogger(__name__)
 

