@@ -26,12 +26,18 @@ def bench_table(rows: list[BenchRow]) -> str:
     return markdown_table(header, cells, right=[2, 4, 5] if side_by_side else [2])
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command's arguments (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes where noted")
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--reference", type=Path, metavar="PATH",
                         help="a checkout of the original (mirthAI/Med3DVLM) to time beside ours; its code runs here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.reference is not None and not args.reference.is_dir():
         parser.error(f"--reference {args.reference}: not a folder")

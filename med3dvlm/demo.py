@@ -107,10 +107,16 @@ def score_table(scores: dict[str, float], zero_image_scores: dict[str, float]) -
     return "\n" + markdown_table(["demo score", "value", "zero-image control", "chance"], rows, right=[1, 2, 3])
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command's arguments (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=1000, help="synthetic cases (10%% form the test split)")
     parser.add_argument("--fresh", action="store_true", help="retrain every stage even if exports exist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments()
     args = parser.parse_args(argv)
     start = time.perf_counter()
     run_dir = work_root() / "outputs" / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")

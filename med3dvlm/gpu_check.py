@@ -114,7 +114,8 @@ def summarise(stage: str, record: dict[str, Any], warmup: int) -> str:
     return f"| {stage} | {len(record['seconds'])} | {step:.3f} | {samples:.2f} | {record['peak_bytes'] / 2**30:.1f} |"
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command's arguments (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=8, help="training steps per stage (the first 3 are warm-up)")
     parser.add_argument("--batch-size", type=int, default=2, help="samples per step")
@@ -123,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None, metavar="PATH",
                         help="a checkout of the original (mirthAI/Med3DVLM): also time its encoder and Mixer beside "
                              "ours on this GPU in bf16 (its code runs here)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to measure.")

@@ -151,7 +151,8 @@ def comparison_text(rows: list[Comparison], tolerance: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def arguments() -> argparse.ArgumentParser:
+    """The command's arguments (``--help`` lists them)."""
     parser = argparse.ArgumentParser(
         prog="python -m med3dvlm.parity",
         description=__doc__,
@@ -159,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("file", type=Path, help="reference test-vector .pt file")
     parser.add_argument("--tolerance", type=float, default=1e-5, help="maximum relative difference")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments()
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     if torch.cuda.is_available():

@@ -4,6 +4,7 @@ command before it builds anything name the setting to change."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shlex
@@ -18,22 +19,29 @@ from hydra.core.global_hydra import GlobalHydra
 from med3dvlm.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_OF = {"train": "train", "export": "export", "infer": "infer", "evaluate": "evaluate", "prepare": "prepare"}
+CONFIG_OF = {"train": "train", "export": "export", "infer": "infer", "evaluate": "evaluate", "prepare": "prepare",
+             "app": "app", "import_weights": "import_weights", "synthetic": "synthetic"}
+ARGPARSE_COMMANDS = ("bench", "consolidate", "demo", "gpu_check", "parity")
 
 
-def training_commands() -> list[tuple[str, list[str]]]:
-    """``(command, overrides)`` of every ``python -m med3dvlm.<command>`` line in the README's code
-    blocks between "## Training" and the next top-level section."""
+def readme_commands(section: str | None = None) -> list[tuple[str, list[str]]]:
+    """``(command, arguments)`` of every ``python -m med3dvlm.<command>`` line in the README's bash
+    blocks (continued lines joined), or only in the top-level ``section``."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
-        for line in block.splitlines():
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"<([a-z]+)>", r"\1", line.split("  #", 1)[0].strip())  # <date>: a value to fill in
             if line.startswith("python -m med3dvlm."):
                 words = shlex.split(line)
                 commands.append((words[2].removeprefix("med3dvlm."), [w for w in words[3:] if w != "-m"]))
     return commands
+
+
+def training_commands() -> list[tuple[str, list[str]]]:
+    return readme_commands("Training")
 
 
 def compose_command(command: str, overrides: list[str]):
@@ -52,6 +60,16 @@ def test_every_training_section_command_composes_and_the_stages_chain():
             trained.add(str(cfg.experiment_name))
         elif command == "export":  # it finds the finetune export of the experiment the stages wrote
             assert str(cfg.experiment_name) in trained, (overrides, trained)
+
+
+def test_every_readme_command_parses_its_arguments():
+    commands = readme_commands()
+    assert {c for c, _ in commands} >= {"train", "prepare", "evaluate", "consolidate", "app", "import_weights"}
+    for command, arguments in commands:
+        if command in ARGPARSE_COMMANDS:
+            importlib.import_module(f"med3dvlm.{command}").arguments().parse_args(arguments)
+        else:
+            compose_command(command, arguments)
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
