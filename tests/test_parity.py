@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from med3dvlm.artifacts.released import split_state
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.projectors import MixerProjector
-from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict, take_prefix
+from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict
 from med3dvlm.parity import compare_file, main
 
 FILES = ("dcformer_nano.pt", "mixer_small.pt")
@@ -93,25 +94,21 @@ def test_unusable_files_exit_2(vectors, tmp_path, capsys):
     assert "missing entries ['high']" in capsys.readouterr().err
 
 
-def test_prefixed_checkpoints_load_through_take_prefix(vectors):
+def test_prefixed_checkpoints_load_through_the_importers_split(vectors):
     nano = vectors["dcformer_nano.pt"]["state_dict"]
     mixer = vectors["mixer_small.pt"]["state_dict"]
     vlm = {f"model.vision_tower.vision_tower.{k}": v for k, v in nano.items()}
     vlm |= {f"model.mm_projector.{k}": v for k, v in mixer.items()}
     vlm["lm_head.weight"] = torch.zeros(3, 2)
+    groups, _, _ = split_state(vlm, {"vision": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.",
+                                     "llm": "lm_head."}, (), "VLM")
     encoder = DCFormer("nano")
-    load_reference_state_dict(
-        encoder,
-        take_prefix(vlm, "model.vision_tower.vision_tower."),
-        prefix="model.vision_tower.vision_tower.",
-    )
+    load_reference_state_dict(encoder, groups["vision"], prefix="model.vision_tower.vision_tower.")
     assert torch.equal(encoder.stages[4][0].scale, nano["encoder.s4.0.scale"])
     projector = MixerProjector([128, 256], [32, 4], 256, (24, 16), (8, 16))
-    load_reference_state_dict(
-        projector, take_prefix(vlm, "model.mm_projector."), prefix="model.mm_projector."
-    )
+    load_reference_state_dict(projector, groups["projector"], prefix="model.mm_projector.")
     assert torch.equal(
         projector.high[1].channel_mlp.linears[1].weight, mixer["high_mixer.1.mlp2.mm_projector.1.1.weight"]
     )
-    with pytest.raises(ReferenceLayoutError, match="no key starts with prefix 'vision_encoder.'"):
-        take_prefix(vlm, "vision_encoder.")
+    with pytest.raises(ReferenceLayoutError, match="no key starting with 'vision_encoder.'"):
+        split_state(vlm, {"vision": "vision_encoder.", "rest": ("model.", "lm_head.")}, (), "VLM")

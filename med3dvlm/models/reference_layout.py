@@ -75,19 +75,6 @@ MIXER_RULES: tuple[Rule, ...] = (
 )
 
 
-def take_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    """The entries of ``state_dict`` whose key starts with ``prefix``, with the prefix kept.
-
-    Use it to cut the encoder or projector out of a whole-model checkpoint before converting.
-    """
-    selected = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
-    if not selected:
-        raise ReferenceLayoutError(
-            f"no key starts with prefix {prefix!r} (first key: {next(iter(state_dict), None)!r})"
-        )
-    return selected
-
-
 def _rename(key: str, rules: tuple[Rule, ...]) -> str | None:
     for pattern, build in rules:
         match = pattern.fullmatch(key)
