@@ -105,3 +105,12 @@ def test_latest_export_by_stage_experiment_and_kind(tmp_path):
     assert latest(SIGLIP_EXPORT, "b", tmp_path) == tmp_path / "run2" / "export"
     assert latest(SIGLIP_EXPORT, "c", tmp_path) is None
     assert latest(replace(SIGLIP_EXPORT, identity={**SIGLIP_EXPORT.identity, "stage": "pretrain"}), "a", tmp_path) is None
+
+
+def test_an_export_never_replaces_a_folder_of_something_else(tmp_path):
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"results: exists and is not a folder this writes \(no export.json\)"):
+        _export(other)
+    assert (other / "notes.txt").read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["results"]

@@ -75,7 +75,7 @@ def write_encoder_export(
         raise ValueError(f"export kind {which!r} unknown; one of {WHICH}")
     if "_target_" not in encoder_config:
         raise ValueError("encoder_config must be a `_target_` node that rebuilds the encoder")
-    with atomic_folder(folder) as staging:
+    with atomic_folder(folder, EXPORT_FILE) as staging:
         save_tensors(staging / WEIGHTS_FILE, encoder.state_dict())
         if write_files is not None:
             write_files(staging)

@@ -46,7 +46,7 @@ def write_handoff(folder: str | os.PathLike, kind: ArtifactKind, tensors: Mappin
                   meta: Mapping[str, Any], write_files: Callable[[Path], None] | None = None) -> Path:
     """Write (or replace) the hand-off ``folder``: each ``tensors`` entry as a safetensors file of that
     name, ``write_files(staging folder)`` for anything else, then ``handoff.json``."""
-    with atomic_folder(folder) as staging:
+    with atomic_folder(folder, HANDOFF_FILE) as staging:
         for name, state in tensors.items():
             save_tensors(staging / name, state)
         if write_files is not None:

@@ -52,7 +52,7 @@ def save_pretrained(
     its source), which the fingerprint then covers.
     """
     model.sync_image_token_row()
-    with atomic_folder(path) as staging:
+    with atomic_folder(path, CONFIG_FILE) as staging:
         model.llm.save_pretrained(staging / LLM_DIR)
         model.tokenizer.save_pretrained(staging / LLM_DIR)
         save_tensors(staging / "vision_tower.safetensors", model.vision_tower.state_dict())

@@ -331,7 +331,7 @@ def import_siglip(
         "keys": {"vision": len(groups["vision"]), "text": len(groups["text"]), "heads": len(singles)},
         "unused_keys": unused,
     }
-    with atomic_folder(out) as staging:
+    with atomic_folder(out, IMPORT_FILE) as staging:
         language_encoder.save_pretrained(staging / TEXT_ENCODER_DIR)
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging / TEXT_ENCODER_DIR)
         save_tensors(staging / HEADS_FILE, heads)
