@@ -47,7 +47,7 @@ test-fast: install nltk-data ## the test suite without tests marked slow
 
 EVAL_DIR ?= outputs/evaluate/$(shell date +%Y-%m-%d_%H-%M-%S)
 # Without MODEL: the newest demo model (make demo) on the demo data.
-EVAL_MODEL = $(or $(MODEL),$(patsubst %/config.json,%,$(lastword $(sort $(wildcard outputs/demo/*/model/config.json)))))
+EVAL_MODEL = $(or $(MODEL),$(patsubst %/record.json,%,$(lastword $(sort $(wildcard outputs/demo/*/model/record.json)))))
 EVAL_DATA = $(or $(DATA),$(if $(MODEL),,data/demo/prepared))
 eval: install nltk-data ## closed + open VQA of MODEL=<export folder> (default: newest demo model) [DATA=<prepared folder>]
 	@test -n "$(EVAL_MODEL)" || { echo "usage: make eval MODEL=<export folder> [DATA=data/M3D/prepared] [EVAL_ARGS=...] (no demo model yet: make demo)" >&2; exit 2; }

@@ -9,7 +9,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 
 
 @hydra.main(config_path="configs", config_name="app", version_base="1.3")
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
 
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.device.startswith("cuda") else "float32")
         models = Models(cfg.model, cfg.models_dir, cfg.device, dtype, cfg.verify_files)
-        page = build(models, Limits(max_voxels=cfg.max_voxels), cfg.volumes_dir, cfg.intensity.window)
+        page = build(models, Limits(max_voxels=cfg.max_voxels), cfg.volumes_dir, cfg.intensity.window, cfg.source)
         print(f"med3dvlm app: http://{cfg.host}:{cfg.port} (models: {', '.join(models.names())})", flush=True)
         serve(page, cfg.host, cfg.port, cfg.max_upload_mb)
 

@@ -6,7 +6,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 
 
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.artifacts.handoff import ADAPTER_HANDOFF
 from med3dvlm.artifacts.latest import resolve
 from med3dvlm.artifacts.model_folder import write_merged_model

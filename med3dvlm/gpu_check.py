@@ -84,8 +84,8 @@ def build_llm(out: Path, corpus: list[str]) -> int:
 def prepare_data(root: Path, cases: int) -> Path:
     """Synthetic cases prepared at 128x256x256 (npy) under ``root/demo/prepared``, where the tiny
     text-encoder config finds its corpus."""
-    from med3dvlm.data.m3d_prepare import prepare_dataset
-    from med3dvlm.data.synthetic import generate
+    from med3dvlm.data.preparation import prepare_dataset
+    from med3dvlm.data.releases.m3d.synthetic import generate
 
     out = root / "demo" / "prepared"
     generate(root / "raw", cases=cases, seed=0, slices=128, size=256)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or scratch)
         print(f"gpu-check on {torch.cuda.get_device_name(0)}, scratch {work}", flush=True)
         prepared = prepare_data(work / "data", args.cases)
-        from med3dvlm.data.layout import corpus_texts
+        from med3dvlm.data.corpus import corpus_texts
 
         params = build_llm(work / "qwen2_0_5b", corpus_texts(prepared))
         print(f"data and a {params / 1e6:.0f}M-parameter Qwen2 ready after {time.perf_counter() - started:.0f} s",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.artifacts.released import import_siglip, import_vlm
 
 
@@ -18,7 +18,7 @@ def main(cfg: DictConfig) -> None:
             cfg.source, cfg.out, encoder, cfg.text_model, cfg.siglip_scale, cfg.experiment_name
         )
         print(
-            f"imported into {out}: encoder export {out / 'encoder'} (stage.encoder_export=...), "
+            f"imported into {out}: encoder export {out / 'encoder'} (stage.module.encoder_export=...), "
             f"text encoder {out / 'text_encoder'}, heads and loss {out / 'siglip_heads.safetensors'}"
         )
     elif cfg.kind == "vlm":

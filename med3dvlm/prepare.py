@@ -1,16 +1,18 @@
-"""``python -m med3dvlm.prepare source=RAW out=DIR format=npy``: raw M3D or own NIfTI -> prepared dataset."""
+"""``python -m med3dvlm.prepare [dataset=NAME] source=RAW out=DIR format=npy``: a dataset release -> prepared dataset."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
-from med3dvlm.data.m3d_prepare import prepare_dataset
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
+from med3dvlm.data.preparation import prepare_dataset
+from med3dvlm.data.releases import release
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
+    chosen = release(cfg.dataset_name, cfg.source)
     prepare_dataset(
         source=cfg.source,
         out=cfg.out,
@@ -25,6 +27,8 @@ def main(cfg: DictConfig) -> None:
         strict_split=cfg.strict_split,
         max_voxels=cfg.max_voxels,
         window=OmegaConf.to_container(cfg.intensity)["window"],
+        dataset=chosen.name,
+        options={key: OmegaConf.to_container(cfg)[key] for key in chosen.options if key in cfg},
     )
 
 

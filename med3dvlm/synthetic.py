@@ -7,8 +7,8 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
-from med3dvlm.data.synthetic import generate
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
+from med3dvlm.data.releases.m3d.synthetic import generate
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-import med3dvlm.configs  # noqa: F401  (registers the resolvers)
+import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.metrics.retrieval import retrieval_table
 from med3dvlm.training.checkpointing import AtomicCheckpointIO, resolve_checkpoint
 from med3dvlm.training.multirun import job_scope

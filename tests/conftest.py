@@ -20,6 +20,8 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import med3dvlm.resolvers  # noqa: F401  (tests compose configs as the commands do)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "reference"
 REFERENCE_FILES = ("dcformer_nano.pt", "mixer_small.pt", "keys.json", "checkpoint_layouts.md")

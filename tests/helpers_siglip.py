@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from med3dvlm.data.layout import corpus_texts
-from med3dvlm.data.m3d_prepare import prepare_dataset
-from med3dvlm.data.synthetic import generate
-from med3dvlm.losses.siglip import SigLIPLoss
-from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.data.corpus import corpus_texts
+from med3dvlm.data.preparation import prepare_dataset
+from med3dvlm.data.releases.m3d.synthetic import generate
 from med3dvlm.models.tiny_assets import build_tiny_bert
-from med3dvlm.models.towers import ImageTower, TextTower
 from med3dvlm.stages.siglip import SigLIPStage
-from med3dvlm.training.optim import cosine_with_warmup
 
 INPUT_SIZE = (16, 32, 32)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
@@ -42,18 +37,15 @@ def tiny_bert(root: Path, data: Path) -> Path:
 
 
 def stage(bert: Path, lr: float = 1e-3, seed: int = 0, export_dir: Path | None = None, **kwargs) -> SigLIPStage:
-    from transformers import AutoTokenizer
-
     torch.manual_seed(seed)
     return SigLIPStage(
-        image_tower=ImageTower(DCFormer(variant="nano"), embed_dim=32),
-        text_tower=TextTower(str(bert), embed_dim=32),
-        loss=SigLIPLoss(),
-        tokenizer=AutoTokenizer.from_pretrained(bert),
-        optimizer=functools.partial(torch.optim.AdamW, lr=lr),
-        scheduler=functools.partial(cosine_with_warmup, warmup_ratio=0.1),
-        encoder_config=ENCODER_CONFIG,
+        encoder=ENCODER_CONFIG,
+        text_encoder={"_target_": "med3dvlm.models.towers.TextTower", "model_name_or_path": str(bert)},
+        loss={"_target_": "med3dvlm.losses.siglip.SigLIPLoss"},
+        optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr},
+        scheduler={"_target_": "med3dvlm.training.optim.cosine_with_warmup", "_partial_": True, "warmup_ratio": 0.1},
         input_size=INPUT_SIZE,
+        embed_dim=32,
         export_dir=str(export_dir) if export_dir else None,
         **kwargs,
     )

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from med3dvlm.artifacts.encoder_export import write_encoder_export
+from med3dvlm.artifacts.record import ArtifactRecord, record_file
+from med3dvlm.data.prepared import m3d_preprocessing
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
-from med3dvlm.training.optim import cosine_with_warmup
 
 INPUT_SIZE = (32, 64, 64)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
@@ -34,17 +36,55 @@ def tiny_llm(root: Path) -> LanguageModel:
     return LanguageModel(str(path))
 
 
+def llm_node(root: Path) -> dict[str, Any]:
+    return {"_target_": "med3dvlm.models.llm.LanguageModel", "name_or_path": tiny_llm(root).name_or_path}
+
+
 def encoder(seed: int = 0) -> DCFormer:
     torch.manual_seed(seed)
     return DCFormer(variant="nano")
 
 
-def optimizer(lr: float = 1e-2):
-    return functools.partial(torch.optim.AdamW, lr=lr)
+def encoder_export(root: Path, seed: int = 0) -> Path:
+    """A stage-1 export of :func:`encoder` ``(seed)`` at ``INPUT_SIZE`` (written once per root and seed)."""
+    folder = root / f"encoder_export_{seed}"
+    if record_file(folder) is None:
+        record = ArtifactRecord("encoder_export", "unit", INPUT_SIZE, m3d_preprocessing(), {"encoder": ENCODER_CONFIG},
+                                stage="siglip", which="final")
+        write_encoder_export(folder, encoder(seed), record)
+    return folder
 
 
-def scheduler():
-    return functools.partial(cosine_with_warmup, warmup_ratio=0.03)
+def optimizer(lr: float = 1e-2, name: str = "torch.optim.AdamW") -> dict[str, Any]:
+    return {"_target_": name, "_partial_": True, "lr": lr}
+
+
+def scheduler() -> dict[str, Any]:
+    return {"_target_": "med3dvlm.training.optim.cosine_with_warmup", "_partial_": True, "warmup_ratio": 0.03}
+
+
+def lora(r: int = 4, alpha: int = 8) -> dict[str, Any]:
+    return {"_target_": "peft.LoraConfig", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+            "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+
+
+def pretrain(root: Path, lr: float = 1e-2, seed: int = 0, encoder_seed: int = 0, **kwargs: Any):
+    """A pretrain stage on the seeded encoder export and the tiny LLM (projector seeded by ``seed``)."""
+    from med3dvlm.stages.pretrain import PretrainStage
+
+    export = encoder_export(root, encoder_seed)
+    torch.manual_seed(seed)
+    return PretrainStage(str(export), PROJECTOR_CONFIG, llm_node(root), INPUT_SIZE, optimizer(lr), scheduler(),
+                         experiment="unit", **kwargs)
+
+
+def finetune(root: Path, pretrain_export: Path, lr: float = 1e-2, **kwargs: Any):
+    """A finetune stage (LoRA r 4 on every linear layer) on a pretrain hand-off."""
+    from med3dvlm.stages.finetune import FinetuneStage
+
+    kwargs.setdefault("lora", lora())
+    return FinetuneStage(str(pretrain_export), llm_node(root), optimizer=optimizer(lr), scheduler=scheduler(),
+                         experiment="unit", **kwargs)
 
 
 def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -85,21 +125,10 @@ def fit(stage: L.LightningModule, batches: list[dict], steps: int) -> None:
 def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:
     """A finetune stage trained a few steps on toy batches, its hand-off folder and the batches
     (pretrain 1 step -> hand-off -> finetune 3 steps, LoRA on every linear layer)."""
-    from peft import LoraConfig
-
-    from med3dvlm.artifacts.handoff import load_pretrain_handoff
-    from med3dvlm.stages.finetune import FinetuneStage
-    from med3dvlm.stages.pretrain import PretrainStage
-
-    torch.manual_seed(0)
-    pre = PretrainStage(encoder(), ENCODER_CONFIG, "enc", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE,
-                        optimizer(), scheduler(), experiment="unit", export_dir=str(root / "pre"))
+    pre = pretrain(root, export_dir=str(root / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
-    model, meta = load_pretrain_handoff(root / "pre", encoder(), tiny_llm(root))
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    stage = FinetuneStage(model, meta, str(root / "pre"), ENCODER_CONFIG, lora, optimizer(), scheduler(),
-                          train_input_embeddings=True, train_lm_head=True, experiment="unit",
-                          export_dir=str(root / "fine"))
+    stage = finetune(root, root / "pre", train_input_embeddings=True, train_lm_head=True,
+                     export_dir=str(root / "fine"))
     batches = toy_batches(stage.model)
     fit(stage, batches, steps=3)
     return stage, root / "fine", batches

@@ -19,6 +19,7 @@ from helpers_vlm import finetuned as finetune_handoff
 from test_scans import ct_volume, write_dicom_series, write_nifti
 
 from med3dvlm.artifacts.model_folder import is_model_folder, write_merged_model
+from med3dvlm.data.preprocess import SourcePreprocessing
 from med3dvlm.models.generation import GenerationSettings, answer
 from med3dvlm.web.session import (
     Limits,
@@ -30,10 +31,13 @@ from med3dvlm.web.session import (
     shown_prompt,
     stream_answer,
     view,
+    view_labels,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "app.png"
+SOFT = SourcePreprocessing(window="soft_tissue", scale="window", orientation="RAS")
+BARE = SourcePreprocessing(orientation="RAS")
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +63,11 @@ def test_models_dir_offers_only_model_folders(models, models_dir):
 
 
 def test_a_scan_is_prepared_as_prepare_does_and_a_window_is_applied(tmp_path):
-    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, "soft_tissue")
+    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, SOFT)
     assert scan.volume.shape == INPUT_SIZE and scan.raw.shape == (10, 12, 14)  # (x, y, z) -> (D, H, W)
     assert 0.0 <= scan.volume.min() and scan.volume.max() <= 1.0 and not scan.hu_unwindowed
-    bare = read_upload(tmp_path / "ct.nii.gz", INPUT_SIZE, "none")
+    assert scan.raw_spacing == pytest.approx((2.5, 0.8, 0.7)) and scan.window == "[-160, 240] HU"
+    bare = read_upload(tmp_path / "ct.nii.gz", INPUT_SIZE, BARE)
     assert bare.hu_unwindowed and not np.allclose(bare.volume, scan.volume)
 
 
@@ -72,8 +77,8 @@ def test_a_zipped_dicom_series_reads_like_its_folder(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for file in series.iterdir():
             zf.write(file, f"CT/{file.name}")
-    from_zip = read_upload(archive, INPUT_SIZE, "soft_tissue")
-    from_folder = read_upload(series, INPUT_SIZE, "soft_tissue")
+    from_zip = read_upload(archive, INPUT_SIZE, SOFT)
+    from_folder = read_upload(series, INPUT_SIZE, SOFT)
     assert np.array_equal(from_zip.volume, from_folder.volume)
 
 
@@ -83,28 +88,37 @@ def test_a_hostile_zip_is_refused(tmp_path, member, message):
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(member, b"\0" * 4096)
     with pytest.raises(UploadError, match=message):
-        read_upload(archive, INPUT_SIZE, "none", Limits(max_zip_bytes=1024 if member == "a.dcm" else 1 << 20))
+        read_upload(archive, INPUT_SIZE, BARE, Limits(max_zip_bytes=1024 if member == "a.dcm" else 1 << 20))
 
 
 def test_bad_uploads_get_a_message(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UploadError, match="notes.txt: not a supported upload"):
-        read_upload(tmp_path / "notes.txt", INPUT_SIZE)
+        read_upload(tmp_path / "notes.txt", INPUT_SIZE, BARE)
     write_nifti(tmp_path / "big.nii.gz", ct_volume())
     with pytest.raises(UploadError, match="voxels"):
-        read_upload(tmp_path / "big.nii.gz", INPUT_SIZE, limits=Limits(max_voxels=100))
+        read_upload(tmp_path / "big.nii.gz", INPUT_SIZE, BARE, limits=Limits(max_voxels=100))
     (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
     with pytest.raises(UploadError, match="broken.nii.gz"):
-        read_upload(tmp_path / "broken.nii.gz", INPUT_SIZE)
+        read_upload(tmp_path / "broken.nii.gz", INPUT_SIZE, BARE)
 
 
-def test_views_cut_each_axis():
+def test_views_cut_each_axis_and_show_the_radiological_display_of_any_voxel_order():
     volume = np.zeros((4, 6, 8), dtype=np.float32)
     volume[3] = 1.0  # the last axial slice
     assert view(volume, "axial", 1.0).shape == (6, 8) and view(volume, "axial", 1.0).min() == 255
-    coronal = view(volume, "coronal", 0.5)
-    assert coronal.shape == (4, 8) and (coronal[0] == 255).all() and (coronal[1:] == 0).all()  # last slice on top
+    ras, lpi = view(volume, "coronal", 0.5, orientation="RAS"), view(volume, "coronal", 0.5, orientation="LPI")
+    assert ras.shape == (4, 8) and (ras[0] == 255).all() and (ras[1:] == 0).all()  # RAS: the last slice is superior
+    assert (lpi[-1] == 255).all() and (lpi[:-1] == 0).all()  # LPI (M3D): the last slice is inferior
     assert view(volume, "sagittal", 0.0).shape == (4, 6)
+    marked = np.zeros((4, 6, 8), dtype=np.float32)
+    marked[:, 0, 0] = 1.0  # H index 0, W index 0: in RAS the posterior, patient's left corner
+    axial = view(marked, "axial", 0.5, orientation="RAS")
+    assert axial[-1, -1] == 255 and view_labels("axial", "RAS") == ("A", "R")  # bottom right: posterior, left
+    assert view(marked, "axial", 0.5, orientation="LPI")[0, 0] == 255  # in LPI the anterior, patient's right
+    assert view_labels("sagittal", None) == ("?", "?")
+    # true aspect: 2.5 mm slices against 0.8 mm pixels stretch the coronal view 3x vertically
+    assert view(volume, "coronal", 0.5, orientation="RAS", spacing=(2.4, 0.8, 0.8)).shape == (12, 8)
 
 
 def test_prompts_follow_the_benchmark(models):
@@ -122,7 +136,7 @@ def test_prompts_follow_the_benchmark(models):
 
 def test_the_answer_streams_and_one_request_runs_at_a_time(models, tmp_path):
     model, lock = models.get("demo"), models.lock("demo")
-    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, "soft_tissue")
+    scan = read_upload(write_nifti(tmp_path / "ct.nii.gz", ct_volume()), INPUT_SIZE, SOFT)
     prompt = prompt_for(model, "question", "Is there a large lesion in the liver?")
     whole = answer(model, scan.volume, prompt, GenerationSettings(max_new_tokens=6))
     pieces = list(stream_answer(model, lock, scan.volume, prompt, GenerationSettings(max_new_tokens=6)))

@@ -21,16 +21,12 @@ import torch
 from helpers_siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
 from helpers_siglip import ResumableLoader, prepared_data, tiny_bert
 from helpers_siglip import stage as siglip_stage
-from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, scheduler, tiny_llm
+from helpers_vlm import INPUT_SIZE, finetune, lora, pretrain, tiny_llm
 from lightning.pytorch.callbacks import ModelCheckpoint
-from peft import LoraConfig
 from safetensors.torch import load_file
 
 from med3dvlm.artifacts.encoder_export import load_encoder_export
 from med3dvlm.data.datamodule import M3DDataModule
-from med3dvlm.models.build import build_vlm
-from med3dvlm.stages.finetune import FinetuneStage
-from med3dvlm.stages.pretrain import PretrainStage
 from med3dvlm.training.optim import param_groups
 from med3dvlm.training.sharding import FSDP2Strategy, consolidate, shard_plan
 
@@ -66,19 +62,14 @@ def build_stage(name: str, root: Path, export_dir: Path | None = None) -> L.Ligh
     sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
     if name == "siglip":
         module = siglip_stage(root / "tiny_bert", export_dir=export_dir)
-        module.optimizer_factory = sgd
-        return deterministic(module)
-    torch.manual_seed(0)
-    if name == "pretrain":
-        return deterministic(PretrainStage(encoder(), ENCODER_CONFIG, "encoder-export", PROJECTOR_CONFIG,
-                                           tiny_llm(root), INPUT_SIZE, sgd, scheduler(), experiment="unit",
-                                           export_dir=export_dir))
-    model, projector_config = build_vlm(encoder(), PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE)
-    meta = {"projector": projector_config, "llm": str(root / "tiny_qwen"), "input_size": list(INPUT_SIZE),
-            "image_token": model.image_token, "reference_placement": False}
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return deterministic(FinetuneStage(model, meta, "pretrain-export", ENCODER_CONFIG, lora, sgd, scheduler(), train_vision_tower=True, train_input_embeddings=True,
-                                       train_lm_head=True, experiment="unit", export_dir=export_dir))
+    elif name == "pretrain":
+        module = pretrain(root, export_dir=export_dir)
+    else:
+        torch.manual_seed(0)
+        module = finetune(root, root / "pre", train_vision_tower=True, train_input_embeddings=True, train_lm_head=True,
+                          export_dir=export_dir, lora=lora())
+    module.optimizer_factory = sgd
+    return deterministic(module)
 
 
 def siglip_batches(data: Path, bert: Path, count: int, batch_size: int = 4) -> list[dict]:
@@ -210,7 +201,9 @@ def run(tmp_path_factory):
     tiny_llm(root)
     out = root / "out"
     out.mkdir()
-    vlm = build_stage("pretrain", root).model
+    handoff = build_stage("pretrain", root)  # the hand-off every finetune run goes on from
+    handoff.write_export(root / "pre")
+    vlm = handoff.model
     batches = {"siglip": siglip_batches(data, bert, STEPS), "pretrain": answer_batches(vlm, STEPS),
                "finetune": answer_batches(vlm, STEPS)}
     torch.save(batches, out / "batches.pt")

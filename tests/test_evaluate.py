@@ -174,20 +174,18 @@ def exported_model(tmp_path_factory) -> tuple[Path, Path]:
     from helpers_vlm import (
         ENCODER_CONFIG,
         INPUT_SIZE,
-        PROJECTOR_CONFIG,
-        encoder,
-        optimizer,
-        scheduler,
-        tiny_llm,
+        pretrain,
     )
 
     from med3dvlm.artifacts.model_folder import save_pretrained
-    from med3dvlm.stages.pretrain import PretrainStage
+    from med3dvlm.artifacts.record import ArtifactRecord
+    from med3dvlm.data.prepared import m3d_preprocessing
 
     root = tmp_path_factory.mktemp("eval_model")
-    stage = PretrainStage(encoder(), ENCODER_CONFIG, "-", PROJECTOR_CONFIG, tiny_llm(root), INPUT_SIZE, optimizer(),
-                          scheduler())
-    folder = save_pretrained(stage.model, root / "model", ENCODER_CONFIG, stage.projector_config, INPUT_SIZE)
+    stage = pretrain(root)
+    record = ArtifactRecord("model_folder", "unit", INPUT_SIZE, m3d_preprocessing(),
+                            {"vision_tower": ENCODER_CONFIG, "projector": stage.projector_config}, prompt_format="m3d")
+    folder = save_pretrained(stage.model, root / "model", record)
     return folder, make_prepared(root / "prepared", shape=INPUT_SIZE)
 
 
@@ -231,10 +229,11 @@ def test_model_generate_encodes_each_volume_once_and_matches_the_model(exported_
     from med3dvlm.data.collate import PadCollate
     from med3dvlm.data.prompts import PromptBuilder
 
-    model = load_pretrained(exported_model[0])
+    loaded = load_pretrained(exported_model[0])
+    model = loaded.model
     prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, 512)
     g = torch.Generator().manual_seed(0)
-    volumes = {name: torch.rand(1, *model.input_size, generator=g) for name in ("a", "b")}
+    volumes = {name: torch.rand(1, *loaded.record.input_size, generator=g) for name in ("a", "b")}
     names = ["a", "a", "b", "a"]
     samples = [{"image": volumes[name], "image_path": name,
                 "input_ids": torch.tensor(prompts.tokenize(prompts.prompt("Is there a lesion?" + " Where?" * i),

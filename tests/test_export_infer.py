@@ -27,10 +27,12 @@ def finetuned(tmp_path_factory):
 def test_export_reload_gives_identical_outputs(finetuned, tmp_path):
     trained, handoff, batches, _ = finetuned
     folder = write_merged_model(handoff, tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} >= {"config.json", "llm", "vision_tower.safetensors",
+    assert {p.name for p in folder.iterdir()} >= {"record.json", "llm", "vision_tower.safetensors",
                                                   "projector.safetensors"}
-    reloaded = load_pretrained(folder)
-    assert reloaded.input_size == INPUT_SIZE and reloaded.num_image_tokens == trained.num_image_tokens
+    loaded = load_pretrained(folder)
+    reloaded = loaded.model
+    assert loaded.record.input_size == INPUT_SIZE and reloaded.num_image_tokens == trained.num_image_tokens
+    assert loaded.record.parent("adapter").record.kind == "adapter_handoff"
     for batch in batches[:2]:
         with torch.no_grad():
             want = trained(batch["input_ids"], batch["attention_mask"], images=batch["image"]).logits
@@ -58,7 +60,7 @@ def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
     done = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=unit",
                        f"out={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'run'}"])
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "model" / "config.json").is_file()
+    assert (tmp_path / "model" / "record.json").is_file()
     missing = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=nothing",
                           f"hydra.run.dir={tmp_path / 'run2'}"])
     assert missing.returncode != 0 and "python -m med3dvlm.train stage=finetune" in missing.stderr

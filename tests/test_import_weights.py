@@ -118,8 +118,8 @@ def test_siglip_import_reproduces_reference(tmp_path, refs, text_model):
     state = siglip_state(refs, text_model)
     out = import_siglip(write_siglip(tmp_path / "release", state, text_model), tmp_path / "out", NANO)
 
-    encoder, encoder_config = load_encoder_export(out / "encoder")
-    assert json.loads((out / "encoder" / "export.json").read_text())["input_size"] == [64, 128, 128]
+    encoder, exported = load_encoder_export(out / "encoder")
+    assert exported.input_size == (64, 128, 128) and exported.preprocessing.dataset == "m3d"
     with torch.no_grad():
         hidden = encoder.eval()(refs["nano"]["input"])
     for ours, ref in zip(hidden, refs["nano"]["hidden_states"], strict=True):
@@ -157,7 +157,7 @@ def test_siglip_import_reproduces_reference(tmp_path, refs, text_model):
         assert rel_diff(tower(ids, mask), expected) <= 1e-5
     record = json.loads((out / "import.json").read_text())
     assert record["unused_keys"] == ["language_encoder.embeddings.position_ids"]
-    assert encoder_config["variant"] == "nano"
+    assert exported.components["encoder"]["variant"] == "nano"
 
 
 def test_siglip_linear_scale(tmp_path, refs, text_model):
@@ -265,9 +265,10 @@ def write_vlm(folder: Path, refs: dict, drop: str | None = None) -> tuple[Path, 
 def test_vlm_import_reproduces_reference(tmp_path, refs):
     source, llm_state = write_vlm(tmp_path / "release", refs)
     out = import_vlm(source, tmp_path / "out", NANO, MIXER)
-    model = load_pretrained(out)
+    loaded = load_pretrained(out)
+    model = loaded.model
     assert model.reference_placement is True
-    assert model.input_size == (64, 128, 128)
+    assert loaded.record.input_size == (64, 128, 128) and loaded.record.prompt_format == "m3d"
     assert (
         model.image_token_id == model.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == 280
     )  # 280 BPE entries, then <im_patch>
@@ -344,4 +345,4 @@ def test_cli_siglip(tmp_path, refs, text_model):
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "out" / "encoder" / "export.json").is_file()
+    assert (tmp_path / "out" / "encoder" / "record.json").is_file()

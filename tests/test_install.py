@@ -57,6 +57,6 @@ def test_a_wheel_runs_the_demo_siglip_stage_from_an_empty_directory(tmp_path):
          "spatial_size=[32,64,64]", "format=npy", "progress=false"], work, env)
     run([str(bin_dir / "med3dvlm-train"), "experiment=demo", "stage=siglip", "trainer.max_steps=3", "test=false",
          "trainer.enable_progress_bar=false"], work, env)
-    exports = list((work / "outputs" / "siglip").glob("*/*/export/export.json"))
+    exports = list((work / "outputs" / "siglip").glob("*/*/export/record.json"))
     assert len(exports) == 1  # outputs under the current directory
     assert (work / "data" / "assets" / "tiny_bert").is_dir()

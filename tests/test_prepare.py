@@ -18,21 +18,16 @@ import pytest
 from PIL import Image
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.m3d_prepare import (
-    JOURNAL_FILE,
-    LOCK_FILE,
-    VQA_COLUMNS,
-    extract_report,
-    hash_split,
-    prepare_dataset,
-    series_key,
-)
+from med3dvlm.data.preparation import JOURNAL_FILE, LOCK_FILE, prepare_dataset
 from med3dvlm.data.preprocess import (
     crop_foreground,
     list_slices,
     preprocess_volume,
     stack_series,
 )
+from med3dvlm.data.releases.base import hash_split
+from med3dvlm.data.releases.m3d.layout import VQA_COLUMNS, series_key
+from med3dvlm.data.releases.m3d.plan import extract_report
 from med3dvlm.data.scans import load_nifti_as_dhw
 from med3dvlm.data.volume_io import read_volume, read_volume_raw
 
@@ -369,7 +364,7 @@ def test_own_data_bad_inputs_name_the_file(tmp_path: Path) -> None:
     missing_column = write_own_csv(tmp_path / "cols.csv", [("a.nii", "r")], columns=("image", "text"))
     with pytest.raises(DataError, match=rf"^{missing_column}: missing column 'report'"):
         prepare(missing_column, tmp_path / "o1")
-    with pytest.raises(DataError, match=r"absent\.csv: file not found"):
+    with pytest.raises(DataError, match=r"absent\.csv: not found \(expected your scans"):
         prepare(tmp_path / "absent.csv", tmp_path / "o2")
 
     nan_path = tmp_path / "nan.nii.gz"
@@ -417,7 +412,7 @@ def test_own_data_colliding_stems_get_distinct_outputs(tmp_path: Path) -> None:
 
 
 def test_synthetic_dataset_prepares_in_both_formats(tmp_path: Path) -> None:
-    from med3dvlm.data.synthetic import generate
+    from med3dvlm.data.releases.m3d.synthetic import generate
 
     summary = generate(tmp_path / "raw", cases=8, seed=3, slices=12, size=32, workers=1)
     for fmt in ("npy", "nii.gz"):
@@ -444,7 +439,7 @@ def test_synthetic_dataset_prepares_in_both_formats(tmp_path: Path) -> None:
 
 
 def test_synthetic_defects_are_skipped_and_reported(tmp_path: Path) -> None:
-    from med3dvlm.data.synthetic import generate
+    from med3dvlm.data.releases.m3d.synthetic import generate
 
     summary = generate(tmp_path / "raw", cases=9, seed=1, slices=12, size=32, workers=1, defect_rate=1.0)
     with pytest.raises(DataError):

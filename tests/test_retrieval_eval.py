@@ -15,7 +15,6 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from med3dvlm.artifacts.encoder_export import (
-    EXPORT_FILE,
     HEADS_FILE,
     SIGLIP_EXPORT,
     TEXT_ENCODER_DIR,
@@ -24,6 +23,7 @@ from med3dvlm.artifacts.encoder_export import (
     load_siglip_export,
 )
 from med3dvlm.artifacts.latest import latest
+from med3dvlm.artifacts.record import RECORD_FILE
 from med3dvlm.data.datasets import read_caption_split
 from med3dvlm.evaluation.tasks import EvalContext, RetrievalTask
 from med3dvlm.metrics.retrieval import retrieval_metrics
@@ -60,8 +60,8 @@ def _probe(towers_or_stage) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_stage_export_holds_both_towers_and_stays_an_encoder_export(exported):
     folder, _, module = exported
-    assert {p.name for p in folder.iterdir()} == {WEIGHTS_FILE, EXPORT_FILE, HEADS_FILE, TEXT_ENCODER_DIR}
-    assert json.loads((folder / EXPORT_FILE).read_text())["text_tower"] == {"pooling": "first"}
+    assert {p.name for p in folder.iterdir()} == {WEIGHTS_FILE, RECORD_FILE, HEADS_FILE, TEXT_ENCODER_DIR}
+    assert json.loads((folder / RECORD_FILE).read_text())["text_pooling"] == "first"
     encoder, _ = load_encoder_export(folder)  # what stage 2 reads is unchanged
     for name, value in module.encoder.state_dict().items():
         assert torch.equal(encoder.state_dict()[name], value)
@@ -69,7 +69,7 @@ def test_stage_export_holds_both_towers_and_stays_an_encoder_export(exported):
     towers = load_siglip_export(folder)
     for loaded, original in zip(_probe(towers), _probe(module)):
         assert torch.equal(loaded, original)
-    assert towers.input_size == INPUT_SIZE and towers.log_scale == pytest.approx(float(module.loss.log_scale.detach()))
+    assert towers.record.input_size == INPUT_SIZE and towers.log_scale == pytest.approx(float(module.loss.log_scale.detach()))
 
 
 def test_one_loader_reads_the_importer_layout(exported, tmp_path):
@@ -78,7 +78,7 @@ def test_one_loader_reads_the_importer_layout(exported, tmp_path):
     shutil.copytree(folder / TEXT_ENCODER_DIR, imported / TEXT_ENCODER_DIR)
     shutil.copy(folder / HEADS_FILE, imported / HEADS_FILE)
     (imported / "encoder").mkdir()
-    for name in (WEIGHTS_FILE, EXPORT_FILE):
+    for name in (WEIGHTS_FILE, RECORD_FILE):
         shutil.copy(folder / name, imported / "encoder" / name)
     for loaded, original in zip(_probe(load_siglip_export(imported)), _probe(module)):
         assert torch.equal(loaded, original)
@@ -88,7 +88,7 @@ def test_an_encoder_only_export_is_a_clear_error(exported, tmp_path):
     folder, _, _ = exported
     old = tmp_path / "old"
     old.mkdir()
-    for name in (WEIGHTS_FILE, EXPORT_FILE):
+    for name in (WEIGHTS_FILE, RECORD_FILE):
         shutil.copy(folder / name, old / name)
     with pytest.raises(FileNotFoundError, match=f"{TEXT_ENCODER_DIR}: not found; retrieval needs both towers"):
         load_siglip_export(old)
@@ -171,4 +171,4 @@ def test_loader_reads_what_the_importer_writes(tmp_path, reference_dir):
         expected = F.normalize(first @ state["mm_language_proj.weight"].float().T
                                + state["mm_language_proj.bias"].float(), dim=-1)
         assert torch.allclose(towers.text_tower(ids, torch.ones_like(ids)), expected, atol=1e-5)
-    assert towers.input_size == (64, 128, 128) and towers.log_scale == pytest.approx(2.5)
+    assert towers.record.input_size == (64, 128, 128) and towers.log_scale == pytest.approx(2.5)

@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.m3d_prepare import prepare_dataset
-from med3dvlm.data.preprocess import WINDOWS, model_input, prepare_scan, preprocess_volume, window_range
+from med3dvlm.data.preparation import prepare_dataset
+from med3dvlm.data.preprocess import (
+    WINDOWS,
+    SourcePreprocessing,
+    model_input,
+    prepare_scan,
+    preprocess_volume,
+    window_range,
+)
 from med3dvlm.data.scans import load_nifti_as_dhw, read_scan, scan_format
 from med3dvlm.data.volume_io import is_prepared, read_volume
 
@@ -132,7 +139,8 @@ def test_preprocessing_matches_monai_crop_foreground_and_resize():
                                     mtf.CropForeground(allow_smaller=True), mtf.Resize(spatial_size=size, mode="trilinear")])
             volume = real[2].astype(np.float32)
             expected = np.asarray(windowed(volume[None]))[0]
-            np.testing.assert_allclose(preprocess_volume(volume, size, window=(low, high)), expected, atol=1e-5)
+            spec = SourcePreprocessing(window=(low, high), scale="window")
+            np.testing.assert_allclose(preprocess_volume(volume, size, spec), expected, atol=1e-5)
 
 
 def test_window_presets_and_explicit_ranges():
@@ -155,25 +163,27 @@ def _own_csv(path: Path, scan: Path) -> Path:
 def test_a_raw_hu_ct_prepares_with_a_window_and_without_one_says_which(scans, tmp_path, caplog):
     for kind in ("nifti", "dicom"):
         listing = _own_csv(tmp_path / f"{kind}.csv", scans[kind])
-        with caplog.at_level(logging.WARNING, logger="med3dvlm.data.m3d_prepare"):
+        with caplog.at_level(logging.WARNING, logger="med3dvlm.data.preparation"):
             bare = prepare_dataset(listing, tmp_path / f"{kind}_bare", spatial_size=SIZE, format="nii.gz",
                                    workers=0, progress=False, split={"train": 1.0})
         assert "look like raw CT in Hounsfield units" in caplog.text and "intensity.window=soft_tissue" in caplog.text
-        assert bare["intensity"] == {"window": None, "range": None, "hu_like_min_maxed": 1}
+        assert bare["intensity"] == {"window": None, "hu_like_min_maxed": 1}
+        assert bare["preprocessing"]["sources"]["own"]["window"] is None
         caplog.clear()
         out = tmp_path / f"{kind}_soft"
         manifest = prepare_dataset(listing, out, spatial_size=SIZE, format="nii.gz", workers=0, progress=False,
                                    split={"train": 1.0}, window="soft_tissue")
         assert "Hounsfield" not in caplog.text
-        assert manifest["intensity"] == {"window": "soft_tissue", "range": [-160.0, 240.0], "hu_like_min_maxed": 0}
-        assert manifest["settings"]["window"] == [-160.0, 240.0]
+        assert manifest["intensity"] == {"window": "soft_tissue", "hu_like_min_maxed": 0}
+        soft = SourcePreprocessing.from_dict(manifest["preprocessing"]["sources"]["own"])
+        assert soft == SourcePreprocessing(window=(-160.0, 240.0), scale="window", orientation="RAS")
         (image,) = manifest["volumes"]
         prepared = read_volume(out / image, SIZE)
-        np.testing.assert_allclose(prepared, prepare_scan(scans[kind], SIZE, (-160.0, 240.0)).volume, atol=1e-6)
+        np.testing.assert_allclose(prepared, prepare_scan(scans[kind], SIZE, soft).volume, atol=1e-6)
         assert is_prepared(out / image) and not is_prepared(scans["nifti"])
         # One code path: infer gives the model what prepare wrote, for the raw scan and for the prepared file.
-        np.testing.assert_allclose(model_input(scans[kind], SIZE, "soft_tissue").volume, prepared, atol=1e-6)
-        np.testing.assert_array_equal(model_input(out / image, SIZE).volume, prepared)
+        np.testing.assert_allclose(model_input(scans[kind], SIZE, soft).volume, prepared, atol=1e-6)
+        np.testing.assert_array_equal(model_input(out / image, SIZE, soft).volume, prepared)
     explicit = prepare_dataset(_own_csv(tmp_path / "none.csv", scans["nifti"]), tmp_path / "none", spatial_size=SIZE,
                                workers=0, progress=False, split={"train": 1.0}, window="none")
     assert explicit["intensity"]["window"] == "none"
@@ -208,3 +218,36 @@ def test_unsupported_scans_and_missing_readers_name_the_file(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"ct.nrrd: reading nrrd scans needs pynrrd: pip install 'med3dvlm\[scans\]'"):
         prepare_dataset(listing, tmp_path / "out2", workers=0, progress=False)
     assert not (tmp_path / "out2" / "manifest.json").exists()
+
+
+def _stored_as(volume_dhw: np.ndarray, codes: str, permutation: tuple[int, int, int] = (0, 1, 2)) -> nib.Nifti1Image:
+    """``volume_dhw`` laid out in ``codes`` (axis codes of (W, H, D)); with a ``permutation`` other than
+    the identity, stored with its first voxel axis flipped and the axes permuted, the header saying so."""
+    data = volume_dhw.transpose(2, 1, 0)  # voxel axes (i, j, k) = (W, H, D)
+    affine = np.diag([-1.0 if code in "LPI" else 1.0 for code in codes] + [1.0])
+    if permutation != (0, 1, 2):
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1.0, data.shape[0] - 1  # new index i' reads old index n - 1 - i'
+        data, affine = np.flip(data, 0), affine @ flip
+        data = data.transpose(permutation)
+        affine = np.column_stack([affine[:, list(permutation)], affine[:, 3]])
+    return nib.Nifti1Image(np.ascontiguousarray(data), affine)
+
+
+@pytest.mark.parametrize("codes", ["LPI", "RAS", "LPS"])
+def test_a_scan_in_a_sources_layout_reaches_the_model_unchanged_and_identically_from_any_stored_orientation(
+        tmp_path, codes):
+    rng = np.random.default_rng(1)
+    volume = (rng.random((6, 7, 8)) * 0.9 + 0.05).astype(np.float32)  # (D, H, W), distinct sizes
+    volume[3, 3, 3], volume[2, 4, 5] = 0.0, 1.0  # min-max is the identity, the crop keeps everything
+    spec = SourcePreprocessing(orientation=codes)
+    as_laid_out = tmp_path / "laid_out.nii.gz"
+    nib.save(_stored_as(volume, codes), str(as_laid_out))
+    np.testing.assert_array_equal(model_input(as_laid_out, volume.shape, spec).volume, volume)
+    for permutation in ((1, 0, 2), (2, 0, 1)):
+        other = tmp_path / f"stored_{''.join(map(str, permutation))}.nii.gz"
+        image = _stored_as(volume, codes, permutation)
+        assert "".join(nib.aff2axcodes(image.affine)) != codes
+        nib.save(image, str(other))
+        np.testing.assert_array_equal(model_input(other, volume.shape, spec).volume, volume)
+    assert not np.array_equal(model_input(other, volume.shape, SourcePreprocessing()).volume, volume)

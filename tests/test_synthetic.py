@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from med3dvlm.data import synthetic as syn
-from med3dvlm.data.layout import corpus_texts
+from med3dvlm.data.corpus import corpus_texts
+from med3dvlm.data.releases.m3d import synthetic as syn
 
 SMALL = {"slices": 16, "size": 32}
 

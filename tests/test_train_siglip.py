@@ -16,7 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from med3dvlm.artifacts.encoder_export import SIGLIP_EXPORT, load_encoder_export
 from med3dvlm.artifacts.latest import latest
+from med3dvlm.artifacts.record import read_record
 from med3dvlm.data.datamodule import M3DDataModule
+from med3dvlm.data.prepared import dataset_preprocessing
 from med3dvlm.training.callbacks import RNGStateInCheckpoint
 from med3dvlm.training.optim import split_decay
 
@@ -108,8 +110,9 @@ def test_loss_decreases_and_exports(assets, tmp_path):
     losses = record.losses
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3
-    encoder, config = load_encoder_export(tmp_path / "export")
-    assert config["variant"] == "nano"
+    encoder, record = load_encoder_export(tmp_path / "export")
+    assert record.components["encoder"]["variant"] == "nano"
+    assert record.preprocessing.inferred  # bare loaders: no prepared folder to take the preprocessing from
     for key, value in module.encoder.state_dict().items():
         assert torch.equal(value, encoder.state_dict()[key])
     assert latest(SIGLIP_EXPORT, "unit", tmp_path) == tmp_path / "export"
@@ -126,7 +129,11 @@ def test_validation_logs_retrieval_and_best_export(assets, tmp_path):
     assert pairs == len(datamodule(data, bert).build("validation"))
     assert module.last_retrieval["indices"].tolist() == list(range(pairs))
     assert f"val/i2t_R@5_n{pairs}" in metrics
-    assert json.loads((tmp_path / "best" / "export.json").read_text())["which"] == "best"
+    best = read_record(tmp_path / "best")
+    assert best.which == "best"
+    # The export carries the preprocessing prepare recorded for the folder it was trained on.
+    assert best.preprocessing == dataset_preprocessing(data) and not best.preprocessing.inferred
+    assert best.preprocessing.sources["m3d"].orientation == "LPI" and best.preprocessing.prepare["format"] == "npy"
 
 
 def test_resume_mid_epoch_gives_the_same_next_step(assets, tmp_path):

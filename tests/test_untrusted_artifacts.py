@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, tiny_llm
+from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, encoder_export, tiny_llm
 from safetensors.torch import load_file, save_file
 
-from med3dvlm.artifacts.encoder_export import load_encoder_export, write_encoder_export
+from med3dvlm.artifacts.encoder_export import load_encoder_export
 from med3dvlm.artifacts.model_folder import load_pretrained, save_pretrained
+from med3dvlm.artifacts.record import ArtifactRecord
+from med3dvlm.data.prepared import m3d_preprocessing
 from med3dvlm.models.build import build_projector
 from med3dvlm.models.components import UntrustedComponentError, build_component
 from med3dvlm.models.vlm import VisionLanguageModel
@@ -41,7 +43,9 @@ def model_folder(tmp_path_factory) -> Path:
     projector, projector_config = build_projector(PROJECTOR_CONFIG, vision, INPUT_SIZE,
                                                   language_model.get_input_embeddings().weight.shape[1])
     model = VisionLanguageModel(vision, projector, language_model, llm.load_tokenizer())
-    return save_pretrained(model, root / "model", ENCODER_CONFIG, projector_config, INPUT_SIZE)
+    record = ArtifactRecord("model_folder", "unit", INPUT_SIZE, m3d_preprocessing(),
+                            {"vision_tower": ENCODER_CONFIG, "projector": projector_config}, prompt_format="m3d")
+    return save_pretrained(model, root / "model", record)
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -57,11 +61,11 @@ def _edit_json(path: Path, edit) -> None:
 
 
 def test_an_export_naming_a_foreign_target_is_refused_and_nothing_runs(tmp_path):
-    folder = write_encoder_export(tmp_path / "export", encoder(), ENCODER_CONFIG, INPUT_SIZE, "siglip", "unit")
+    folder = encoder_export(tmp_path)
     planted = tmp_path / "pwned.txt"
-    _edit_json(folder / "export.json", lambda meta: meta.update(
+    _edit_json(folder / "record.json", lambda meta: meta["components"].update(
         encoder={"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]}, "data": "ran"}))
-    with pytest.raises(UntrustedComponentError, match=r"export.json: encoder._target_ 'pathlib.Path.write_text'"):
+    with pytest.raises(UntrustedComponentError, match=r"record.json: encoder._target_ 'pathlib.Path.write_text'"):
         load_encoder_export(folder)
     assert not planted.exists()
 
@@ -70,9 +74,9 @@ def test_a_model_folder_whose_vision_tower_is_torch_load_is_refused(model_folder
     folder = _copy(model_folder, tmp_path)
     planted = tmp_path / "pwned"
     torch.save(_Payload(planted), tmp_path / "payload.pt")
-    _edit_json(folder / "config.json", lambda cfg: cfg.update(
+    _edit_json(folder / "record.json", lambda cfg: cfg["components"].update(
         vision_tower={"_target_": "torch.load", "f": str(tmp_path / "payload.pt"), "weights_only": False}))
-    with pytest.raises(UntrustedComponentError, match=r"config.json: vision_tower._target_ 'torch.load'"):
+    with pytest.raises(UntrustedComponentError, match=r"record.json: vision_tower._target_ 'torch.load'"):
         load_pretrained(folder)
     assert not planted.exists()
 
@@ -91,10 +95,21 @@ def test_a_pretrain_handoff_naming_a_foreign_projector_is_refused(tmp_path):
     from med3dvlm.artifacts.handoff import load_pretrain_handoff
 
     planted = tmp_path / "pwned.txt"
+    record = ArtifactRecord("projector_handoff", "unit", INPUT_SIZE, m3d_preprocessing(), {
+        "vision_tower": ENCODER_CONFIG,
+        "projector": {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]},
+                      "data": "x"}}, llm=tiny_llm(tmp_path).name_or_path)
+    (tmp_path / "record.json").write_text(json.dumps(record.to_dict()))
+    with pytest.raises(UntrustedComponentError, match=r"record.json: projector._target_"):
+        load_pretrain_handoff(tmp_path)
+    # the hand-off format of an older version is refused the same way
+    (tmp_path / "record.json").unlink()
     (tmp_path / "handoff.json").write_text(json.dumps({
-        "kind": "projector", "projector": {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]}, "data": "x"}}))
+        "kind": "projector", "input_size": list(INPUT_SIZE), "vision_tower": ENCODER_CONFIG,
+        "projector": record.components["projector"], "image_token": "<im_patch>", "num_image_tokens": 8,
+        "reference_placement": False, "llm": record.llm}))
     with pytest.raises(UntrustedComponentError, match=r"handoff.json: projector._target_"):
-        load_pretrain_handoff(tmp_path, encoder(), tiny_llm(tmp_path))
+        load_pretrain_handoff(tmp_path)
     assert not planted.exists()
 
 
@@ -172,7 +187,7 @@ def test_a_tokenizer_that_does_not_fit_the_llm_does_not_load(model_folder, tmp_p
 
 def test_a_changed_file_fails_the_fingerprint_and_the_switch_skips_it(model_folder, tmp_path):
     folder = _copy(model_folder, tmp_path)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "record.json").read_text())
     assert set(config["files"]) >= {"vision_tower.safetensors", "projector.safetensors", "llm/model.safetensors",
                                     "llm/tokenizer.json"}
     projector = folder / "projector.safetensors"
@@ -185,5 +200,5 @@ def test_a_changed_file_fails_the_fingerprint_and_the_switch_skips_it(model_fold
     load_pretrained(folder, verify_files=False)  # same keys and shapes: only the fingerprint tells
     shutil.copy(model_folder / "projector.safetensors", projector)
     os.remove(folder / "vision_tower.safetensors")
-    with pytest.raises(FileNotFoundError, match="vision_tower.safetensors: listed in .*config.json but missing"):
+    with pytest.raises(FileNotFoundError, match="vision_tower.safetensors: listed in .*record.json but missing"):
         load_pretrained(folder)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers_vlm import (
     ENCODER_CONFIG,
     INPUT_SIZE,
     PROJECTOR_CONFIG,
-    encoder,
+    encoder_export,
+    finetune,
     fit,
+    llm_node,
     optimizer,
+    pretrain,
     scheduler,
     tiny_llm,
     toy_batches,
 )
-from peft import LoraConfig
 
 from med3dvlm.artifacts.handoff import PROJECTOR_HANDOFF, load_pretrain_handoff
 from med3dvlm.artifacts.latest import resolve
@@ -29,11 +33,8 @@ def assets(tmp_path_factory):
     return tmp_path_factory.mktemp("assets")
 
 
-def pretrain_stage(assets, reference_placement=False, lr=1e-2, export_dir=None) -> PretrainStage:
-    torch.manual_seed(0)
-    return PretrainStage(encoder(), ENCODER_CONFIG, "encoder-export", PROJECTOR_CONFIG, tiny_llm(assets),
-                         INPUT_SIZE, optimizer(lr), scheduler(), reference_placement=reference_placement,
-                         experiment="unit", export_dir=export_dir)
+def pretrain_stage(assets, reference_placement=False, lr=1e-2, export_dir=None, **kwargs) -> PretrainStage:
+    return pretrain(assets, lr=lr, reference_placement=reference_placement, export_dir=export_dir, **kwargs)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,32 +77,32 @@ def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
     fit(stage, toy_batches(stage.model, count=1), steps=1)
     folder = resolve(None, PROJECTOR_HANDOFF, "unit", tmp_path)
     assert folder == tmp_path / "run" / "export"
-    model, meta = load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
+    model, record = load_pretrain_handoff(folder, tiny_llm(assets))
     torch.testing.assert_close(snapshot(model.projector), snapshot(stage.model.projector))
     torch.testing.assert_close(model.image_token_embedding, stage.model.image_token_embedding)
-    assert meta["vision_tower"] == ENCODER_CONFIG and meta["num_image_tokens"] == 8
+    torch.testing.assert_close(snapshot(model.vision_tower), snapshot(stage.model.vision_tower))
+    assert record.components["vision_tower"] == ENCODER_CONFIG and record.num_image_tokens == 8
+    assert record.parent("encoder").record.kind == "encoder_export" and record.llm == tiny_llm(assets).name_or_path
 
     with pytest.raises(FileNotFoundError, match="python -m med3dvlm.train stage=pretrain"):
         resolve(None, PROJECTOR_HANDOFF, "other-experiment", tmp_path)
     # a projector trained for a different configuration does not load
-    meta_file = folder / "handoff.json"
-    meta_file.write_text(meta_file.read_text().replace('"low_tokens": [\n      4,\n      4\n    ]',
-                                                       '"low_tokens": [\n      4,\n      6\n    ]'))
+    record_file = folder / "record.json"
+    content = json.loads(record_file.read_text())
+    content["components"]["projector"]["low_tokens"] = [4, 6]
+    record_file.write_text(json.dumps(content))
     with pytest.raises(ValueError, match="projector.safetensors.*has shape"):
-        load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
-    (folder / "handoff.json").unlink()
-    with pytest.raises(FileNotFoundError, match="stage=pretrain"):
-        load_pretrain_handoff(folder, encoder(), tiny_llm(assets))
+        load_pretrain_handoff(folder, tiny_llm(assets))
+    record_file.unlink()
+    with pytest.raises(ValueError, match="record.json missing"):
+        load_pretrain_handoff(folder, tiny_llm(assets))
 
 
 def finetune_stage(assets, tmp_path, train_vision_tower=True, vision_tower_lr=None) -> FinetuneStage:
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
-    model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(), tiny_llm(assets))
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2), scheduler(),
-                         train_vision_tower=train_vision_tower, vision_tower_lr=vision_tower_lr, experiment="unit",
-                         export_dir=str(tmp_path / "fine"))
+    return finetune(assets, tmp_path / "pre", train_vision_tower=train_vision_tower, vision_tower_lr=vision_tower_lr,
+                    export_dir=str(tmp_path / "fine"))
 
 
 def test_finetune_trains_lora_projector_encoder_not_base(assets, tmp_path):
@@ -187,24 +188,15 @@ def test_feature_cache_gives_the_same_loss_and_computes_each_volume_once(assets)
 
 
 def test_stages_2_and_3_refuse_data_of_another_size_than_their_exports(assets, tmp_path):
-    from med3dvlm.artifacts.encoder_export import write_encoder_export
-    from med3dvlm.stages import finetune, pretrain
-
-    export = write_encoder_export(tmp_path / "siglip", encoder(), ENCODER_CONFIG, INPUT_SIZE, "siglip", "unit")
-    nodes = {"experiment": "unit", "projector": PROJECTOR_CONFIG,
-             "llm": {"_target_": "med3dvlm.models.llm.LanguageModel", "name_or_path": tiny_llm(assets).name_or_path},
-             "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True},
-             "scheduler": {"_target_": "med3dvlm.training.optim.constant", "_partial_": True}}
-    with pytest.raises(ValueError, match=r"export.json: the encoder was trained on \[32, 64, 64\] volumes, the data "
+    export = encoder_export(assets)
+    with pytest.raises(ValueError, match=rf"{export}: the encoder was trained on \[32, 64, 64\] volumes, the data "
                                          r"is \[16, 32, 32\]"):
-        pretrain.pretrain_stage(encoder_export=str(export), input_size=[16, 32, 32], export_dir=None, **nodes)
+        PretrainStage(str(export), PROJECTOR_CONFIG, llm_node(assets), [16, 32, 32], optimizer(), scheduler())
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
-    with pytest.raises(ValueError, match=r"handoff.json: the projector was trained on \[32, 64, 64\] volumes"):
-        finetune.finetune_stage(pretrain_export=str(tmp_path / "pre"), log_dir=str(tmp_path), llm=nodes["llm"],
-                                    lora={"_target_": "peft.LoraConfig"}, optimizer=nodes["optimizer"],
-                                    scheduler=nodes["scheduler"], export_dir=None, experiment="unit",
-                                    input_size=[16, 32, 32])
+    with pytest.raises(ValueError, match=r"pre: the projector was trained on \[32, 64, 64\] volumes"):
+        FinetuneStage(str(tmp_path / "pre"), llm_node(assets), {"_target_": "peft.LoraConfig"}, optimizer(),
+                      scheduler(), input_size=[16, 32, 32])
 
 
 def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
@@ -224,17 +216,15 @@ def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
 def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(assets, tmp_path):
     from med3dvlm.training.lean_checkpoint import FrozenBaseMismatch, split_state_keys
 
-    pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
-    fit(pre, toy_batches(pre.model, count=1), steps=1)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    for seed in (0, 1):  # the second pretrain hand-off holds another encoder
+        pre = pretrain_stage(assets, export_dir=str(tmp_path / f"pre{seed}"), encoder_seed=seed)
+        fit(pre, toy_batches(pre.model, count=1), steps=1)
 
     def build(name, seed=0):
         if name == "pretrain":
             return pretrain_stage(assets)
-        model, meta = load_pretrain_handoff(tmp_path / "pre", encoder(seed), tiny_llm(assets))
         torch.manual_seed(0)
-        return FinetuneStage(model, meta, str(tmp_path / "pre"), ENCODER_CONFIG, lora, optimizer(1e-2), scheduler(),
-                             train_vision_tower=False, experiment="unit")
+        return finetune(assets, tmp_path / f"pre{seed}", train_vision_tower=False)
 
     for name in ("pretrain", "finetune"):
         batches = toy_batches(build(name).model, count=2)  # two steps an epoch: a checkpoint ends epoch 1
@@ -254,7 +244,7 @@ def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(asse
         want, got = straight.state_dict(), resumed.state_dict()
         assert max((want[k] - got[k]).abs().max().item() for k in trained) == 0.0
 
-    other = build("finetune", seed=1)  # another encoder under the same pretrain export
+    other = build("finetune", seed=1)  # another frozen encoder
     with pytest.raises(FrozenBaseMismatch, match="another frozen base"):
         _fit_with_checkpoints(other, batches, tmp_path / "other", steps=4,
                               ckpt_path=tmp_path / "finetune" / "straight" / "step=2.ckpt")

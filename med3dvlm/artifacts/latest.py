@@ -1,22 +1,22 @@
 """Finding the artifact a step needs: the folder given, else the newest complete one of its kind that
 the experiment wrote.
 
-Every artifact folder ends with a JSON record written last (``export.json``, ``handoff.json``): a
-folder that has it is complete. :class:`ArtifactKind` says which record and which of its fields
-identify a kind; "newest" is by the ``created`` time the record holds (the record file's time for
-one written before records carried it).
+Every artifact folder ends with its record (``record.json``, :mod:`med3dvlm.artifacts.record`;
+older versions wrote ``export.json`` / ``handoff.json`` / ``config.json``): a folder that has one is
+complete. :class:`ArtifactKind` says which records identify a kind; "newest" is by the ``created``
+time the record holds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from med3dvlm.artifacts.record import LEGACY_FILES, RECORD_FILE, ArtifactRecord, RecordError, read_record
 from med3dvlm.configs import work_root
 from med3dvlm.utils.atomic import is_staging
 
@@ -29,22 +29,17 @@ class ArtifactKind:
 
     name: str
     """As messages name it ("siglip export", "projector hand-off")."""
-    record: str
-    """The file written last, marking the folder complete."""
-    identity: Mapping[str, Any]
-    """Fields of the record that every folder of this kind has, with these values."""
+    kind: str
+    """The record's ``kind``."""
     produced_by: str
     """The command that writes it."""
     setting: str
     """The setting that names one explicitly."""
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    """Further record fields every folder of this kind has, with these values."""
 
-    def matches(self, record: Mapping[str, Any]) -> bool:
-        return all(record.get(key) == value for key, value in self.identity.items())
-
-
-def _created(record_file: Path, record: Mapping[str, Any]) -> float:
-    created = record.get("created")
-    return float(created) if isinstance(created, int | float) else record_file.stat().st_mtime
+    def matches(self, record: ArtifactRecord) -> bool:
+        return record.kind == self.kind and all(getattr(record, k) == v for k, v in self.identity.items())
 
 
 def latest(kind: ArtifactKind, experiment: str, root: str | os.PathLike | None = None) -> Path | None:
@@ -52,15 +47,15 @@ def latest(kind: ArtifactKind, experiment: str, root: str | os.PathLike | None =
     work root's ``outputs/``), or ``None``."""
     root = Path(root) if root is not None else work_root() / "outputs"
     found: list[tuple[float, str]] = []
-    for record_file in root.glob(f"**/{kind.record}"):
-        if is_staging(record_file.relative_to(root)):
-            continue
+    folders = {path.parent for name in (RECORD_FILE, *LEGACY_FILES) for path in root.glob(f"**/{name}")
+               if not is_staging(path.relative_to(root))}
+    for folder in folders:
         try:
-            record = json.loads(record_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            record = read_record(folder, quiet=True)
+        except (RecordError, OSError):
             continue
-        if isinstance(record, dict) and kind.matches(record) and record.get("experiment") == experiment:
-            found.append((_created(record_file, record), str(record_file.parent)))
+        if kind.matches(record) and record.experiment == experiment:
+            found.append((record.created, str(folder)))
     return Path(max(found)[1]) if found else None
 
 

@@ -57,7 +57,9 @@ from med3dvlm.artifacts.encoder_export import (
     write_encoder_export,
 )
 from med3dvlm.artifacts.model_folder import save_pretrained
+from med3dvlm.artifacts.record import ArtifactRecord
 from med3dvlm.artifacts.tensors import save_tensors
+from med3dvlm.data.prepared import m3d_preprocessing
 from med3dvlm.models.build import build_projector
 from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict
 from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
@@ -335,9 +337,10 @@ def import_siglip(
         language_encoder.save_pretrained(staging / TEXT_ENCODER_DIR)
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging / TEXT_ENCODER_DIR)
         save_tensors(staging / HEADS_FILE, heads)
-        write_encoder_export(staging / IMPORTED_ENCODER_DIR, encoder, encoder_config,
-                             original_input_size(_field(config, "input_size", source)), "siglip", experiment,
-                             extra={"imported_from": str(source)})
+        exported = ArtifactRecord("encoder_export", experiment, original_input_size(_field(config, "input_size", source)),
+                                  m3d_preprocessing(), {"encoder": dict(encoder_config)}, stage="siglip",
+                                  which="final", text_pooling="first", extra={"imported_from": str(source)})
+        write_encoder_export(staging / IMPORTED_ENCODER_DIR, encoder, exported)
         _write_json(staging / IMPORT_FILE, record)
     return Path(out)
 
@@ -461,9 +464,12 @@ def import_vlm(
         "keys": {name: len(group) for name, group in groups.items()},
         "unused_keys": unused,
     }
-    # Written into the folder before config.json, so its fingerprint covers the record.
-    return save_pretrained(model, out, dict(encoder_config), proj_built, input_size,
-                           write_files=lambda staging: _write_json(staging / IMPORT_FILE, record))
+    # The release was trained on M3D (its prompts, its preprocessing). import.json is written before the
+    # folder's record, so the record's fingerprint covers it.
+    folder = ArtifactRecord("model_folder", "imported", input_size, m3d_preprocessing(),
+                            {"vision_tower": dict(encoder_config), "projector": proj_built}, prompt_format="m3d",
+                            extra={"imported_from": str(source)})
+    return save_pretrained(model, out, folder, write_files=lambda staging: _write_json(staging / IMPORT_FILE, record))
 
 
 def _released_projector(node: dict[str, Any], config: Mapping[str, Any], source: Path, vision_tower: nn.Module,

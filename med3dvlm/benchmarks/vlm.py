@@ -3,32 +3,32 @@ and generation samples/s at batch 1 vs batched (left padding)."""
 
 from __future__ import annotations
 
-import functools
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import LoraConfig
-from transformers import AutoTokenizer
 
+from med3dvlm.artifacts.encoder_export import write_encoder_export
+from med3dvlm.artifacts.record import ArtifactRecord
 from med3dvlm.benchmarks import BenchOptions, BenchRow, median_seconds
-from med3dvlm.losses.siglip import SigLIPLoss
+from med3dvlm.data.prepared import m3d_preprocessing
 from med3dvlm.models.dcformer import DCFormer
-from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_assets import build_tiny_bert
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
-from med3dvlm.models.towers import ImageTower, TextTower
 from med3dvlm.stages.finetune import FinetuneStage
 from med3dvlm.stages.pretrain import PretrainStage
 from med3dvlm.stages.siglip import SigLIPStage
-from med3dvlm.training.optim import SchedulerFactory, cosine_with_warmup
 
 SECTION = "vlm"
 INPUT_SIZE = (32, 64, 64)
 ENCODER = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
 PROJECTOR = {"_target_": "med3dvlm.models.projectors.MixerProjector", "low_tokens": [32, 32],
              "high_tokens": [16, 32], "depth": 2, "mlp_depth": 2}
+OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-4}
+SCHEDULER = {"_target_": "med3dvlm.training.optim.cosine_with_warmup", "_partial_": True, "warmup_ratio": 0.03}
+LORA = {"_target_": "peft.LoraConfig", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+        "task_type": "CAUSAL_LM"}
 CORPUS = [f"Which organ contains the lesion? Choices: A. liver B. spleen C. kidney D. pancreas {x}. {y}"
           for x in "ABCD" for y in ("liver", "spleen", "left kidney", "pancreas")]
 
@@ -55,18 +55,23 @@ def _step_seconds(stage, batch: dict, repeats: int) -> float:
     return median_seconds(step, repeats=repeats, warmup=1)
 
 
-def _siglip_row(tmp: Path, optimizer: Callable[..., torch.optim.Optimizer], scheduler: SchedulerFactory,
-                repeats: int) -> BenchRow:
+def _siglip_row(tmp: Path, repeats: int) -> BenchRow:
     """A SigLIP step at the demo's shapes: DCFormer-nano, the tiny BERT, batch 16."""
     batch_size = 16
-    text = TextTower(str(build_tiny_bert(tmp / "tiny_bert", CORPUS)), embed_dim=128)
-    tokenizer = AutoTokenizer.from_pretrained(text.tokenizer_path)
-    stage = SigLIPStage(ImageTower(DCFormer("nano"), 128), text, SigLIPLoss(distributed="none"), tokenizer,
-                        optimizer, scheduler, ENCODER, INPUT_SIZE)
-    encoded = tokenizer([CORPUS[i % len(CORPUS)] for i in range(batch_size)], return_tensors="pt", padding=True)
+    bert = str(build_tiny_bert(tmp / "tiny_bert", CORPUS))
+    stage = SigLIPStage(ENCODER, {"_target_": "med3dvlm.models.towers.TextTower", "model_name_or_path": bert},
+                        {"_target_": "med3dvlm.losses.siglip.SigLIPLoss", "distributed": "none"}, OPTIMIZER, SCHEDULER,
+                        INPUT_SIZE, embed_dim=128)
+    encoded = stage.tokenizer([CORPUS[i % len(CORPUS)] for i in range(batch_size)], return_tensors="pt", padding=True)
     batch = {"image": torch.rand(batch_size, 1, *INPUT_SIZE), **encoded}
     return BenchRow(SECTION, f"siglip step, batch {batch_size}", batch_size / _step_seconds(stage, batch, repeats),
                     "samples/s", note=f"tiny BERT + DCFormer-nano, {INPUT_SIZE}")
+
+
+def _encoder_export(folder: Path) -> Path:
+    record = ArtifactRecord("encoder_export", "bench", INPUT_SIZE, m3d_preprocessing(), {"encoder": ENCODER},
+                            stage="siglip", which="final")
+    return write_encoder_export(folder, DCFormer("nano"), record)
 
 
 def run(options: BenchOptions) -> list[BenchRow]:
@@ -74,12 +79,12 @@ def run(options: BenchOptions) -> list[BenchRow]:
     repeats = 3 if quick else 10
     batch_size = 4
     with tempfile.TemporaryDirectory() as tmp:
-        optimizer = functools.partial(torch.optim.AdamW, lr=1e-4)
-        scheduler = functools.partial(cosine_with_warmup, warmup_ratio=0.03)
         torch.manual_seed(0)
-        rows = [_siglip_row(Path(tmp), optimizer, scheduler, repeats)]
-        llm = LanguageModel(str(build_tiny_qwen(Path(tmp) / "tiny_qwen", CORPUS, vocab_size=512)))
-        pre = PretrainStage(DCFormer("nano"), ENCODER, "-", PROJECTOR, llm, INPUT_SIZE, optimizer, scheduler)
+        rows = [_siglip_row(Path(tmp), repeats)]
+        llm: dict[str, Any] = {"_target_": "med3dvlm.models.llm.LanguageModel",
+                               "name_or_path": str(build_tiny_qwen(Path(tmp) / "tiny_qwen", CORPUS, vocab_size=512))}
+        pre = PretrainStage(str(_encoder_export(Path(tmp) / "export")), PROJECTOR, llm, INPUT_SIZE, OPTIMIZER,
+                            SCHEDULER)
         batch = _batch(pre.model, batch_size, "right")
         rows.append(BenchRow(SECTION, f"pretrain step, batch {batch_size}",
                              batch_size / _step_seconds(pre, batch, repeats), "samples/s",
@@ -88,8 +93,8 @@ def run(options: BenchOptions) -> list[BenchRow]:
         rows.append(BenchRow(SECTION, "pretrain step with encoder-feature cache (hits)",
                              batch_size / _step_seconds(pre, batch, repeats), "samples/s",
                              note="frozen encoder, augmentation off"))
-        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
-        fine = FinetuneStage(pre.model, {}, "-", ENCODER, lora, optimizer, scheduler)
+        pre.write_export(Path(tmp) / "handoff")
+        fine = FinetuneStage(str(Path(tmp) / "handoff"), llm, LORA, OPTIMIZER, SCHEDULER)
         rows.append(BenchRow(SECTION, f"finetune step (LoRA, encoder trained), batch {batch_size}",
                              batch_size / _step_seconds(fine, batch, repeats), "samples/s"))
         model = fine.model.eval()

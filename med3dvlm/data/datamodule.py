@@ -33,6 +33,8 @@ from med3dvlm.data.datasets import (
     YesNoVQADataset,
     vqa_csv,
 )
+from med3dvlm.data.prepared import dataset_preprocessing
+from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.data.prompts import IGNORE_INDEX, PromptBuilder
 from med3dvlm.data.transforms import Augmentation
 
@@ -109,6 +111,16 @@ class M3DDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def preprocessing(self) -> Preprocessing | None:
+        """What the folder's volumes went through (its manifest), recorded in every export."""
+        return dataset_preprocessing(self.data_dir)
+
+    @property
+    def prompt_format(self) -> str:
+        """How this data's prompts are written (recorded in the VLM stages' exports)."""
+        return "m3d"
 
     @property
     def retrieval(self) -> bool:

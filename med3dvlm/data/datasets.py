@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.layout import IMAGE_COLUMN, SPLIT_FILE, SPLITS, VQA_DIR, vqa_csv_name
+from med3dvlm.data.prepared import SPLITS, caption_file
 from med3dvlm.data.prompts import (
     CAPTION_SEPARATOR,
     VQA_SEPARATOR,
@@ -34,6 +34,7 @@ from med3dvlm.data.prompts import (
     closed_answer,
     closed_question,
 )
+from med3dvlm.data.releases.m3d.layout import IMAGE_COLUMN, VQA_DIR, vqa_csv_name
 from med3dvlm.data.transforms import Augmentation, to_image_tensor
 from med3dvlm.data.volume_io import read_volume_raw, to_float, validate_volume
 
@@ -94,7 +95,7 @@ def read_csv_columns(path: Path, columns: Sequence[str], limit: int | None = Non
 def read_caption_split(data_dir: str | os.PathLike, split: str, limit: int | None = None) -> list[tuple[str, str]]:
     """``(image, text)`` relative paths of a split of ``M3D_Cap.json``."""
     _check_split(split)
-    path = Path(data_dir) / SPLIT_FILE
+    path = caption_file(data_dir)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:

@@ -13,6 +13,10 @@ Foreground crop: after min-max normalisation the volume is cropped to the boundi
 voxels strictly above ``foreground_threshold`` (default 0, i.e. everything brighter than the
 darkest voxel), which is what the original's ``monai.transforms.CropForeground()`` does with its
 default ``select_fn``. A volume with no voxel above the threshold is kept whole.
+
+Each dataset has its own recipe (:class:`SourcePreprocessing`: voxel order, window, scale, crop,
+resize), per named source (FLARE's abdomen and chest CT differ); :class:`Preprocessing` is what a
+prepared folder's manifest and every artifact trained on it record.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from med3dvlm.data.errors import DataError
-from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, read_scan
+from med3dvlm.data.resize import resize_antialiased
+from med3dvlm.data.scans import DEFAULT_MAX_VOXELS, check_orientation, load_scan
 from med3dvlm.data.volume_io import is_prepared, read_volume
 
 log = logging.getLogger(__name__)
@@ -123,6 +129,8 @@ WINDOWS: dict[str, tuple[float, float]] = {
     "soft_tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0), "brain": (80.0, 40.0),
 }
 WindowSpec = str | Sequence[float] | None
+SCALES: tuple[str, ...] = ("minmax", "window")
+RESIZES: tuple[str, ...] = ("trilinear", "antialiased")
 
 
 def window_range(window: WindowSpec) -> tuple[float, float] | None:
@@ -141,46 +149,174 @@ def window_range(window: WindowSpec) -> tuple[float, float] | None:
     return values[0], values[1]
 
 
+def _floats(values: Sequence[float] | None, count: int, name: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    result = tuple(float(v) for v in values)
+    if len(result) != count:
+        raise ValueError(f"{name}={list(values)}: expected {count} numbers")
+    return result
+
+
+@dataclass(frozen=True)
+class SourcePreprocessing:
+    """How the scans of one source become model input, ``(D, H, W)`` float32 in [0, 1].
+
+    The steps, in order: read in ``orientation`` (axis codes of ``(W, H, D)``, see
+    :mod:`med3dvlm.data.scans`; ``None``: as stored), the first frame of a 4-D series when
+    ``first_frame``, resample to ``spacing`` (mm, ``(D, H, W)``) when set, clip to ``window`` (HU)
+    when set, scale to [0, 1] (``window``: ``(x - low) / (high - low)``; ``minmax``: by the volume's
+    own minimum and maximum after the clip), crop to the voxels above ``foreground_threshold`` when
+    set, resize to the model's input size (``trilinear``: MONAI's ``Resize``; ``antialiased``:
+    scikit-image's ``resize`` with anti-aliasing, as FLARE's reference).
+    """
+
+    window: tuple[float, float] | None = None
+    scale: str = "minmax"
+    orientation: str | None = None
+    first_frame: bool = False
+    spacing: tuple[float, float, float] | None = None
+    foreground_threshold: float | None = 0.0
+    resize: str = "trilinear"
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale={self.scale!r}: one of {SCALES}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize={self.resize!r}: one of {RESIZES}")
+        if self.scale == "window" and self.window is None:
+            raise ValueError("scale='window' needs a window")
+        object.__setattr__(self, "window", window_range(self.window))
+        object.__setattr__(self, "spacing", _floats(self.spacing, 3, "spacing"))
+        object.__setattr__(self, "orientation", check_orientation(self.orientation))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window": list(self.window) if self.window else None, "scale": self.scale,
+                "orientation": self.orientation, "first_frame": self.first_frame,
+                "spacing": list(self.spacing) if self.spacing else None,
+                "foreground_threshold": self.foreground_threshold, "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SourcePreprocessing:
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown preprocessing settings {sorted(unknown)}")
+        return cls(**values)
+
+    def differences(self, other: SourcePreprocessing) -> list[str]:
+        """``"<setting>: <self> vs <other>"`` for every setting that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{key}: {mine[key]} vs {theirs[key]}" for key in mine if mine[key] != theirs[key]]
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a prepared folder's volumes went through, per named source, and the ``prepare`` settings
+    that made them: ``prepare`` writes it into ``manifest.json``, every artifact trained on the
+    folder records it, ``infer``, ``evaluate`` and the web page apply it."""
+
+    dataset: str
+    sources: Mapping[str, SourcePreprocessing]
+    prepare: Mapping[str, Any] = field(default_factory=dict)
+    inferred: bool = False
+    """True when reconstructed for an artifact or folder that recorded none (an older version)."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("preprocessing needs at least one source")
+
+    def source(self, name: str | None = None) -> tuple[str, SourcePreprocessing]:
+        """The source ``name``; without one, the only source (or the first, when all are the same)."""
+        if name is not None:
+            if name not in self.sources:
+                raise ValueError(f"source={name!r}: this model knows the sources {sorted(self.sources)}")
+            return name, self.sources[name]
+        first, spec = next(iter(self.sources.items()))
+        if any(other != spec for other in self.sources.values()):
+            raise ValueError(f"this model was trained on several sources prepared differently "
+                             f"({', '.join(self.sources)}): pass source=<one of them>")
+        return first, spec
+
+    def for_input(self, source: str | None = None, window: WindowSpec = None) -> SourcePreprocessing:
+        """The recipe a new scan gets: ``source``'s, with ``window`` instead of its own when one is given
+        (``"none"``: min-max); a window other than the recorded one is allowed, with a warning naming
+        both."""
+        name, spec = self.source(source)
+        if window is None:
+            return spec
+        chosen = window_range(window)
+        if chosen != spec.window:
+            log.warning("intensity.window=%s differs from the window this model's %s data was prepared with "
+                        "(%s): the model sees other intensities than in training", window, name,
+                        list(spec.window) if spec.window else "none: min-max")
+        return replace(spec, window=chosen, scale="window" if chosen else "minmax")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "sources": {k: v.to_dict() for k, v in self.sources.items()},
+                "prepare": dict(self.prepare), "inferred": self.inferred}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        return cls(str(values["dataset"]),
+                   {str(k): SourcePreprocessing.from_dict(v) for k, v in dict(values["sources"]).items()},
+                   dict(values.get("prepare") or {}), bool(values.get("inferred", False)))
+
+
 def looks_like_hu(volume: np.ndarray) -> bool:
     """Raw CT in Hounsfield units: air far below zero (< -500) and tissue or bone above 200."""
     return float(np.min(volume)) < -500 and float(np.max(volume)) > 200
 
 
-def apply_window(volume: np.ndarray, low: float, high: float, source: str | os.PathLike = "<array>") -> np.ndarray:
-    """Clip to ``[low, high]`` and scale to float32 [0, 1]; NaN/Inf is bad input."""
+def _finite(volume: np.ndarray, source: str | os.PathLike) -> np.ndarray:
     volume = np.asarray(volume, dtype=np.float32)
     if volume.size == 0:
         raise DataError(source, f"empty volume, shape {volume.shape}")
     if not np.isfinite(volume).all():
         raise DataError(source, "volume contains NaN or Inf values")
-    clipped = np.clip(volume, np.float32(low), np.float32(high))
+    return volume
+
+
+def apply_window(volume: np.ndarray, low: float, high: float, source: str | os.PathLike = "<array>") -> np.ndarray:
+    """Clip to ``[low, high]`` and scale to float32 [0, 1]; NaN/Inf is bad input."""
+    clipped = np.clip(_finite(volume, source), np.float32(low), np.float32(high))
     return (clipped - np.float32(low)) * np.float32(1.0 / (high - low))
 
 
 def minmax_normalize(volume: np.ndarray, source: str | os.PathLike = "<array>") -> np.ndarray:
     """Scale to float32 in [0, 1]; a constant volume (no contrast) or NaN/Inf is bad input."""
-    volume = np.asarray(volume, dtype=np.float32)
-    if volume.size == 0:
-        raise DataError(source, f"empty volume, shape {volume.shape}")
+    volume = _finite(volume, source)
     low, high = float(volume.min()), float(volume.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise DataError(source, "volume contains NaN or Inf values")
     if high <= low:
         raise DataError(source, f"constant volume (every voxel is {low:g}); nothing to normalise")
     return (volume - np.float32(low)) * np.float32(1.0 / (high - low))
 
 
-def crop_foreground(volume: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-    """Crop ``(D, H, W)`` to the bounding box of voxels ``> threshold`` (whole volume if none)."""
+def scale_intensity(volume: np.ndarray, spec: SourcePreprocessing, source: str | os.PathLike = "<array>",
+                    ) -> np.ndarray:
+    """``spec``'s window clip and scale to [0, 1]."""
+    if spec.scale == "window":
+        return apply_window(volume, *spec.window, source)
+    if spec.window is not None:
+        volume = np.clip(_finite(volume, source), np.float32(spec.window[0]), np.float32(spec.window[1]))
+    return minmax_normalize(volume, source)
+
+
+def foreground_box(volume: np.ndarray, threshold: float = 0.0) -> tuple[slice, ...]:
+    """The bounding box of voxels ``> threshold`` (the whole volume if none)."""
     mask = volume > threshold
     if not mask.any():
-        return volume
+        return tuple(slice(0, n) for n in volume.shape)
     box = []
     for axis in range(volume.ndim):
         others = tuple(a for a in range(volume.ndim) if a != axis)
         hits = np.flatnonzero(mask.any(axis=others))
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return volume[tuple(box)]
+    return tuple(box)
+
+
+def crop_foreground(volume: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """Crop ``(D, H, W)`` to the bounding box of voxels ``> threshold`` (whole volume if none)."""
+    return volume[foreground_box(volume, threshold)]
 
 
 def resize_trilinear(volume: np.ndarray, spatial_size: Sequence[int]) -> np.ndarray:
@@ -197,65 +333,81 @@ def resize_trilinear(volume: np.ndarray, spatial_size: Sequence[int]) -> np.ndar
     return out[0, 0].numpy()
 
 
+def resample_to_spacing(volume: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:
+    """Trilinear resampling of ``(D, H, W)`` from voxel ``spacing`` to ``target`` (mm): each axis gets
+    ``floor(n * spacing / target)`` voxels, as CT-CLIP's ``resize_array`` computes them."""
+    size = [max(1, int(n * s / t)) for n, s, t in zip(volume.shape, spacing, target)]
+    return resize_trilinear(volume, size)
+
+
+def resize_volume(volume: np.ndarray, spatial_size: Sequence[int], method: str = "trilinear") -> np.ndarray:
+    """``volume`` at ``spatial_size`` by ``method`` (see :class:`SourcePreprocessing`)."""
+    if method == "antialiased":
+        return resize_antialiased(volume, spatial_size_tuple(spatial_size))
+    return resize_trilinear(volume, spatial_size)
+
+
 def preprocess_volume(
     volume: np.ndarray,
     spatial_size: Sequence[int],
-    foreground_threshold: float = 0.0,
+    spec: SourcePreprocessing = SourcePreprocessing(),
     source: str | os.PathLike = "<array>",
-    window: tuple[float, float] | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """Raw ``(D, H, W)`` array of any dtype -> float32 ``spatial_size`` volume in [0, 1].
-
-    ``window`` ``(low, high)`` (see :func:`window_range`) or min-max to [0, 1], then foreground crop,
-    trilinear resize. ``source`` names the input in errors.
-    """
+    """A read ``(D, H, W)`` array of any dtype -> float32 ``spatial_size`` volume in [0, 1] by ``spec``
+    (from the resampling on; ``spacing`` is the array's voxel spacing, needed when ``spec`` resamples).
+    ``source`` names the input in errors."""
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise DataError(source, f"expected a 3D (D, H, W) volume, got shape {volume.shape}")
-    normalized = minmax_normalize(volume, source) if window is None else apply_window(volume, *window, source)
-    cropped = crop_foreground(normalized, foreground_threshold)
-    resized = resize_trilinear(cropped, spatial_size)
+    if spec.spacing is not None:
+        if spacing is None:
+            raise DataError(source, f"resampling to {list(spec.spacing)} mm needs the scan's voxel spacing")
+        volume = resample_to_spacing(_finite(volume, source), spacing, spec.spacing)
+    scaled = scale_intensity(volume, spec, source)
+    if spec.foreground_threshold is not None:
+        scaled = crop_foreground(scaled, spec.foreground_threshold)
+    resized = resize_volume(scaled, spatial_size, spec.resize)
     # Interpolation is a convex combination, so only float rounding can leave [0, 1].
     return np.clip(resized, 0.0, 1.0, out=resized)
 
 
 @dataclass(frozen=True)
 class PreparedScan:
-    """A scan as read (canonical ``(D, H, W)``, as stored) and as the model receives it."""
+    """A scan as read (``(D, H, W)`` in the source's orientation, as stored) and as the model receives it."""
 
     raw: np.ndarray
     volume: np.ndarray
     hu_unwindowed: bool  # raw CT in HU min-maxed for want of a window
     already_prepared: bool = False  # a volume prepare wrote, used as it is
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of ``raw``, mm, (D, H, W)
 
 
-def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], window: tuple[float, float] | None = None,
-                 foreground_threshold: float = 0.0, max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
-    """One of the user's scans (any format of ``data.scans``) through the steps ``prepare`` applies:
-    the one code path of ``prepare``, ``infer`` and the app."""
-    raw = read_scan(path, max_voxels)
-    volume = preprocess_volume(raw, spatial_size, foreground_threshold, path, window)
-    return PreparedScan(raw, volume, window is None and looks_like_hu(raw))
+def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], spec: SourcePreprocessing = SourcePreprocessing(),
+                 max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
+    """One scan (any format of ``data.scans``) through ``spec``: the one code path of ``prepare``,
+    ``infer`` and the app."""
+    scan = load_scan(path, max_voxels, spec.orientation, spec.first_frame)
+    volume = preprocess_volume(scan.array, spatial_size, spec, path, scan.spacing)
+    return PreparedScan(scan.array, volume, spec.window is None and looks_like_hu(scan.array), spacing=scan.spacing)
 
 
-def model_input(path: str | os.PathLike, input_size: Sequence[int], window: WindowSpec = None,
+def model_input(path: str | os.PathLike, input_size: Sequence[int], spec: SourcePreprocessing,
                 max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
-    """What a model of ``input_size`` receives from the file at ``path`` (``infer`` and the web page).
+    """What a model of ``input_size`` trained on ``spec``'s data receives from the file at ``path``
+    (``infer`` and the web page).
 
     A volume ``prepare`` wrote (``.npy``, or a NIfTI with its header mark) is read as it is and must
     have the model's size; any other scan (``data.scans``: NIfTI, NRRD, MetaImage, a DICOM folder; up
-    to ``max_voxels``) goes through exactly ``prepare``'s steps (:func:`prepare_scan`): ``window``
-    (HU) or min-max, foreground crop, resize. A raw-HU scan without a window is min-maxed, with a
-    warning naming the setting.
+    to ``max_voxels``) goes through exactly ``prepare``'s steps (:func:`prepare_scan`). A raw-HU scan
+    without a window is min-maxed, with a warning naming the setting.
     """
     if is_prepared(path):
-        if window_range(window) is not None:
-            log.info("%s was prepared already (window as prepare chose); intensity.window is not applied again", path)
         volume = read_volume(path, shape=tuple(input_size))
         return PreparedScan(volume, volume, hu_unwindowed=False, already_prepared=True)
-    scan = prepare_scan(path, input_size, window_range(window), max_voxels=max_voxels)
+    scan = prepare_scan(path, input_size, spec, max_voxels)
     if scan.hu_unwindowed:
-        log.warning("%s looks like raw CT in Hounsfield units and no intensity.window is set: it was min-max "
-                    "normalised, which squeezes soft tissue into a sliver of [0, 1]; pass the window the "
-                    "training data was prepared with (e.g. intensity.window=soft_tissue)", path)
+        log.warning("%s looks like raw CT in Hounsfield units and neither the model nor intensity.window sets a "
+                    "window: it was min-max normalised, which squeezes soft tissue into a sliver of [0, 1]; pass "
+                    "the window the training data was prepared with (e.g. intensity.window=soft_tissue)", path)
     return scan

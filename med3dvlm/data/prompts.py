@@ -1,10 +1,15 @@
-"""The single prompt builder: image block + question, then the answer (the M3D / Med3DVLM format).
+"""The single prompt builder: image block + question, then the answer, in a model's prompt format.
 
-The original builds ``image_tokens + question`` for captions and ``image_tokens + " " + question``
-for VQA, and tokenises ``prompt + " " + answer`` with the EOS after the last answer token. Here the
-prompt and the answer are tokenised separately (``tokens(prompt) + tokens(" " + answer) + [eos]``)
-so the prompt/answer boundary is exact; labels are -100 on the prompt and padding. Released
-Med3DVLM weights were trained on this text, so keep it unless you retrain.
+``m3d`` (M3D / Med3DVLM): the original builds ``image_tokens + question`` for captions and
+``image_tokens + " " + question`` for VQA. ``flare`` (Med3DVLM's FLARE 2025 recipe): chat prompts
+rendered with the LLM's chat template, a system turn and a user turn; a report prompt is the image
+block followed by the rendered conversation, a VQA prompt carries the image block inside the user
+turn, followed by a space and the question (:func:`flare_report_prompt`, :func:`flare_vqa_prompt`).
+
+Both tokenise ``prompt + " " + answer`` with the EOS after the last answer token. Here the prompt and
+the answer are tokenised separately (``tokens(prompt) + tokens(" " + answer) + [eos]``) so the
+prompt/answer boundary is exact; labels are -100 on the prompt and padding. Released weights were
+trained on these texts, so keep them unless you retrain.
 """
 
 from __future__ import annotations
@@ -40,6 +45,44 @@ VQA_SEPARATOR = " "  # image block, a space, then the VQA question
 ANSWER_SEPARATOR = " "  # prompt, a space, then the answer
 
 
+PROMPT_FORMATS: tuple[str, ...] = ("m3d", "flare")
+# FLARE's report prompt (Med3DVLM FLARE_2025, prompt "simple"), split as the original splits it: the
+# system message is the text up to the first full stop, the user message the rest, which starts with a
+# space and ends with a newline and eight spaces. The released weights were trained on exactly this.
+FLARE_REPORT_SYSTEM = "You are an AI assistant trained to act as an abdominal radiologist."
+FLARE_REPORT_USER = " Please describe in detail the findings in this abdomen CT scan.\n        "
+FLARE_VQA_SYSTEM = ("You are an AI assistant acting as a radiologist tasked with answering a multiple-choice "
+                    "question based on a CT scan.")
+
+
+def check_prompt_format(prompt_format: str | None) -> str:
+    """``prompt_format`` if it is one of :data:`PROMPT_FORMATS` (``None``: ``m3d``)."""
+    name = prompt_format or "m3d"
+    if name not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {name!r}: one of {PROMPT_FORMATS}")
+    return name
+
+
+def _chat(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> str:
+    """The conversation rendered by the tokenizer's chat template, without a generation prompt (the
+    original's call)."""
+    if not tokenizer.chat_template:
+        raise ValueError("the FLARE prompt format needs the LLM's chat template (its tokenizer has none)")
+    return tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
+                                         tokenize=False)
+
+
+def flare_report_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int) -> str:
+    """The image block, then the rendered report conversation."""
+    return image_token * num_image_tokens + _chat(tokenizer, FLARE_REPORT_SYSTEM, FLARE_REPORT_USER)
+
+
+def flare_vqa_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int,
+                     question: str) -> str:
+    """The rendered VQA conversation, its user turn the image block, a space and the question."""
+    return _chat(tokenizer, FLARE_VQA_SYSTEM, image_token * num_image_tokens + " " + question)
+
+
 def caption_question(rng: np.random.Generator | None = None) -> str:
     """A caption question: random from the template list, or the first one when ``rng`` is None."""
     if rng is None:
@@ -71,9 +114,15 @@ def generation_prompt(image_token: str, num_image_tokens: int, question: str) ->
     return build_prompt(image_token, num_image_tokens, question, VQA_SEPARATOR)
 
 
-def ask_prompt(image_token: str, num_image_tokens: int, question: str | None = None) -> str:
-    """The prompt a user's question is asked with (``infer``, the web page): the VQA format, or with
-    ``question=None`` the first caption question, as captions were trained (a report)."""
+def ask_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int,
+               question: str | None = None, prompt_format: str | None = "m3d") -> str:
+    """The prompt a user's question is asked with (``infer``, the web page) in ``prompt_format``: the
+    VQA prompt, or with ``question=None`` the report prompt (M3D: the first caption question, as
+    captions were trained)."""
+    if check_prompt_format(prompt_format) == "flare":
+        if question is None:
+            return flare_report_prompt(tokenizer, image_token, num_image_tokens)
+        return flare_vqa_prompt(tokenizer, image_token, num_image_tokens, question)
     if question is None:
         return build_prompt(image_token, num_image_tokens, caption_question(), CAPTION_SEPARATOR)
     return generation_prompt(image_token, num_image_tokens, question)
@@ -137,6 +186,7 @@ class PromptBuilder:
     image_token: str = "<im_patch>"
     num_image_tokens: int = 256
     max_length: int = 512
+    prompt_format: str | None = "m3d"
 
     def prompt(self, question: str, separator: str = VQA_SEPARATOR) -> str:
         return build_prompt(self.image_token, self.num_image_tokens, question, separator)

@@ -6,10 +6,15 @@
   ``scans`` extra installs pynrrd, ITK and pydicom). DICOM slices are sorted by position and
   their rescale slope and intercept applied, so CT comes in Hounsfield units.
 
-Every scan is reoriented to the closest canonical (RAS+) orientation and returned as
-``(D, H, W) = (z, y, x)``, whatever its on-disk axis order. Its size is read from the header (NIfTI,
-NRRD and MetaImage headers, each DICOM slice's rows, columns and frames) and checked against
-``max_voxels`` before any voxel is read or decompressed.
+A scan is returned as ``(D, H, W)``: the voxel axes ``(k, j, i)`` of the NIfTI convention, so
+``(z, y, x)`` for an axial acquisition. ``orientation`` names the voxel order the caller wants, as
+the axis codes of ``(i, j, k)`` = ``(W, H, D)`` (nibabel's convention): ``"RAS"`` (the closest
+canonical orientation: W runs to the patient's right, H to anterior, D to superior), ``"LPI"`` (M3D's
+display order: W to the patient's left, H to posterior, D to inferior), any other permutation of
+one letter of each pair, or ``None`` for the order the file stores (what SimpleITK's
+``GetArrayFromImage`` gives, and what the FLARE and CT-RATE reference code reads). Its size is read
+from the header (NIfTI, NRRD and MetaImage headers, each DICOM slice's rows, columns and frames) and
+checked against ``max_voxels`` before any voxel is read or decompressed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,21 +79,83 @@ def missing_reader(kind: str) -> str | None:
     return None
 
 
-def to_canonical_dhw(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """An ``(x, y, z)`` array with a RAS affine -> ``(z, y, x)`` in the closest canonical orientation."""
+ORIENTATION_PAIRS: tuple[str, ...] = ("LR", "PA", "IS")
+
+
+def check_orientation(orientation: str | None) -> str | None:
+    """``orientation`` upper-cased if it names one letter of each of L/R, P/A, I/S (or is ``None``)."""
+    if orientation is None:
+        return None
+    codes = str(orientation).upper()
+    pairs = sorted(next((i for i, pair in enumerate(ORIENTATION_PAIRS) if code in pair), -1) for code in codes)
+    if pairs != [0, 1, 2]:
+        raise ValueError(f"orientation={orientation!r}: three axis codes, one of each of L/R, P/A, I/S "
+                         "(e.g. RAS, LPS, LPI), or null for the stored order")
+    return codes
+
+
+def axis_codes(affine: np.ndarray) -> str:
+    """The axis codes of the voxel axes ``(i, j, k)`` of an affine, e.g. ``"LPS"``."""
     import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(affine)
-    canonical = nib.orientations.apply_orientation(data, ornt)
-    return np.ascontiguousarray(canonical.transpose(2, 1, 0))
+    return "".join(nib.orientations.aff2axcodes(affine))
 
 
-def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
-    """A 3D NIfTI reoriented to the closest canonical (RAS+) orientation, as ``(D, H, W) = (z, y, x)``.
+@dataclass(frozen=True)
+class Scan:
+    """A scan as ``(D, H, W)`` in the requested orientation, its voxel spacing in mm in the same
+    order, and the axis codes its file stores (``None`` where the format has no orientation)."""
+
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    stored_axes: str | None
+
+
+def reorient_to_dhw(data: np.ndarray, affine: np.ndarray, orientation: str | None) -> Scan:
+    """An ``(i, j, k)`` array with its affine -> ``(D, H, W) = (k, j, i)`` in ``orientation`` (see the
+    module docstring; ``None``: as stored)."""
+    import nibabel as nib
+
+    spacing = [float(z) for z in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))]
+    if orientation is not None:
+        current = nib.orientations.io_orientation(affine)
+        wanted = nib.orientations.axcodes2ornt(tuple(check_orientation(orientation)))
+        transform = nib.orientations.ornt_transform(current, wanted)
+        data = nib.orientations.apply_orientation(data, transform)
+        moved = [0.0, 0.0, 0.0]
+        for axis, (target, _) in enumerate(transform):
+            moved[int(target)] = spacing[axis]
+        spacing = moved
+    return Scan(np.ascontiguousarray(data.transpose(2, 1, 0)), (spacing[2], spacing[1], spacing[0]),
+                axis_codes(affine))
+
+
+def _frames(path: Path, shape: tuple[int, ...], first_frame: bool) -> tuple[int, ...]:
+    """The 3-D shape read from a stored ``shape``: trailing singleton axes squeezed; several frames
+    refused, or the first one taken with ``first_frame`` (FLARE's reference takes index 0)."""
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 4 and first_frame:
+        return shape[:3]
+    if len(shape) != 3:
+        hint = "" if len(shape) != 4 else " (a series of several frames; first_frame takes the first)"
+        raise DataError(path, f"expected a 3D volume, got shape {tuple(shape)}{hint}")
+    return shape
+
+
+def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
+                      orientation: str | None = "RAS", first_frame: bool = False) -> np.ndarray:
+    """The array of :func:`load_nifti`."""
+    return load_nifti(path, max_voxels, orientation, first_frame).array
+
+
+def load_nifti(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
+               orientation: str | None = "RAS", first_frame: bool = False) -> Scan:
+    """A 3D NIfTI as ``(D, H, W)`` in ``orientation`` (default the closest canonical, RAS+).
 
     Trailing singleton dimensions (``(x, y, z, 1)``) are squeezed; a true 4D series (several
-    frames) is rejected rather than silently reduced to one frame. The header's size is checked
-    against ``max_voxels`` before the data is decompressed.
+    frames) is rejected rather than silently reduced to one frame, unless ``first_frame``. The
+    header's size is checked against ``max_voxels`` before the data is decompressed.
     """
     import nibabel as nib
 
@@ -96,20 +164,15 @@ def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOX
         raise DataError(path, "file not found")
     try:
         image = nib.load(str(path))
-        shape = tuple(image.shape)
-        while len(shape) > 3 and shape[-1] == 1:
-            shape = shape[:-1]
-        if len(shape) != 3:
-            raise DataError(path, f"expected a 3D volume, got shape {tuple(image.shape)}")
+        shape = _frames(path, tuple(image.shape), first_frame)
         check_voxels(shape, max_voxels, path)
-        if len(image.shape) > 3:
-            image = nib.Nifti1Image(np.asanyarray(image.dataobj).reshape(shape), image.affine, image.header)
-        data = np.asanyarray(nib.as_closest_canonical(image).dataobj)
+        data = np.asanyarray(image.dataobj)
+        data = data.reshape(data.shape[:3] + (-1,))[..., 0] if data.ndim > 3 else data
     except DataError:
         raise
     except Exception as exc:  # nibabel/gzip/numpy raise many types for truncated or corrupt files
         raise DataError(path, f"unreadable or truncated NIfTI ({type(exc).__name__}: {exc})") from exc
-    return np.ascontiguousarray(data.transpose(2, 1, 0))
+    return reorient_to_dhw(data, image.affine, orientation)
 
 
 def _header_shape(path: Path, kind: str) -> list[int]:
@@ -134,8 +197,16 @@ def _header_shape(path: Path, kind: str) -> list[int]:
     return [total]
 
 
-def read_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
-    """A scan of any supported format (``SUPPORTED``) as canonical ``(D, H, W)``, as stored (HU for CT)."""
+def read_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS, orientation: str | None = "RAS",
+              first_frame: bool = False) -> np.ndarray:
+    """The array of :func:`load_scan`."""
+    return load_scan(path, max_voxels, orientation, first_frame).array
+
+
+def load_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS, orientation: str | None = "RAS",
+              first_frame: bool = False) -> Scan:
+    """A scan of any supported format (``SUPPORTED``) as ``(D, H, W)`` in ``orientation`` (module
+    docstring), with its stored values (HU for CT) and spacing."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
@@ -143,7 +214,7 @@ def read_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
     if kind is None:
         raise DataError(path, f"not a supported scan: expected {SUPPORTED}")
     if kind == "nifti":
-        return load_nifti_as_dhw(path, max_voxels)
+        return load_nifti(path, max_voxels, orientation, first_frame)
     needed = missing_reader(kind)
     if needed:
         raise DataError(path, needed)
@@ -154,11 +225,8 @@ def read_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS) -> 
         reader = {"nrrd": NrrdReader, "metaimage": ITKReader, "dicom": PydicomReader}[kind]()
         data, meta = reader.get_data(reader.read(str(path)))
         data = np.asarray(data)
-        while data.ndim > 3 and data.shape[-1] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            raise DataError(path, f"expected a 3D volume, got shape {data.shape}")
-        return to_canonical_dhw(data, np.asarray(meta["affine"], dtype=np.float64))
+        data = data.reshape(_frames(path, data.shape, first_frame) + (-1,))[..., 0]
+        return reorient_to_dhw(data, np.asarray(meta["affine"], dtype=np.float64), orientation)
     except DataError:
         raise
     except Exception as exc:  # each reader raises its own types for broken files

@@ -27,9 +27,11 @@ from med3dvlm.data.datasets import (
     read_report,
     vqa_csv,
 )
-from med3dvlm.data.layout import IMAGE_COLUMN
 from med3dvlm.data.leakage import Item, case_id, format_leakage, split_leakage
+from med3dvlm.data.prepared import dataset_preprocessing
+from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.data.prompts import PromptBuilder
+from med3dvlm.data.releases.m3d.layout import IMAGE_COLUMN
 from med3dvlm.evaluation.outputs import (
     bar_chart,
     flatten,
@@ -90,6 +92,20 @@ class EvalResult:
     files: dict[str, Path]
 
 
+def check_data_preprocessing(model: Preprocessing, data_dir: str | Path) -> None:
+    """Evaluation reads volumes as ``prepare`` wrote them: a folder prepared otherwise than the model's
+    training data is allowed (to measure it), with a warning naming what differs."""
+    data = dataset_preprocessing(data_dir)
+    if data is None or data.inferred or model.inferred:
+        return
+    for name, spec in data.sources.items():
+        trained = model.sources.get(name) or next(iter(model.sources.values()))
+        changed = trained.differences(spec)
+        if changed:
+            log.warning("%s was prepared otherwise than the model's training data (source %r: %s, model vs data)",
+                        data_dir, name, "; ".join(changed))
+
+
 class GenerationTask:
     """Shared machinery: dataset -> batched generation (resumable CSV) -> scores -> outputs."""
 
@@ -120,9 +136,12 @@ class GenerationTask:
 
         if not ctx.model:
             raise ValueError("evaluation needs model=PATH (a folder written by python -m med3dvlm.export)")
-        model = load_pretrained(ctx.model, dtype=ctx.dtype, verify_files=ctx.verify_model_files).to(ctx.device)
-        prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, ctx.max_length)
-        dataset = self.dataset(ctx.data_dir, prompts, VolumeReader(spatial_size=model.input_size))
+        loaded = load_pretrained(ctx.model, dtype=ctx.dtype, verify_files=ctx.verify_model_files)
+        model = loaded.model.to(ctx.device)
+        check_data_preprocessing(loaded.record.preprocessing, ctx.data_dir)
+        prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, ctx.max_length,
+                                loaded.record.prompt_format)
+        dataset = self.dataset(ctx.data_dir, prompts, VolumeReader(spatial_size=loaded.record.input_size))
         return self.evaluate(ctx, dataset, model_generate_fn(model, ctx.generation, ctx.zero_images),
                              model.tokenizer.pad_token_id)
 
@@ -299,7 +318,8 @@ class RetrievalTask:
                              "SigLIP folder `python -m med3dvlm.import_weights` writes")
         towers = load_siglip_export(ctx.model)
         max_length = min(ctx.max_length, towers.text_tower.max_length)
-        dataset = RetrievalDataset(ctx.data_dir, self.split, towers.tokenizer, VolumeReader(towers.input_size),
+        check_data_preprocessing(towers.record.preprocessing, ctx.data_dir)
+        dataset = RetrievalDataset(ctx.data_dir, self.split, towers.tokenizer, VolumeReader(towers.record.input_size),
                                    max_length, limit=max(self.sizes))
         image_emb, text_emb = self.embed(towers.image_tower.to(ctx.device), towers.text_tower.to(ctx.device),
                                          dataset, towers.tokenizer.pad_token_id, ctx)

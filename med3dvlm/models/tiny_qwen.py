@@ -21,7 +21,12 @@ from med3dvlm.models.tiny_assets import build_asset, is_built
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, "<|im_start|>", EOS_TOKEN]
-# Marks a finished build; written last.
+# ChatML, as Qwen2.5-Instruct renders a conversation that starts with a system message (what the
+# FLARE prompts send): "<|im_start|>{role}\n{content}<|im_end|>\n" per message.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 
 # General English so that words outside the synthetic corpus still tokenise into sensible pieces.
 ENGLISH_TEXT = (
@@ -45,9 +50,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
         show_progress=False,
     )
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="right"
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def tiny_qwen_config(

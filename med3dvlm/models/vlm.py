@@ -74,8 +74,6 @@ class VisionLanguageModel(nn.Module):
         row = llm.get_input_embeddings().weight[self.image_token_id].detach().clone()
         self.image_token_embedding = nn.Parameter(row)
         self.vision_tower_frozen = False
-        # Volume size (D, H, W) the vision tower and projector were built for; set by loaders.
-        self.input_size: tuple[int, int, int] | None = None
 
     @property
     def hidden_size(self) -> int:

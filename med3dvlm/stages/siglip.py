@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer
 
 from med3dvlm.artifacts.encoder_export import siglip_files, write_encoder_export
+from med3dvlm.artifacts.record import ArtifactRecord
 from med3dvlm.metrics.retrieval import retrieval_metrics, true_match_ranks
 from med3dvlm.models.build import plain_config
-from med3dvlm.training.optim import SchedulerFactory
+from med3dvlm.models.towers import ImageTower
 from med3dvlm.training.sharding import full_weights
 from med3dvlm.training.stage import TrainingStage
 
@@ -35,17 +36,17 @@ def sample_indices(batch: Mapping[str, Any]) -> torch.Tensor:
 
 
 class SigLIPStage(TrainingStage):
-    """SigLIP training of ``image_tower`` (``encoder`` + head) and ``text_tower``.
+    """SigLIP training of an image tower (``encoder`` + head) and a text tower, built from config nodes
+    (``stage=siglip``'s ``module``).
 
     Args:
-        image_tower: ``forward(image (B,1,D,H,W)) -> (B,E)`` L2-normalised; holds ``encoder``.
-        text_tower: ``forward(input_ids, attention_mask) -> (B,E)`` L2-normalised.
-        loss: SigLIP loss with learnable ``log_scale`` and ``bias``; ``forward(img, txt) -> loss``.
-        tokenizer: the text encoder's tokenizer (handed to the datamodule).
-        optimizer: ``_partial_`` optimiser taking parameter groups.
-        scheduler: ``_partial_`` ``(optimizer, total_steps) -> LRScheduler`` (stepped every step).
-        encoder_config: the encoder's ``_target_`` node (recorded in the export).
+        encoder: the volume encoder's ``_target_`` node (recorded in the export).
+        text_encoder: the text tower's node; its ``model_name_or_path`` (a string, or a ``_target_``
+            node that returns one, e.g. the tiny BERT builder) also names the tokenizer.
+        loss: the SigLIP loss node (learnable ``log_scale`` and ``bias``).
+        optimizer / scheduler: ``_partial_`` nodes (parameter groups; ``(optimizer, total_steps)``).
         input_size: ``(D, H, W)`` the encoder is trained at (recorded in the export).
+        embed_dim: the shared image/text embedding width.
         weight_decay: on weights only (see ``med3dvlm.training.optim.split_decay``).
         freeze_bn: keep every BatchNorm in eval mode (running statistics used and never updated)
             while the rest trains; affine parameters still train.
@@ -56,26 +57,28 @@ class SigLIPStage(TrainingStage):
 
     def __init__(
         self,
-        image_tower: nn.Module,
-        text_tower: nn.Module,
-        loss: nn.Module,
-        tokenizer: PreTrainedTokenizerBase,
-        optimizer: Any,
-        scheduler: SchedulerFactory,
-        encoder_config: Mapping[str, Any],
+        encoder: Mapping[str, Any],
+        text_encoder: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
         input_size: Sequence[int],
+        embed_dim: int = 768,
         weight_decay: float = 0.1,
         freeze_bn: bool = False,
         experiment: str = "default",
         export_dir: str | None = None,
         best_export_dir: str | None = None,
     ) -> None:
-        super().__init__(optimizer, scheduler, weight_decay, export_dir)
-        self.image_tower = image_tower
-        self.text_tower = text_tower
-        self.loss = loss
-        self.tokenizer = tokenizer
-        self.encoder_config = dict(encoder_config)
+        super().__init__(instantiate(optimizer), instantiate(scheduler), weight_decay, export_dir)
+        self.encoder_config = plain_config(encoder)
+        text_config = plain_config(text_encoder)
+        source = text_config["model_name_or_path"]
+        text_config["model_name_or_path"] = str(instantiate(source) if isinstance(source, Mapping) else source)
+        self.image_tower = ImageTower(instantiate(self.encoder_config), embed_dim)
+        self.text_tower = instantiate({**text_config, "embed_dim": embed_dim})
+        self.tokenizer = AutoTokenizer.from_pretrained(text_config["model_name_or_path"])
+        self.loss = instantiate(loss)
         self.input_size = [int(n) for n in input_size]
         self.freeze_bn = freeze_bn
         self.experiment = experiment
@@ -211,11 +214,13 @@ class SigLIPStage(TrainingStage):
         and the text encoder, tokenizer and heads for retrieval evaluation."""
         towers = ("image_tower.encoder.", "text_tower.language_encoder.")
         heads = {k: v for k, v in self.state_dict().items() if not k.startswith(towers)}
-        return write_encoder_export(
-            folder, self.encoder, self.encoder_config, self.input_size, STAGE, self.experiment, which,
-            {"global_step": int(self.global_step), "text_tower": {"pooling": self.text_tower.pooling}, **(extra or {})},
-            siglip_files(self.text_tower.language_encoder, self.tokenizer, heads),
-        )
+        preprocessing, _ = self.training_data()
+        record = ArtifactRecord("encoder_export", self.experiment, self.input_size, preprocessing,
+                                {"encoder": self.encoder_config}, stage=STAGE, which=which,
+                                text_pooling=self.text_tower.pooling,
+                                extra={"global_step": int(self.global_step), **(extra or {})})
+        return write_encoder_export(folder, self.encoder, record,
+                                    siglip_files(self.text_tower.language_encoder, self.tokenizer, heads))
 
     # The RNG state travels in checkpoints through the RNGStateInCheckpoint callback (every stage).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -226,46 +231,3 @@ class SigLIPStage(TrainingStage):
         super().on_load_checkpoint(checkpoint)
         self.best_score = checkpoint.get("siglip_best_score", float("-inf"))
 
-
-def siglip_stage(
-    encoder: Mapping,
-    image_tower: Mapping,
-    text_encoder: Mapping,
-    loss: Mapping,
-    optimizer: Mapping,
-    scheduler: Mapping,
-    input_size: Sequence[int],
-    weight_decay: float = 0.1,
-    freeze_bn: bool = False,
-    experiment: str = "default",
-    export_dir: str | None = None,
-    best_export_dir: str | None = None,
-) -> SigLIPStage:
-    """Hydra entry: build the towers, loss and optimiser factories from their config nodes.
-
-    ``image_tower`` is a ``_target_`` node taking the built ``encoder`` as its ``encoder``
-    argument; ``text_encoder`` is one whose ``model_name_or_path`` (a string, or a ``_target_``
-    node that returns one, e.g. the tiny BERT builder) also names the tokenizer.
-    """
-    encoder_config = plain_config(encoder)
-    text_config = plain_config(text_encoder)
-    source = text_config["model_name_or_path"]
-    if isinstance(source, Mapping):
-        source = instantiate(source)
-    text_config["model_name_or_path"] = str(source)
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    return SigLIPStage(
-        image_tower=instantiate(image_tower, encoder=instantiate(encoder_config)),
-        text_tower=instantiate(text_config),
-        loss=instantiate(loss),
-        tokenizer=tokenizer,
-        optimizer=instantiate(optimizer),
-        scheduler=instantiate(scheduler),
-        encoder_config=encoder_config,
-        input_size=input_size,
-        weight_decay=weight_decay,
-        freeze_bn=freeze_bn,
-        experiment=experiment,
-        export_dir=export_dir,
-        best_export_dir=best_export_dir,
-    )

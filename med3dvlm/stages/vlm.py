@@ -8,6 +8,7 @@ of training. The model itself lives in ``med3dvlm.models.vlm``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,26 @@ from typing import Any
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from med3dvlm.artifacts.record import ArtifactRecord
+from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.models.vlm import VisionLanguageModel
 from med3dvlm.training.stage import TrainingStage
+
+log = logging.getLogger(__name__)
+
+
+def warn_other_preprocessing(parent: ArtifactRecord, data: Preprocessing) -> None:
+    """A stage may go on from an artifact trained on differently prepared data (M3D's encoder
+    fine-tuned on windowed CT), but it should be said: the model's record will hold the new data's."""
+    if parent.preprocessing.inferred or data.inferred:
+        return
+    for name, spec in data.sources.items():
+        before = parent.preprocessing.sources.get(name) or next(iter(parent.preprocessing.sources.values()))
+        changed = before.differences(spec)
+        if changed:
+            log.warning("the %s was trained on data prepared otherwise than this stage's source %r (%s); the "
+                        "export records this stage's preprocessing", parent.kind.replace("_", " "), name,
+                        "; ".join(changed))
 
 
 def check_input_size(trained: Iterable[int], data: Iterable[int], source: str | Path, what: str) -> None:
@@ -60,6 +79,7 @@ class VLMStage(TrainingStage):
         # submodule's mode: without this the LLM (and anything a caller left in eval mode) would
         # train with dropout off. A frozen vision tower stays in eval mode.
         self.train()
+        warn_other_preprocessing(self.parent_record(), self.training_data()[0])
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -79,6 +99,10 @@ class VLMStage(TrainingStage):
         return loss
 
     # --- subclass API ---------------------------------------------------------------------
+
+    def parent_record(self) -> ArtifactRecord:
+        """The record of the artifact this stage goes on from."""
+        raise NotImplementedError
 
     def datamodule_kwargs(self) -> dict[str, Any]:
         """What the datamodule needs from the model: its tokenizer (with ``<im_patch>``) and token count."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from med3dvlm.data.layout import SPLIT_FILE
+from med3dvlm.data.prepared import caption_file
 from med3dvlm.models.sources import unreachable_model
 
 # Stage -> the model-name settings it reads, with the offline stand-in to suggest.
@@ -22,9 +22,9 @@ STAGE_MODELS: dict[str, tuple[tuple[str, str], ...]] = {
 def check_training_inputs(cfg: DictConfig) -> None:
     """The prepared data folder and the stage's pretrained models, before anything is built."""
     data_dir = Path(cfg.data.data_dir)
-    if not (data_dir / SPLIT_FILE).is_file():
+    if not caption_file(data_dir).is_file():
         raise FileNotFoundError(
-            f"data.data_dir={data_dir}: no prepared dataset here ({SPLIT_FILE} missing). Prepare one with "
+            f"data.data_dir={data_dir}: no prepared dataset here ({caption_file(data_dir).name} missing). Prepare one with "
             f"`python -m med3dvlm.prepare source=<raw M3D folder or CSV> out={data_dir}`, or set data.data_dir "
             "(make demo prepares data/demo/prepared)")
     for key, stand_in in STAGE_MODELS.get(str(cfg.stage.name), ()):

@@ -16,6 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from med3dvlm.data.prepared import m3d_preprocessing
+from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.training.lean_checkpoint import LeanCheckpoint
 from med3dvlm.training.optim import SchedulerFactory, param_groups
 from med3dvlm.training.sharding import ShardedStage, full_weights
@@ -78,6 +80,16 @@ class TrainingStage(LeanCheckpoint, ShardedStage, L.LightningModule):
     def write_export(self, folder: Path) -> Path:
         """Write what this stage hands on to ``folder``; returns it."""
         raise NotImplementedError
+
+    def training_data(self) -> tuple[Preprocessing, str]:
+        """The preprocessing and prompt format of the data this stage trains on (what its export
+        records): the datamodule's; M3D's, marked inferred, when it was trained on bare loaders."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        if preprocessing is None:
+            log.warning("the training data records no preprocessing (no prepared folder): the export assumes M3D's")
+            preprocessing = m3d_preprocessing(inferred=True)
+        return preprocessing, getattr(datamodule, "prompt_format", "m3d")
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -47,18 +47,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(folder: str | os.PathLike, record: str) -> Iterator[Path]:
+def atomic_folder(folder: str | os.PathLike, record: str | tuple[str, ...]) -> Iterator[Path]:
     """Yield an empty staging folder beside ``folder``; when the block succeeds it replaces ``folder``.
 
     A reader finds the previous folder or the whole new one, never a half-written one: the previous
     one is moved aside first (a crash in between leaves either), then removed. A failed block leaves
     ``folder`` as it was. Staging names start with ``.tmp-`` / ``.old-`` so searches skip them.
-    ``record`` is the file that marks a folder of this kind: an existing ``folder`` is replaced only
-    if it holds one or is empty, so a mistyped destination never deletes anything else.
+    ``record`` names the file (or files) that mark a folder of this kind: an existing ``folder`` is
+    replaced only if it holds one or is empty, so a mistyped destination never deletes anything else.
     """
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / record).is_file():
-        raise FileExistsError(f"{folder}: exists and is not a folder this writes (no {record}); "
+    records = (record,) if isinstance(record, str) else record
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / name).is_file() for name in records):
+        raise FileExistsError(f"{folder}: exists and is not a folder this writes (no {records[0]}); "
                               "refusing to replace it: choose another destination or remove it")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))

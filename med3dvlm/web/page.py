@@ -36,6 +36,7 @@ from med3dvlm.web.session import (
     shown_prompt,
     stream_answer,
     view,
+    view_labels,
 )
 
 DISPLAY_PIXELS = 256
@@ -51,15 +52,24 @@ def _enlarged(image: np.ndarray) -> np.ndarray:
 def _views(scan: Scan | None, positions: tuple[float, float, float]) -> list[np.ndarray | None]:
     if scan is None:
         return [None] * 6
-    raw = [_enlarged(view(scan.raw, kind, p, raw_display_range(scan))) for kind, p in zip(VIEWS, positions, strict=True)]
-    seen = [_enlarged(view(scan.volume, kind, p, (0.0, 1.0))) for kind, p in zip(VIEWS, positions, strict=True)]
+    order = scan.recipe.orientation
+    raw = [_enlarged(view(scan.raw, kind, p, raw_display_range(scan), order, scan.raw_spacing))
+           for kind, p in zip(VIEWS, positions, strict=True)]
+    seen = [_enlarged(view(scan.volume, kind, p, (0.0, 1.0), order, scan.spacing))
+            for kind, p in zip(VIEWS, positions, strict=True)]
     return raw + seen
+
+
+def _view_title(kind: str, where: str, orientation: str | None) -> str:
+    top, left = view_labels(kind, orientation)
+    return f"{kind}, {where} (top {top}, left {left})"
 
 
 def _describe(scan: Scan) -> str:
     note = (" **Raw CT in Hounsfield units, min-max normalised: choose the window the model was trained with.**"
             if scan.hu_unwindowed else "")
-    return (f"`{scan.name}`: {'×'.join(map(str, scan.raw.shape))} as read (D×H×W), "
+    order = scan.recipe.orientation or "as stored"
+    return (f"`{scan.name}`: {'×'.join(map(str, scan.raw.shape))} as read (D×H×W, voxel order {order}), "
             f"{'×'.join(map(str, scan.volume.shape))} for the model, window {scan.window}.{note}")
 
 
@@ -71,19 +81,20 @@ def _volumes(folder: Path | None) -> list[str]:
 
 
 def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.PathLike | None = None,
-          window: str = "none") -> gr.Blocks:
-    """The page (not yet served)."""
+          window: str = "model", source: str | None = None) -> gr.Blocks:
+    """The page (not yet served). ``window``: ``model`` (the window of the model's training data, its
+    record), or another to try (a warning is logged); ``source``: which of the model's sources."""
     limits = limits or Limits()
     volumes = Path(volumes_dir) if volumes_dir is not None else None
 
     def load(model_name: str, upload: str | None, picked: str | None, window_name: str, *positions: float):
-        source = upload or (str(volumes / picked) if volumes is not None and picked else None)
-        if source is None:
+        scan_path = upload or (str(volumes / picked) if volumes is not None and picked else None)
+        if scan_path is None:
             return None, "Upload a scan or pick a prepared volume.", *_views(None, positions)
         try:
-            model = models.get(model_name)
-            scan = read_upload(source, tuple(model.input_size), window_name, limits)
-        except UploadError as err:
+            recipe = models.recipe(model_name, window_name, source)
+            scan = read_upload(scan_path, models.loaded(model_name).record.input_size, recipe, limits)
+        except (UploadError, ValueError) as err:
             return None, f"⚠ {err}", *_views(None, positions)
         return scan, _describe(scan), *_views(scan, positions)
 
@@ -98,8 +109,9 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
         except UploadError as err:
             yield "", "", f"⚠ {err}"
             return
-        model = models.get(model_name)
-        prompt = prompt_for(model, kind, text)
+        loaded = models.loaded(model_name)
+        model = loaded.model
+        prompt = prompt_for(model, kind, text, loaded.record.prompt_format)
         settings = GenerationSettings(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
                                       float(repetition_penalty))
         shown = shown_prompt(model, prompt)
@@ -114,18 +126,21 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
         scan_state = gr.State(None, time_to_live=SESSION_SECONDS)
         with gr.Row():
             model = gr.Dropdown(models.names(), value=models.names()[0], label="model")
-            window_box = gr.Dropdown(["none", *WINDOWS], value=window, label="CT window (HU; none = min-max)")
+            window_box = gr.Dropdown(["model", "none", *WINDOWS], value=window,
+                                     label="CT window (model = its training data's; none = min-max)")
         with gr.Row():
             upload = gr.File(label="scan: NIfTI, NRRD, MetaImage, a DICOM series as .zip, or a prepared .npy",
                              file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="upload")
             picked = gr.Dropdown(_volumes(volumes), value=None, label="or a prepared volume", visible=volumes is not None)
         status = gr.Markdown(elem_id="status")
         sliders = [gr.Slider(0.0, 1.0, value=0.5, step=0.01, label=f"{kind} position") for kind in VIEWS]
+        order = models.recipe(models.names()[0], "model", source).orientation
         with gr.Row():
-            raw_views = [gr.Image(label=f"{kind}, as read", type="numpy", interactive=False) for kind in VIEWS]
+            raw_views = [gr.Image(label=_view_title(kind, "as read", order), type="numpy", interactive=False)
+                         for kind in VIEWS]
         with gr.Row():
-            model_views = [gr.Image(label=f"{kind}, as the model receives it", type="numpy", interactive=False)
-                           for kind in VIEWS]
+            model_views = [gr.Image(label=_view_title(kind, "as the model receives it", order), type="numpy",
+                                    interactive=False) for kind in VIEWS]
         kind = gr.Radio([("Question", "question"), ("Closed question (A–D)", "closed"), ("Report", "report")],
                         value="question", label="ask")
         question = gr.Textbox(caption_question(), label="question (free or closed)", elem_id="question")

@@ -4,9 +4,12 @@ answer. No Gradio here, so the tests call every function directly.
 
 Guarantees: a model folder is loaded strictly (:func:`med3dvlm.artifacts.model_folder.load_pretrained`,
 file hashes checked, no code from the folder runs); an upload is read only through
-:func:`med3dvlm.data.preprocess.model_input` (what ``infer`` reads, through ``prepare``'s steps),
-bounded by its header's voxel count and, for a DICOM zip, by its uncompressed size and file count;
-each model answers one request at a time.
+:func:`med3dvlm.data.preprocess.model_input` with the preprocessing of the model's training data
+(its record: voxel order, window, crop, resize; what ``infer`` does), bounded by its header's voxel
+count and, for a DICOM zip, by its uncompressed size and file count; each model answers one request
+at a time. Views are shown as a radiologist reads them (axial: anterior up, the patient's right on
+the left; coronal: superior up, right on the left; sagittal: superior up, anterior on the left),
+labelled, with their true aspect.
 """
 
 from __future__ import annotations
@@ -21,9 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from med3dvlm.artifacts.model_folder import is_model_folder, load_pretrained
+from med3dvlm.artifacts.model_folder import Pretrained, is_model_folder, load_pretrained
 from med3dvlm.data import scans
-from med3dvlm.data.preprocess import WindowSpec, model_input, window_range
+from med3dvlm.data.preprocess import (
+    SourcePreprocessing,
+    WindowSpec,
+    foreground_box,
+    model_input,
+    scale_intensity,
+)
 from med3dvlm.data.prompts import ask_prompt, caption_question, closed_question
 from med3dvlm.models.generation import GenerationSettings
 from med3dvlm.models.generation import stream_answer as stream_model_answer
@@ -32,6 +41,12 @@ from med3dvlm.models.vlm import VisionLanguageModel
 UPLOAD_SUFFIXES: tuple[str, ...] = (*scans.SUFFIXES, ".zip", ".npy")
 """What the page accepts: the scan formats of ``data.scans``, a DICOM series as a zip, a prepared ``.npy``."""
 VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+# Per view: the volume axis cut, then (rows' axis, top label), (columns' axis, left label), axes as
+# indices of (D, H, W); the labels are the radiological display convention.
+_VIEW_AXES: dict[str, tuple[int, tuple[int, str], tuple[int, str]]] = {
+    "axial": (0, (1, "A"), (2, "R")), "coronal": (1, (0, "S"), (2, "R")), "sagittal": (2, (0, "S"), (1, "A")),
+}
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 ASK_KINDS: tuple[str, ...] = ("question", "closed", "report")
 
 
@@ -51,13 +66,21 @@ class Limits:
 
 @dataclass(frozen=True)
 class Scan:
-    """One upload as read (canonical ``(D, H, W)``) and as the model receives it."""
+    """One upload as read (``(D, H, W)`` in the model's voxel order, as stored) and as the model
+    receives it, with the voxel spacing (mm) of each and the recipe it went through."""
 
     name: str
     raw: np.ndarray
     volume: np.ndarray
-    window: str
+    recipe: SourcePreprocessing
     hu_unwindowed: bool
+    raw_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def window(self) -> str:
+        """How the page names the intensity mapping."""
+        return f"[{self.recipe.window[0]:g}, {self.recipe.window[1]:g}] HU" if self.recipe.window else "none (min-max)"
 
 
 class Models:
@@ -79,22 +102,33 @@ class Models:
                                     "with python -m med3dvlm.export or python -m med3dvlm.import_weights")
         self.folders = folders
         self.device, self.dtype, self.verify_files = device, dtype, verify_files
-        self._loaded: dict[str, VisionLanguageModel] = {}
+        self._loaded: dict[str, Pretrained] = {}
         self._locks = {name: threading.Lock() for name in folders}
         self._loading = threading.Lock()
 
     def names(self) -> list[str]:
         return list(self.folders)
 
-    def get(self, name: str) -> VisionLanguageModel:
-        """The loaded model ``name`` (loading it the first time)."""
+    def loaded(self, name: str) -> Pretrained:
+        """The loaded model folder ``name`` (loading it the first time): the model and its record."""
         if name not in self.folders:
             raise KeyError(f"unknown model {name!r}; choose one of {self.names()}")
         with self._loading:
             if name not in self._loaded:
-                model = load_pretrained(self.folders[name], dtype=self.dtype, verify_files=self.verify_files)
-                self._loaded[name] = model.to(self.device).eval()
+                found = load_pretrained(self.folders[name], dtype=self.dtype, verify_files=self.verify_files)
+                found.model.to(self.device).eval()
+                self._loaded[name] = found
         return self._loaded[name]
+
+    def get(self, name: str) -> VisionLanguageModel:
+        """The model ``name`` (loading it the first time)."""
+        return self.loaded(name).model
+
+    def recipe(self, name: str, window: WindowSpec = "model", source: str | None = None) -> SourcePreprocessing:
+        """What an upload goes through for model ``name``: its record's recipe of ``source``, with
+        ``window`` instead of its own unless ``"model"``."""
+        preprocessing = self.loaded(name).record.preprocessing
+        return preprocessing.for_input(source, None if window == "model" else window)
 
     def lock(self, name: str) -> threading.Lock:
         return self._locks[name]
@@ -130,10 +164,10 @@ def _extract_dicom_zip(path: Path, into: Path, limits: Limits) -> Path:
     return folders.pop()
 
 
-def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], window: WindowSpec = None,
+def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], recipe: SourcePreprocessing,
                 limits: Limits | None = None) -> Scan:
-    """Read an uploaded file for a model of ``input_size``: a scan goes through ``prepare``'s steps
-    (``window`` in HU, or min-max), a prepared volume is used as it is (it must have the model's size)."""
+    """Read an uploaded file for a model of ``input_size``: a scan goes through ``recipe`` (the model's
+    training data's preprocessing), a prepared volume is used as it is (it must have the model's size)."""
     path, limits = Path(path), limits or Limits()
     name = path.name
     if not name.lower().endswith(UPLOAD_SUFFIXES) and not path.is_dir():
@@ -143,37 +177,77 @@ def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], windo
         if name.lower().endswith(".zip"):
             with tempfile.TemporaryDirectory(prefix="med3dvlm-upload-") as tmp:
                 series = _extract_dicom_zip(path, Path(tmp), limits)
-                prepared = model_input(series, input_size, window, limits.max_voxels)
+                prepared = model_input(series, input_size, recipe, limits.max_voxels)
         else:
-            prepared = model_input(path, input_size, window, limits.max_voxels)
+            prepared = model_input(path, input_size, recipe, limits.max_voxels)
     except UploadError:
         raise
     except (ValueError, OSError, RuntimeError) as err:
         raise UploadError(str(err).replace(str(path.parent) + os.sep, "")) from err
     if prepared.already_prepared:
-        label = "as prepared"
-    else:
-        label = "none" if window_range(window) is None else str(window)
-    return Scan(name, prepared.raw, prepared.volume, label, prepared.hu_unwindowed)
+        return Scan(name, prepared.raw, prepared.volume, SourcePreprocessing(orientation=recipe.orientation), False)
+    return Scan(name, prepared.raw, prepared.volume, recipe, prepared.hu_unwindowed, prepared.spacing,
+                model_spacing(prepared.raw, prepared.spacing, recipe, input_size))
 
 
-def view(volume: np.ndarray, kind: str, position: float, display: tuple[float, float] | None = None) -> np.ndarray:
+def model_spacing(raw: np.ndarray, spacing: tuple[float, float, float], recipe: SourcePreprocessing,
+                  input_size: tuple[int, int, int]) -> tuple[float, float, float]:
+    """The voxel spacing (mm) of what the model receives: the extent of the region it sees (the
+    foreground box when the recipe crops) over its input size."""
+    extent = [n * s for n, s in zip(raw.shape, spacing)]
+    if recipe.foreground_threshold is not None and recipe.spacing is None:
+        box = foreground_box(scale_intensity(raw, recipe), recipe.foreground_threshold)
+        extent = [(b.stop - b.start) * s for b, s in zip(box, spacing)]
+    return tuple(e / n for e, n in zip(extent, input_size))
+
+
+def view_labels(kind: str, orientation: str | None) -> tuple[str, str]:
+    """(top, left) of a view as :func:`view` shows it; unknown (``?``) for a volume of unknown order."""
+    if orientation is None:
+        return "?", "?"
+    _, (_, top), (_, left) = _VIEW_AXES[kind]
+    return top, left
+
+
+def view(volume: np.ndarray, kind: str, position: float, display: tuple[float, float] | None = None,
+         orientation: str | None = None, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
     """One orthogonal slice of ``(D, H, W)`` as 8-bit grey: ``kind`` axial / coronal / sagittal,
     ``position`` in [0, 1] along that axis, intensities mapped from ``display`` (default: the
-    volume's range). Coronal and sagittal show the slice axis upwards from the last slice."""
-    axis = VIEWS.index(kind)
+    volume's range). With the volume's ``orientation`` (axis codes of (W, H, D)) the slice is turned
+    to the radiological display (:func:`view_labels`); with its ``spacing`` (mm, (D, H, W)) it is
+    stretched to its true aspect."""
+    axis, (rows_axis, top), (cols_axis, left) = _VIEW_AXES[kind]
     index = min(round(position * (volume.shape[axis] - 1)), volume.shape[axis] - 1)
     plane = np.take(volume, index, axis=axis)
-    if axis > 0:
-        plane = plane[::-1]
+    if orientation is not None:
+        codes = {2: orientation[0], 1: orientation[1], 0: orientation[2]}  # (W, H, D) -> axis index
+        if codes[rows_axis] == top:
+            plane = plane[::-1]
+        if codes[cols_axis] == left:
+            plane = plane[:, ::-1]
     low, high = display if display is not None else (float(volume.min()), float(volume.max()))
     scaled = np.clip((plane - low) / max(high - low, 1e-6), 0.0, 1.0)
-    return (scaled * 255).astype(np.uint8)
+    image = (scaled * 255).astype(np.uint8)
+    if spacing is not None:
+        image = _true_aspect(image, spacing[rows_axis], spacing[cols_axis])
+    return image
+
+
+def _true_aspect(image: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
+    """``image`` resampled (nearest) so that a pixel is as tall as it is wide in millimetres."""
+    finest = min(row_mm, col_mm)
+    rows = max(1, round(image.shape[0] * row_mm / finest))
+    cols = max(1, round(image.shape[1] * col_mm / finest))
+    if (rows, cols) == image.shape:
+        return image
+    row_index = np.minimum((np.arange(rows) * image.shape[0] / rows).astype(int), image.shape[0] - 1)
+    col_index = np.minimum((np.arange(cols) * image.shape[1] / cols).astype(int), image.shape[1] - 1)
+    return image[row_index][:, col_index]
 
 
 def raw_display_range(scan: Scan) -> tuple[float, float] | None:
-    """Show the scan as read through the chosen window (HU), else over its own range."""
-    return window_range(scan.window) if scan.window not in ("none", "as prepared") else None
+    """Show the scan as read through the model's window (HU), else over its own range."""
+    return scan.recipe.window
 
 
 def question_text(kind: str, question: str = "", choices: tuple[str, str, str, str] = ("", "", "", "")) -> str:
@@ -192,10 +266,11 @@ def question_text(kind: str, question: str = "", choices: tuple[str, str, str, s
     raise ValueError(f"unknown question kind {kind!r}; one of {ASK_KINDS}")
 
 
-def prompt_for(model: VisionLanguageModel, kind: str, text: str) -> str:
-    """The prompt sent to the model (:func:`med3dvlm.data.prompts.ask_prompt`): the image block then
-    the question, a report asked as captions were trained."""
-    return ask_prompt(model.image_token, model.num_image_tokens, None if kind == "report" else text)
+def prompt_for(model: VisionLanguageModel, kind: str, text: str, prompt_format: str | None = "m3d") -> str:
+    """The prompt sent to the model (:func:`med3dvlm.data.prompts.ask_prompt`) in its prompt format: the
+    question, or a report asked as reports were trained."""
+    return ask_prompt(model.tokenizer, model.image_token, model.num_image_tokens,
+                      None if kind == "report" else text, prompt_format)
 
 
 def shown_prompt(model: VisionLanguageModel, prompt: str) -> str:

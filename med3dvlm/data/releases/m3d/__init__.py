@@ -1,0 +1,16 @@
+"""M3D (``dataset=m3d``, the default): M3D-Cap's JPEG series and reports with M3D-VQA's CSVs, as the
+release lays them out (:mod:`.layout`), planned by :mod:`.plan`; :mod:`.synthetic` writes a
+miniature of the same layout."""
+
+from med3dvlm.data.releases.base import Release
+from med3dvlm.data.releases.m3d.layout import corpus_texts
+from med3dvlm.data.releases.m3d.plan import finish, plan_m3d, preprocessing
+
+RELEASE = Release(
+    name="m3d",
+    summary="M3D-Cap (JPEG series + reports) and M3D-VQA (CSVs), as the Hugging Face release unpacks",
+    preprocessing=preprocessing,
+    plan=plan_m3d,
+    finish=finish,
+    corpus=corpus_texts,
+)
