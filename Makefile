@@ -63,8 +63,10 @@ app: install ## serve the web page for the demo model (python -m med3dvlm.app; M
 gpu-check: install ## a few FSDP+bf16 steps of each stage at paper shapes on one GPU: step time, samples/s, memory
 	$(OFFLINE) $(PY) -m med3dvlm.gpu_check $(if $(REFERENCE),--reference $(REFERENCE)) $(GPU_CHECK_ARGS)
 
-lint: install ## ruff
+lint: install ## ruff (rules and formatting) and the import layers (lint-imports)
 	$(PY) -m ruff check med3dvlm tests
+	$(PY) -m ruff format --check med3dvlm tests
+	$(VENV)/bin/lint-imports
 
 clean: ## remove caches and run outputs (keeps data/ and .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

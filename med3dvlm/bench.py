@@ -9,21 +9,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from med3dvlm.benchmarks import SECTIONS, BenchOptions, BenchRow
-from med3dvlm.utils.markdown import markdown_table
-
-
-def bench_table(rows: list[BenchRow]) -> str:
-    """Markdown table of benchmark rows; the original's columns only where some row has them."""
-    side_by_side = any(r.original is not None for r in rows)
-    header = ["section", "measurement", "ours", "unit", *(["original", "ours / original"] if side_by_side else []), "note"]
-    cells = []
-    for r in rows:
-        row = [r.section, r.name, f"{r.value:.3g}", r.unit]
-        if side_by_side:
-            row += ["" if r.original is None else f"{r.original:.3g}", "" if r.ratio is None else f"{r.ratio:.2f}"]
-        cells.append([*row, r.note])
-    return markdown_table(header, cells, right=[2, 4, 5] if side_by_side else [2])
+from med3dvlm.benchmarks import SECTIONS, BenchOptions, BenchRow, bench_table
 
 
 def arguments() -> argparse.ArgumentParser:

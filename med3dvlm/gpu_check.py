@@ -168,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def side_by_side(reference: Path) -> str:
     """The encoder and projector bench rows on the GPU against the original at ``reference``."""
-    from med3dvlm.bench import bench_table
-    from med3dvlm.benchmarks import BenchOptions, encoder, projector
+    from med3dvlm.benchmarks import BenchOptions, bench_table, encoder, projector
 
     options = BenchOptions(reference=reference)
     return bench_table(encoder.run(options, device="cuda") + projector.run(options, device="cuda"))

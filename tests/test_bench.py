@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from med3dvlm import benchmarks
-from med3dvlm.bench import bench_table
-from med3dvlm.benchmarks import BenchRow, paired_seconds
+from med3dvlm.benchmarks import BenchRow, bench_table, paired_seconds
 from med3dvlm.benchmarks.original import load_original
 from med3dvlm.benchmarks.peak_memory import step_peak_mib
 

@@ -12,14 +12,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from med3dvlm.evaluation.runner import (
-    distinct_rows,
-    generate_predictions,
-    model_generate_fn,
-)
+from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
 from med3dvlm.metrics import nltk_setup
-from med3dvlm.models.generation import GenerationSettings
+from med3dvlm.models.generation import GenerationSettings, distinct_rows, model_generate_fn
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [  # (question type, answer letter, the fake model's output)

@@ -18,10 +18,10 @@ from torch.utils.data import Dataset
 
 from med3dvlm.benchmarks import BenchOptions, BenchRow, median_seconds
 from med3dvlm.data.prompts import PromptBuilder
-from med3dvlm.evaluation.runner import generate_predictions, model_generate_fn
+from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.models.build import build_vlm
 from med3dvlm.models.dcformer import DCFormer
-from med3dvlm.models.generation import GenerationSettings
+from med3dvlm.models.generation import GenerationSettings, model_generate_fn
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
 

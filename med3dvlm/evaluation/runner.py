@@ -20,46 +20,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from med3dvlm.data.collate import PadCollate
-from med3dvlm.models.generation import GenerationSettings
-from med3dvlm.models.vlm import VisionLanguageModel
+from med3dvlm.models.generation import GenerateFn
 
-GenerateFn = Callable[[Mapping[str, Any]], list[str]]
 PRED = "Pred"
-
-
-def distinct_rows(keys: Sequence[Any]) -> tuple[list[int], torch.Tensor]:
-    """The first row of every distinct key, and for each row the index of its key among them."""
-    first: dict[Any, int] = {}
-    for row, key in enumerate(keys):
-        first.setdefault(key, row)
-    slot = {key: index for index, key in enumerate(first)}
-    return list(first.values()), torch.tensor([slot[key] for key in keys], dtype=torch.long)
-
-
-def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False) -> GenerateFn:
-    """A batch -> decoded answers function for a VLM (batches must be left-padded).
-
-    Questions about the same volume (M3D-VQA asks five per scan, in consecutive rows) share one
-    encoding: each distinct ``image_path`` of a batch goes through the vision tower and projector
-    once and its image features are repeated for its questions. ``zero_images`` feeds all-zero
-    volumes instead of the batch's: the control that shows how much of a score comes from the image
-    rather than from the text alone.
-    """
-    param = next(model.parameters())
-    kwargs = settings.kwargs()
-
-    @torch.no_grad()
-    def generate(batch: Mapping[str, Any]) -> list[str]:
-        rows, inverse = distinct_rows(batch.get("image_path") or range(len(batch["image"])))
-        images = batch["image"][rows].to(param.device, param.dtype)
-        if zero_images:
-            images = torch.zeros_like(images)
-        features = model.project(model.encode_images(images))[inverse.to(param.device)]
-        out = model.generate(None, batch["input_ids"].to(param.device), batch["attention_mask"].to(param.device),
-                             image_features=features, **kwargs)
-        return [text.strip() for text in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    return generate
 
 
 def read_complete_rows(path: Path, columns: Sequence[str]) -> tuple[list[dict[str, str]], list[str]]:

@@ -40,7 +40,7 @@ from med3dvlm.evaluation.outputs import (
     write_metrics_json,
     write_scored_csv,
 )
-from med3dvlm.evaluation.runner import GenerateFn, generate_predictions, model_generate_fn
+from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.metrics.retrieval import (
     DIRECTIONS,
     RECALL_AT,
@@ -52,7 +52,7 @@ from med3dvlm.metrics.retrieval import (
 )
 from med3dvlm.metrics.text import TEXT_METRICS, BERTScorer, bertscore_problem, mean, text_scores
 from med3dvlm.metrics.vqa import closed_vqa_metrics, open_vqa_metrics
-from med3dvlm.models.generation import GenerationSettings
+from med3dvlm.models.generation import GenerateFn, GenerationSettings, model_generate_fn
 from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)

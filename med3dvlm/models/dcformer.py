@@ -405,6 +405,10 @@ class DCFormer(nn.Module):
         if compile:
             self.compile(dynamic=False)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The five stages (``models.encoder.VolumeEncoder``)."""
+        return list(self.stages)
+
     def token_counts(self, input_size: tuple[int, int, int]) -> list[int]:
         """Tokens of each stage output for an input of spatial size ``(D, H, W)``."""
         sizes = [_out_size(n, self.stem_stride) for n in input_size]

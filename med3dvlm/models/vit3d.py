@@ -98,6 +98,10 @@ class ViT3D(nn.Module):
         d, h, w = (n // p for n, p in zip(input_size, self.patch_size))
         return d, h, w
 
+    def shard_units(self) -> list[nn.Module]:
+        """The transformer blocks (``models.encoder.VolumeEncoder``)."""
+        return list(self.blocks)
+
     def token_counts(self, input_size: tuple[int, int, int]) -> list[int]:
         """Tokens of each stage output for an input of spatial size ``(D, H, W)``."""
         d, h, w = self._grid(tuple(input_size))

@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader, Subset
 from med3dvlm.data.collate import PadCollate
 from med3dvlm.data.datasets import ClosedVQADataset, VolumeReader
 from med3dvlm.data.prompts import PromptBuilder
-from med3dvlm.evaluation.runner import model_generate_fn
 from med3dvlm.metrics.vqa import OVERALL, closed_vqa_metrics
-from med3dvlm.models.generation import GenerationSettings
+from med3dvlm.models.generation import GenerationSettings, model_generate_fn
 
 
 def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:

@@ -7,7 +7,8 @@ process holds one shard; no tensor parallelism) plus the sharding options. A sta
 
 1. transformer layers: the classes every Hugging Face model inside names in ``_no_split_modules``
    (the LLM's decoder layers, the text encoder's layers and embeddings);
-2. each stage of a volume encoder (DCFormer ``stages``, ViT3D ``blocks``), then the encoder;
+2. the units every volume encoder declares (``shard_units``, :mod:`med3dvlm.models.encoder`: DCFormer's
+   stages, ViT3D's blocks), then the encoder;
 3. the components the stage calls directly: each child of the LightningModule with parameters (the
    VLM; the SigLIP towers and loss) and the VLM's vision tower and projector;
 4. the LightningModule itself (the root).
@@ -44,8 +45,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from med3dvlm.models.dcformer import DCFormer
-from med3dvlm.models.vit3d import ViT3D
+from med3dvlm.models.encoder import volume_encoders
 from med3dvlm.models.vlm import VisionLanguageModel
 from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint, write_shard_checksums
 from med3dvlm.training.lean_checkpoint import LeanCheckpoint, check_lean_keys
@@ -251,19 +251,13 @@ def transformer_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def encoder_stages(module: nn.Module) -> list[nn.Module]:
-    """The stages of every volume encoder inside ``module``."""
-    stages: list[nn.Module] = []
-    for m in module.modules():
-        if isinstance(m, DCFormer):
-            stages.extend(m.stages)
-        elif isinstance(m, ViT3D):
-            stages.extend(m.blocks)
-    return stages
+    """The shard units every volume encoder inside ``module`` declares."""
+    return [unit for encoder in volume_encoders(module) for unit in encoder.shard_units()]
 
 
 def components(stage: nn.Module) -> list[nn.Module]:
     """Units the stage code may call directly (not only through their parent's forward), inner first."""
-    units: list[nn.Module] = [m for m in stage.modules() if isinstance(m, DCFormer | ViT3D)]
+    units: list[nn.Module] = volume_encoders(stage)
     for vlm in (m for m in stage.modules() if isinstance(m, VisionLanguageModel)):
         units += [vlm.vision_tower, vlm.projector]
     units += [child for child in stage.children() if any(True for _ in child.parameters())]
