@@ -19,9 +19,13 @@ def main(cfg: DictConfig) -> None:
         from med3dvlm.web.page import build, serve
         from med3dvlm.web.session import Limits, Models
 
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+        dtype = (
+            cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cfg.device.startswith("cuda") else "float32")
+        )
         models = Models(cfg.model, cfg.models_dir, cfg.device, dtype, cfg.verify_files)
-        page = build(models, Limits(max_voxels=cfg.max_voxels), cfg.volumes_dir, cfg.intensity.window, cfg.source)
+        page = build(
+            models, Limits(max_voxels=cfg.max_voxels), cfg.volumes_dir, cfg.intensity.window, cfg.source
+        )
         print(f"med3dvlm app: http://{cfg.host}:{cfg.port} (models: {', '.join(models.names())})", flush=True)
         serve(page, cfg.host, cfg.port, cfg.max_upload_mb)
 

@@ -17,8 +17,12 @@ def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller shapes where noted")
     parser.add_argument("--only", nargs="*", choices=SECTIONS, help="run only these sections")
-    parser.add_argument("--reference", type=Path, metavar="PATH",
-                        help="a checkout of the original (mirthAI/Med3DVLM) to time beside ours; its code runs here")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        metavar="PATH",
+        help="a checkout of the original (mirthAI/Med3DVLM) to time beside ours; its code runs here",
+    )
     return parser
 
 

@@ -17,8 +17,12 @@ from med3dvlm.training.sharding import consolidate
 
 def arguments() -> argparse.ArgumentParser:
     """The command's arguments (``--help`` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="the sharded checkpoint folder, e.g. <run>/checkpoints/last.ckpt")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="the sharded checkpoint folder, e.g. <run>/checkpoints/last.ckpt"
+    )
     parser.add_argument("--out", type=Path, help="the file to write (default: CKPT_DIR.consolidated.ckpt)")
     return parser
 
@@ -26,7 +30,9 @@ def arguments() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = arguments()
     args = parser.parse_args(argv)
-    out = consolidate(args.checkpoint, args.out or args.checkpoint.with_name(args.checkpoint.name + ".consolidated.ckpt"))
+    out = consolidate(
+        args.checkpoint, args.out or args.checkpoint.with_name(args.checkpoint.name + ".consolidated.ckpt")
+    )
     print(f"consolidated checkpoint written to {out}  (resume: ckpt_path={out})")
 
 

@@ -62,7 +62,10 @@ def train_stage(stage: str, run_dir: Path, fresh: bool, inputs_made: float) -> t
     if existing is not None and existing.stat().st_mtime > inputs_made and not fresh:
         print(f"\n=== {stage}: reusing {existing}")
         return existing.parent, existing.stat().st_mtime
-    run(stage, ["med3dvlm.train", f"experiment={EXPERIMENT}", f"stage={stage}", f"hydra.run.dir={run_dir / stage}"])
+    run(
+        stage,
+        ["med3dvlm.train", f"experiment={EXPERIMENT}", f"stage={stage}", f"hydra.run.dir={run_dir / stage}"],
+    )
     return run_dir / stage, time.time()
 
 
@@ -101,15 +104,25 @@ def _cell(value: float | None) -> str:
 
 def score_table(scores: dict[str, float], zero_image_scores: dict[str, float]) -> str:
     """Markdown table: each score beside the same model fed all-zero volumes and the chance level."""
-    rows = [[name, _cell(value), _cell(zero_image_scores.get(name)),
-             _cell(CLOSED_CHANCE if name.startswith("closed VQA") else CHANCE.get(name))]
-            for name, value in scores.items()]
-    return "\n" + markdown_table(["demo score", "value", "zero-image control", "chance"], rows, right=[1, 2, 3])
+    rows = [
+        [
+            name,
+            _cell(value),
+            _cell(zero_image_scores.get(name)),
+            _cell(CLOSED_CHANCE if name.startswith("closed VQA") else CHANCE.get(name)),
+        ]
+        for name, value in scores.items()
+    ]
+    return "\n" + markdown_table(
+        ["demo score", "value", "zero-image control", "chance"], rows, right=[1, 2, 3]
+    )
 
 
 def arguments() -> argparse.ArgumentParser:
     """The command's arguments (``--help`` lists them)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", type=int, default=1000, help="synthetic cases (10%% form the test split)")
     parser.add_argument("--fresh", action="store_true", help="retrain every stage even if exports exist")
     return parser
@@ -123,20 +136,43 @@ def main(argv: list[str] | None = None) -> None:
 
     raw, prepared = work_root() / "data" / "demo" / "raw", work_root() / "data" / "demo" / "prepared"
     made = make_data(raw, args.cases)
-    run("prepare", ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"])
+    run(
+        "prepare",
+        ["med3dvlm.prepare", f"source={raw}", f"out={prepared}", "spatial_size=[32,64,64]", "format=npy"],
+    )
     siglip_dir, made = train_stage("siglip", run_dir, args.fresh, made)
     _, made = train_stage("pretrain", run_dir, args.fresh, made)
     train_stage("finetune", run_dir, args.fresh, made)
     model = run_dir / "model"
-    run("export", ["med3dvlm.export", f"experiment_name={EXPERIMENT}", f"out={model}", f"hydra.run.dir={run_dir / 'export'}"])
+    run(
+        "export",
+        [
+            "med3dvlm.export",
+            f"experiment_name={EXPERIMENT}",
+            f"out={model}",
+            f"hydra.run.dir={run_dir / 'export'}",
+        ],
+    )
     eval_dir, control_dir = run_dir / "eval", run_dir / "eval_zero_images"
     for task in EVAL_TASKS:
         for folder, zero_images in ((eval_dir, False), (control_dir, True)):
-            run(f"evaluate {task}{' (zero images)' if zero_images else ''}",
-                ["med3dvlm.evaluate", f"task={task}", f"model={model}", f"data_dir={prepared}",
-                 f"context.zero_images={str(zero_images).lower()}", f"hydra.run.dir={folder}"])
+            run(
+                f"evaluate {task}{' (zero images)' if zero_images else ''}",
+                [
+                    "med3dvlm.evaluate",
+                    f"task={task}",
+                    f"model={model}",
+                    f"data_dir={prepared}",
+                    f"context.zero_images={str(zero_images).lower()}",
+                    f"hydra.run.dir={folder}",
+                ],
+            )
 
-    print(score_table({**retrieval_scores(siglip_dir), **evaluation_scores(eval_dir)}, evaluation_scores(control_dir)))
+    print(
+        score_table(
+            {**retrieval_scores(siglip_dir), **evaluation_scores(eval_dir)}, evaluation_scores(control_dir)
+        )
+    )
     print(f"\nrun folders: {run_dir} (stages reused from earlier runs are named above)")
     print(f"total wall time: {time.perf_counter() - start:.0f} s")
 

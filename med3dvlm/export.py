@@ -15,7 +15,9 @@ from med3dvlm.artifacts.model_folder import write_merged_model
 def main(cfg: DictConfig) -> None:
     source = resolve(cfg.source, ADAPTER_HANDOFF, cfg.experiment_name, cfg.paths.log_dir)
     out = write_merged_model(source, cfg.out, cfg.dtype)
-    print(f"merged model written to {out}  (reload: med3dvlm.artifacts.model_folder.load_pretrained({str(out)!r}))")
+    print(
+        f"merged model written to {out}  (reload: med3dvlm.artifacts.model_folder.load_pretrained({str(out)!r}))"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,18 @@ import lightning as L
 import torch
 
 STAGES = ("siglip", "pretrain", "finetune")
-QWEN2_5_0_5B = {"hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
-                "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": False,
-                "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0}
+QWEN2_5_0_5B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+}
 
 
 class StepTimer(L.Callback):
@@ -45,21 +54,27 @@ class StepTimer(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.cuda.reset_peak_memory_stats()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         torch.cuda.synchronize()
         self.batch_size = int(batch["image"].shape[0])
         self._started = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - self._started)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            record = {"seconds": self.seconds, "batch_size": self.batch_size, "world_size": trainer.world_size,
-                      "peak_bytes": torch.cuda.max_memory_allocated()}
+            record = {
+                "seconds": self.seconds,
+                "batch_size": self.batch_size,
+                "world_size": trainer.world_size,
+                "peak_bytes": torch.cuda.max_memory_allocated(),
+            }
             Path(self.path).write_text(json.dumps(record))
 
 
@@ -73,7 +88,9 @@ def build_llm(out: Path, corpus: list[str]) -> int:
     tokenizer = train_tokenizer(corpus, 2000)
     # One slot stays free for the <im_patch> token the VLM adds.
     tokenizer.add_tokens([f"<|filler_{i}|>" for i in range(QWEN2_5_0_5B["vocab_size"] - len(tokenizer) - 1)])
-    config = Qwen2Config(**QWEN2_5_0_5B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = Qwen2Config(
+        **QWEN2_5_0_5B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
@@ -95,13 +112,32 @@ def prepare_data(root: Path, cases: int) -> Path:
 
 def stage_command(stage: str, work: Path, llm: Path, steps: int, batch_size: int, timer: Path) -> list[str]:
     data = work / "data"
-    args = [f"stage={stage}", "trainer=fsdp", "trainer.accelerator=gpu", "trainer.devices=1", f"trainer.max_steps={steps}",
-            "trainer.max_epochs=1000", "trainer.enable_progress_bar=false", "+trainer.limit_val_batches=0", "test=false",
-            "logger=csv", "experiment_name=gpu_check", f"paths.data_dir={data}", f"paths.log_dir={work / 'outputs'}",
-            f"hydra.run.dir={work / 'outputs' / stage}", "data=m3d", f"data.data_dir={data / 'demo' / 'prepared'}",
-            f"data.batch_size={batch_size}", "data.num_workers=4", "encoder=dcformer_small", "projector=mixer",
-            "~callbacks.model_checkpoint", "~callbacks.step_checkpoint",
-            "+callbacks.gpu_timer._target_=med3dvlm.gpu_check.StepTimer", f"+callbacks.gpu_timer.path={timer}"]
+    args = [
+        f"stage={stage}",
+        "trainer=fsdp",
+        "trainer.accelerator=gpu",
+        "trainer.devices=1",
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=1000",
+        "trainer.enable_progress_bar=false",
+        "+trainer.limit_val_batches=0",
+        "test=false",
+        "logger=csv",
+        "experiment_name=gpu_check",
+        f"paths.data_dir={data}",
+        f"paths.log_dir={work / 'outputs'}",
+        f"hydra.run.dir={work / 'outputs' / stage}",
+        "data=m3d",
+        f"data.data_dir={data / 'demo' / 'prepared'}",
+        f"data.batch_size={batch_size}",
+        "data.num_workers=4",
+        "encoder=dcformer_small",
+        "projector=mixer",
+        "~callbacks.model_checkpoint",
+        "~callbacks.step_checkpoint",
+        "+callbacks.gpu_timer._target_=med3dvlm.gpu_check.StepTimer",
+        f"+callbacks.gpu_timer.path={timer}",
+    ]
     if stage == "siglip":
         return [*args, "text_encoder=tiny"]
     return [*args, "llm=qwen2_5_7b", f"llm.name_or_path={llm}"]
@@ -117,13 +153,20 @@ def summarise(stage: str, record: dict[str, Any], warmup: int) -> str:
 def arguments() -> argparse.ArgumentParser:
     """The command's arguments (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="training steps per stage (the first 3 are warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="training steps per stage (the first 3 are warm-up)"
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="samples per step")
     parser.add_argument("--cases", type=int, default=24, help="synthetic cases to prepare")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--reference", type=Path, default=None, metavar="PATH",
-                        help="a checkout of the original (mirthAI/Med3DVLM): also time its encoder and Mixer beside "
-                             "ours on this GPU in bf16 (its code runs here)")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a checkout of the original (mirthAI/Med3DVLM): also time its encoder and Mixer beside "
+        "ours on this GPU in bf16 (its code runs here)",
+    )
     return parser
 
 
@@ -141,22 +184,30 @@ def main(argv: list[str] | None = None) -> int:
         from med3dvlm.data.corpus import corpus_texts
 
         params = build_llm(work / "qwen2_0_5b", corpus_texts(prepared))
-        print(f"data and a {params / 1e6:.0f}M-parameter Qwen2 ready after {time.perf_counter() - started:.0f} s",
-              flush=True)
+        print(
+            f"data and a {params / 1e6:.0f}M-parameter Qwen2 ready after {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
         rows = []
         for stage in STAGES:
             timer = work / f"{stage}_timing.json"
-            cmd = [sys.executable, "-m", "med3dvlm.train",
-                   *stage_command(stage, work, work / "qwen2_0_5b", args.steps, args.batch_size, timer)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "med3dvlm.train",
+                *stage_command(stage, work, work / "qwen2_0_5b", args.steps, args.batch_size, timer),
+            ]
             result = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if result.returncode != 0 or not timer.is_file():
                 print(f"gpu-check: stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
                 return 1
             rows.append(summarise(stage, json.loads(timer.read_text()), warmup=min(3, args.steps - 1)))
             print(rows[-1], flush=True)
-    print(f"\nFSDP2 (trainer=fsdp), bf16 compute, 1 GPU, batch {args.batch_size}, 128x256x256, DCFormer-small, "
-          f"Qwen2 {params / 1e6:.0f}M (random), Mixer 256 tokens; median of steps after warm-up")
+    print(
+        f"\nFSDP2 (trainer=fsdp), bf16 compute, 1 GPU, batch {args.batch_size}, 128x256x256, DCFormer-small, "
+        f"Qwen2 {params / 1e6:.0f}M (random), Mixer 256 tokens; median of steps after warm-up"
+    )
     print("| stage | steps | step s | samples/s | peak GPU memory GiB |\n|---|---:|---:|---:|---:|")
     print("\n".join(rows))
     if args.reference is not None:

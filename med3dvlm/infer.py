@@ -21,8 +21,9 @@ def main(cfg: DictConfig) -> None:
     model, record = loaded.model.to(cfg.device), loaded.record
     spec = record.preprocessing.for_input(cfg.source, OmegaConf.to_container(cfg.intensity)["window"])
     scan = model_input(cfg.image, record.input_size, spec, cfg.max_voxels)
-    prompt = ask_prompt(model.tokenizer, model.image_token, model.num_image_tokens, cfg.question,
-                        record.prompt_format)
+    prompt = ask_prompt(
+        model.tokenizer, model.image_token, model.num_image_tokens, cfg.question, record.prompt_format
+    )
     print(answer(model, scan.volume, prompt, GenerationSettings(max_new_tokens=cfg.max_new_tokens)))
 
 

@@ -47,7 +47,9 @@ def register() -> None:
     # `${project_root:}`: the work root (see med3dvlm.configs), where data/ and outputs/ go.
     OmegaConf.register_new_resolver("project_root", lambda: str(work_root()), replace=True)
     # W&B stays offline unless the user chose a mode through WANDB_MODE.
-    OmegaConf.register_new_resolver("wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True)
+    OmegaConf.register_new_resolver(
+        "wandb_offline", lambda: os.environ.get("WANDB_MODE") is None, replace=True
+    )
     OmegaConf.register_new_resolver("hydra_subdir", _hydra_subdir, replace=True)
     OmegaConf.register_new_resolver("run_stamp", _run_stamp, replace=True)
     OmegaConf.register_new_resolver("model_experiment", _model_experiment, replace=True)

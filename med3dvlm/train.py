@@ -53,13 +53,18 @@ def _train(cfg: DictConfig) -> float | None:
     restore_position = make_training_data_resumable(datamodule, seed=cfg.get("seed") or 0)
     optimized = cfg.get("optimized_metric")
     history = MetricHistory(optimized, cfg.get("optimized_mode") or "max")
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), *_instantiate_all(cfg.stage.get("callbacks")),
-                 restore_position, history]
+    callbacks = [
+        *_instantiate_all(cfg.get("callbacks")),
+        *_instantiate_all(cfg.stage.get("callbacks")),
+        restore_position,
+        history,
+    ]
     loggers = _instantiate_all(cfg.get("logger"))
     if not loggers:  # logger=none: Lightning refuses an LR monitor without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 

@@ -14,11 +14,24 @@ from med3dvlm.models.tiny_qwen import train_tokenizer
 
 SHAPE = (8, 16, 16)
 IMAGE_TOKEN = "<im_patch>"
-VQA_COLUMNS = ["Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
-               "Choice D", "Answer", "Answer Choice"]
+VQA_COLUMNS = [
+    "Image Path",
+    "Text",
+    "Question Type",
+    "Question",
+    "Choice A",
+    "Choice B",
+    "Choice C",
+    "Choice D",
+    "Answer",
+    "Answer Choice",
+]
 ORGANS = ("liver", "spleen", "kidney", "pancreas")
-CASES = {"train": ["000001", "000002", "000003", "000004"], "validation": ["000005", "000006"],
-         "test": ["000007", "000008", "000009"]}
+CASES = {
+    "train": ["000001", "000002", "000003", "000004"],
+    "validation": ["000005", "000006"],
+    "test": ["000007", "000008", "000009"],
+}
 CSV_SPLIT = {"train": "train", "validation": "val", "test": "test"}
 
 
@@ -30,18 +43,35 @@ def report(case: str) -> str:
 def closed_row(case: str, image: str) -> dict[str, str]:
     organ = ORGANS[int(case) % len(ORGANS)]
     letter = "ABCD"[int(case) % 4]
-    choices = {f"Choice {c}": ("Liver" if c != letter else organ.title()) + (f" {c}" if c != letter else "")
-               for c in "ABCD"}
-    return {"Image Path": image, "Text": report(case), "Question Type": "3",
-            "Question": "Which organ holds the lesion?", **choices, "Answer": organ.title(),
-            "Answer Choice": letter}
+    choices = {
+        f"Choice {c}": ("Liver" if c != letter else organ.title()) + (f" {c}" if c != letter else "")
+        for c in "ABCD"
+    }
+    return {
+        "Image Path": image,
+        "Text": report(case),
+        "Question Type": "3",
+        "Question": "Which organ holds the lesion?",
+        **choices,
+        "Answer": organ.title(),
+        "Answer Choice": letter,
+    }
 
 
 def yes_no_row(case: str, image: str) -> dict[str, str]:
     answer = "Yes" if int(case) % 2 else "No"
-    return {"Image Path": image, "Text": report(case), "Question Type": "4",
-            "Question": "Is there a lesion in the liver?", "Choice A": "", "Choice B": "", "Choice C": "",
-            "Choice D": "", "Answer": answer, "Answer Choice": ""}
+    return {
+        "Image Path": image,
+        "Text": report(case),
+        "Question Type": "4",
+        "Question": "Is there a lesion in the liver?",
+        "Choice A": "",
+        "Choice B": "",
+        "Choice C": "",
+        "Choice D": "",
+        "Answer": answer,
+        "Answer Choice": "",
+    }
 
 
 def write_csv(path: Path, rows: list[dict[str, str]], columns: list[str] = VQA_COLUMNS) -> None:
@@ -81,7 +111,9 @@ def make_tokenizer(extra_corpus: list[str] | None = None) -> PreTrainedTokenizer
     """The project's byte-level BPE trained on the test texts, plus ``<im_patch>``."""
     corpus = [report(c) for cases in CASES.values() for c in cases] + [
         "Which organ holds the lesion? Choices: A. Liver B. Spleen C. Kidney D. Pancreas",
-        "Is there a lesion in the liver? Yes No", *(extra_corpus or [])]
+        "Is there a lesion in the liver? Yes No",
+        *(extra_corpus or []),
+    ]
     tok = train_tokenizer(corpus, vocab_size=300)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tok

@@ -15,8 +15,14 @@ from med3dvlm.stages.siglip import SigLIPStage
 
 INPUT_SIZE = (16, 32, 32)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
-BERT_SIZES = {"vocab_size": 400, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-              "max_length": 128}
+BERT_SIZES = {
+    "vocab_size": 400,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_length": 128,
+}
 
 
 def prepared_data(root: Path, cases: int = 24) -> Path:
@@ -24,8 +30,9 @@ def prepared_data(root: Path, cases: int = 24) -> Path:
     out = root / "prepared"
     if not (out / "manifest.json").is_file():
         generate(root / "raw", cases=cases, seed=0, slices=16, size=32, workers=0)
-        prepare_dataset(source=root / "raw", out=out, spatial_size=INPUT_SIZE, format="npy", workers=0,
-                        progress=False)
+        prepare_dataset(
+            source=root / "raw", out=out, spatial_size=INPUT_SIZE, format="npy", workers=0, progress=False
+        )
     return out
 
 
@@ -36,14 +43,20 @@ def tiny_bert(root: Path, data: Path) -> Path:
     return path
 
 
-def stage(bert: Path, lr: float = 1e-3, seed: int = 0, export_dir: Path | None = None, **kwargs) -> SigLIPStage:
+def stage(
+    bert: Path, lr: float = 1e-3, seed: int = 0, export_dir: Path | None = None, **kwargs
+) -> SigLIPStage:
     torch.manual_seed(seed)
     return SigLIPStage(
         encoder=ENCODER_CONFIG,
         text_encoder={"_target_": "med3dvlm.models.towers.TextTower", "model_name_or_path": str(bert)},
         loss={"_target_": "med3dvlm.losses.siglip.SigLIPLoss"},
         optimizer={"_target_": "torch.optim.AdamW", "_partial_": True, "lr": lr},
-        scheduler={"_target_": "med3dvlm.training.optim.cosine_with_warmup", "_partial_": True, "warmup_ratio": 0.1},
+        scheduler={
+            "_target_": "med3dvlm.training.optim.cosine_with_warmup",
+            "_partial_": True,
+            "warmup_ratio": 0.1,
+        },
         input_size=INPUT_SIZE,
         embed_dim=32,
         export_dir=str(export_dir) if export_dir else None,

@@ -20,12 +20,19 @@ INPUT_SIZE = (32, 64, 64)
 ENCODER_CONFIG = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
 PROJECTOR_CONFIG = {
     "_target_": "med3dvlm.models.projectors.MixerProjector",
-    "encoder_channels": "???", "encoder_tokens": "???", "llm_dim": "???",
-    "low_tokens": [4, 4], "high_tokens": [2, 4], "depth": 2, "mlp_depth": 2,
+    "encoder_channels": "???",
+    "encoder_tokens": "???",
+    "llm_dim": "???",
+    "low_tokens": [4, 4],
+    "high_tokens": [2, 4],
+    "depth": 2,
+    "mlp_depth": 2,
 }
 CORPUS = [
     f"Is there a {size} lesion in the {organ}? {answer}"
-    for size in ("small", "large") for organ in ("liver", "spleen", "kidney") for answer in ("Yes", "No")
+    for size in ("small", "large")
+    for organ in ("liver", "spleen", "kidney")
+    for answer in ("Yes", "No")
 ]
 
 
@@ -49,8 +56,15 @@ def encoder_export(root: Path, seed: int = 0) -> Path:
     """A stage-1 export of :func:`encoder` ``(seed)`` at ``INPUT_SIZE`` (written once per root and seed)."""
     folder = root / f"encoder_export_{seed}"
     if record_file(folder) is None:
-        record = ArtifactRecord("encoder_export", "unit", INPUT_SIZE, m3d_preprocessing(), {"encoder": ENCODER_CONFIG},
-                                stage="siglip", which="final")
+        record = ArtifactRecord(
+            "encoder_export",
+            "unit",
+            INPUT_SIZE,
+            m3d_preprocessing(),
+            {"encoder": ENCODER_CONFIG},
+            stage="siglip",
+            which="final",
+        )
         write_encoder_export(folder, encoder(seed), record)
     return folder
 
@@ -64,8 +78,14 @@ def scheduler() -> dict[str, Any]:
 
 
 def lora(r: int = 4, alpha: int = 8) -> dict[str, Any]:
-    return {"_target_": "peft.LoraConfig", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-            "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    return {
+        "_target_": "peft.LoraConfig",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": "all-linear",
+        "task_type": "CAUSAL_LM",
+    }
 
 
 def pretrain(root: Path, lr: float = 1e-2, seed: int = 0, encoder_seed: int = 0, **kwargs: Any):
@@ -74,8 +94,16 @@ def pretrain(root: Path, lr: float = 1e-2, seed: int = 0, encoder_seed: int = 0,
 
     export = encoder_export(root, encoder_seed)
     torch.manual_seed(seed)
-    return PretrainStage(str(export), PROJECTOR_CONFIG, llm_node(root), INPUT_SIZE, optimizer(lr), scheduler(),
-                         experiment="unit", **kwargs)
+    return PretrainStage(
+        str(export),
+        PROJECTOR_CONFIG,
+        llm_node(root),
+        INPUT_SIZE,
+        optimizer(lr),
+        scheduler(),
+        experiment="unit",
+        **kwargs,
+    )
 
 
 def finetune(root: Path, pretrain_export: Path, lr: float = 1e-2, **kwargs: Any):
@@ -83,8 +111,14 @@ def finetune(root: Path, pretrain_export: Path, lr: float = 1e-2, **kwargs: Any)
     from med3dvlm.stages.finetune import FinetuneStage
 
     kwargs.setdefault("lora", lora())
-    return FinetuneStage(str(pretrain_export), llm_node(root), optimizer=optimizer(lr), scheduler=scheduler(),
-                         experiment="unit", **kwargs)
+    return FinetuneStage(
+        str(pretrain_export),
+        llm_node(root),
+        optimizer=optimizer(lr),
+        scheduler=scheduler(),
+        experiment="unit",
+        **kwargs,
+    )
 
 
 def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -116,9 +150,16 @@ def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> li
 
 def fit(stage: L.LightningModule, batches: list[dict], steps: int) -> None:
     loader = DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(stage, loader)
 
 
@@ -127,8 +168,9 @@ def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:
     (pretrain 1 step -> hand-off -> finetune 3 steps, LoRA on every linear layer)."""
     pre = pretrain(root, export_dir=str(root / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
-    stage = finetune(root, root / "pre", train_input_embeddings=True, train_lm_head=True,
-                     export_dir=str(root / "fine"))
+    stage = finetune(
+        root, root / "pre", train_input_embeddings=True, train_lm_head=True, export_dir=str(root / "fine")
+    )
     batches = toy_batches(stage.model)
     fit(stage, batches, steps=3)
     return stage, root / "fine", batches

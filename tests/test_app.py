@@ -82,7 +82,9 @@ def test_a_zipped_dicom_series_reads_like_its_folder(tmp_path):
     assert np.array_equal(from_zip.volume, from_folder.volume)
 
 
-@pytest.mark.parametrize(("member", "message"), [("../evil.dcm", "leaves the archive"), ("a.dcm", "more than 0 MiB")])
+@pytest.mark.parametrize(
+    ("member", "message"), [("../evil.dcm", "leaves the archive"), ("a.dcm", "more than 0 MiB")]
+)
 def test_a_hostile_zip_is_refused(tmp_path, member, message):
     archive = tmp_path / "upload.zip"
     with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -107,8 +109,13 @@ def test_views_cut_each_axis_and_show_the_radiological_display_of_any_voxel_orde
     volume = np.zeros((4, 6, 8), dtype=np.float32)
     volume[3] = 1.0  # the last axial slice
     assert view(volume, "axial", 1.0).shape == (6, 8) and view(volume, "axial", 1.0).min() == 255
-    ras, lpi = view(volume, "coronal", 0.5, orientation="RAS"), view(volume, "coronal", 0.5, orientation="LPI")
-    assert ras.shape == (4, 8) and (ras[0] == 255).all() and (ras[1:] == 0).all()  # RAS: the last slice is superior
+    ras, lpi = (
+        view(volume, "coronal", 0.5, orientation="RAS"),
+        view(volume, "coronal", 0.5, orientation="LPI"),
+    )
+    assert (
+        ras.shape == (4, 8) and (ras[0] == 255).all() and (ras[1:] == 0).all()
+    )  # RAS: the last slice is superior
     assert (lpi[-1] == 255).all() and (lpi[:-1] == 0).all()  # LPI (M3D): the last slice is inferior
     assert view(volume, "sagittal", 0.0).shape == (4, 6)
     marked = np.zeros((4, 6, 8), dtype=np.float32)
@@ -143,8 +150,11 @@ def test_the_answer_streams_and_one_request_runs_at_a_time(models, tmp_path):
     assert pieces and pieces[-1] == whole  # greedy: the streamed answer is infer's answer
     assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(pieces))
     with lock:  # another request holds the model: this one waits
-        waiting = threading.Thread(target=lambda: list(stream_answer(model, lock, scan.volume, prompt,
-                                                                      GenerationSettings(max_new_tokens=2))))
+        waiting = threading.Thread(
+            target=lambda: list(
+                stream_answer(model, lock, scan.volume, prompt, GenerationSettings(max_new_tokens=2))
+            )
+        )
         waiting.start()
         time.sleep(0.3)
         assert waiting.is_alive()
@@ -162,7 +172,9 @@ def _free_port() -> int:
 def test_the_page_answers_in_a_headless_browser(models, tmp_path):
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if chromium is None or driver_path is None:
-        pytest.fail("the browser test needs Debian's chromium and chromium-driver (make test installs them as root)")
+        pytest.fail(
+            "the browser test needs Debian's chromium and chromium-driver (make test installs them as root)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

@@ -25,6 +25,7 @@ def test_pairs_are_interleaved_and_the_ratio_is_the_median_of_pairs(monkeypatch)
         def run():
             calls.append(name)
             clock[0] += next(durations)
+
         return run
 
     original, ours, ratio = paired_seconds(timed("original"), timed("ours"), repeats=3, warmup=1)
@@ -37,8 +38,12 @@ def test_the_table_has_original_columns_only_when_the_original_ran():
     alone = bench_table([BenchRow("encoder", "forward", 0.06, "s", "2 threads")])
     assert "original" not in alone
     assert alone.splitlines()[2] == "| encoder | forward | 0.06 | s | 2 threads |"
-    beside = bench_table([BenchRow("encoder", "forward", 0.06, "s", "pairs", original=0.12, ratio=0.5),
-                           BenchRow("encoder", "coverage", 15.6, "%")])
+    beside = bench_table(
+        [
+            BenchRow("encoder", "forward", 0.06, "s", "pairs", original=0.12, ratio=0.5),
+            BenchRow("encoder", "coverage", 15.6, "%"),
+        ]
+    )
     assert "| original | ours / original |" in beside
     assert "| encoder | forward | 0.06 | s | 0.12 | 0.50 | pairs |" in beside
     assert "| encoder | coverage | 15.6 | % |  |  |  |" in beside
@@ -67,8 +72,10 @@ def _checkout(root, encoder_source: str):
 def test_the_original_loads_with_a_timm_stand_in(tmp_path):
     if "timm" in sys.modules or importlib.util.find_spec("timm") is not None:
         pytest.skip("timm is installed: the stand-in is not used")
-    source = ("from timm.layers import DropPath, to_3tuple\n"
-              "def decomp_small(input_size=(1, 1, 1)):\n    return DropPath(0.0), to_3tuple(2)\n")
+    source = (
+        "from timm.layers import DropPath, to_3tuple\n"
+        "def decomp_small(input_size=(1, 1, 1)):\n    return DropPath(0.0), to_3tuple(2)\n"
+    )
     try:
         original = load_original(_checkout(tmp_path, source))
         drop, triple = original.decomp_small()

@@ -30,8 +30,13 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def datamodule(prepared, tokenizer, **kwargs) -> M3DDataModule:
-    settings = {"mixture": "finetune", "num_image_tokens": N_IMAGE, "max_length": 128, "batch_size": 4,
-                "spatial_size": SHAPE} | kwargs
+    settings = {
+        "mixture": "finetune",
+        "num_image_tokens": N_IMAGE,
+        "max_length": 128,
+        "batch_size": 4,
+        "spatial_size": SHAPE,
+    } | kwargs
     return M3DDataModule(prepared, tokenizer=tokenizer, **settings)
 
 
@@ -75,17 +80,26 @@ def test_training_batches_are_padded_per_batch_on_the_right(prepared, tokenizer)
 
 
 def test_augmentation_only_in_training(prepared, tokenizer):
-    dm = datamodule(prepared, tokenizer, mixture="caption", batch_size=4,
-                    augmentation={"rotate90_prob": 1.0, "scale_prob": 1.0})
-    stored = [to_float(np.load(prepared / f"M3D_Cap/ct_case/{c}/Axial_C__portal_venous_phase.npy"))
-              for c in CASES["validation"]]
+    dm = datamodule(
+        prepared,
+        tokenizer,
+        mixture="caption",
+        batch_size=4,
+        augmentation={"rotate90_prob": 1.0, "scale_prob": 1.0},
+    )
+    stored = [
+        to_float(np.load(prepared / f"M3D_Cap/ct_case/{c}/Axial_C__portal_venous_phase.npy"))
+        for c in CASES["validation"]
+    ]
     val = next(iter(dm.val_dataloader()))
     for row, volume in enumerate(stored):
         np.testing.assert_array_equal(val["image"][row, 0].numpy(), volume)
     torch.manual_seed(0)
     train = next(iter(dm.train_dataloader()))
-    changed = [not torch.equal(train["image"][row, 0], torch.from_numpy(volume))
-               for row, volume in enumerate(to_float(np.load(prepared / p)) for p in train["image_path"])]
+    changed = [
+        not torch.equal(train["image"][row, 0], torch.from_numpy(volume))
+        for row, volume in enumerate(to_float(np.load(prepared / p)) for p in train["image_path"])
+    ]
     assert all(changed)
     off = datamodule(prepared, tokenizer, mixture="caption", augment=False)
     assert off.augmentation is None
@@ -106,8 +120,9 @@ def test_tokenizer_from_a_path_gets_the_image_token(prepared, tmp_path):
     plain = make_tokenizer()
     folder = tmp_path / "tok"
     plain.save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {**json.loads((folder / "tokenizer_config.json").read_text()), "extra_special_tokens": {}}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**json.loads((folder / "tokenizer_config.json").read_text()), "extra_special_tokens": {}})
+    )
     dm = datamodule(prepared, str(folder), image_token="<scan>", mixture="yes_no_vqa")
     assert dm.tokenizer.convert_tokens_to_ids("<scan>") != dm.tokenizer.unk_token_id
     batch = next(iter(dm.val_dataloader()))
@@ -151,6 +166,7 @@ def test_data_configs_instantiate(name, tokenizer):
 
 # --- DDP: Lightning's automatic DistributedSampler gives each rank a disjoint shard ----------------
 
+
 class RecordIds(L.LightningModule):
     def __init__(self, out_dir: str) -> None:
         super().__init__()
@@ -171,9 +187,18 @@ class RecordIds(L.LightningModule):
 
 def test_ddp_two_processes_get_disjoint_shards(prepared, tokenizer, tmp_path):
     dm = datamodule(prepared, tokenizer, batch_size=2)  # 16 training samples
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     module = RecordIds(str(tmp_path))
     trainer.fit(module, datamodule=dm)
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -186,7 +211,9 @@ def test_a_resumed_epoch_augments_as_the_uninterrupted_one_with_any_number_of_wo
     from med3dvlm.training.resumable_data import resumable
 
     def loader(workers: int):
-        built = resumable(datamodule(prepared, tokenizer, batch_size=2, num_workers=workers).train_dataloader(), seed=3)
+        built = resumable(
+            datamodule(prepared, tokenizer, batch_size=2, num_workers=workers).train_dataloader(), seed=3
+        )
         built.sampler.set_epoch(1)
         return built
 

@@ -111,8 +111,9 @@ def test_closed_vqa_sample(tokenizer, prepared):
     sample = ds[0]
     check_image(sample, prepared)
     case = CASES["validation"][0]  # 000005: organ spleen, letter B
-    assert sample["question"] == ("Which organ holds the lesion? Choices: A. Liver A B. Spleen "
-                                  "C. Liver C D. Liver D")
+    assert sample["question"] == (
+        "Which organ holds the lesion? Choices: A. Liver A B. Spleen C. Liver C D. Liver D"
+    )
     assert sample["answer"] == "B. Spleen" and sample["answer_choice"] == "B"
     assert sample["question_type"] == "3"
     assert prompt_text(tokenizer, sample) == IMAGE_TOKEN * N_IMAGE + " " + sample["question"]
@@ -175,6 +176,7 @@ def test_prompt_too_long_is_a_data_error_naming_the_csv(tokenizer, prepared):
 
 
 # --- bad inputs: each names the file ----------------------------------------------------------
+
 
 def first_volume(root: Path) -> Path:
     return root / json.loads((root / "M3D_Cap.json").read_text())["train"][0]["image"]
@@ -241,6 +243,7 @@ def test_missing_files(tokenizer, fresh):
 
 
 # --- on_error ------------------------------------------------------------------------------------
+
 
 def test_on_error_skip_returns_the_next_valid_sample_and_lists_it(tokenizer, fresh, tmp_path):
     bad_text = fresh / "M3D_Cap" / "ct_case" / CASES["train"][1] / "text.txt"

@@ -18,8 +18,9 @@ from med3dvlm.models.decomposed_ops import banded, branch_sum, padding
 
 def three_convolutions(x, kernels, bias, stride, groups):
     k = kernels[0].shape[2]
-    return sum(F.conv3d(x, w, None, stride, padding(axis, k), groups=groups) for axis, w in enumerate(kernels)) + (
-        bias.view(1, -1, 1, 1, 1))
+    return sum(
+        F.conv3d(x, w, None, stride, padding(axis, k), groups=groups) for axis, w in enumerate(kernels)
+    ) + (bias.view(1, -1, 1, 1, 1))
 
 
 @pytest.mark.parametrize(
@@ -40,13 +41,19 @@ def test_each_route_equals_three_convolutions(c_in, c_out, k, stride, groups, si
         shape[axis] = k
         kernels.append(torch.randn(c_out, c_in // groups, *shape, requires_grad=True))
     bias = torch.randn(c_out, requires_grad=True)
-    got, want = branch_sum(x, kernels, bias, stride, groups), three_convolutions(x, kernels, bias, stride, groups)
+    got, want = (
+        branch_sum(x, kernels, bias, stride, groups),
+        three_convolutions(x, kernels, bias, stride, groups),
+    )
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
     inputs = [x, bias, *kernels]
     weight = torch.randn_like(want)
-    for a, b in zip(torch.autograd.grad((got * weight).sum(), inputs),
-                    torch.autograd.grad((want * weight).sum(), inputs), strict=True):
+    for a, b in zip(
+        torch.autograd.grad((got * weight).sum(), inputs),
+        torch.autograd.grad((want * weight).sum(), inputs),
+        strict=True,
+    ):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
@@ -155,4 +162,3 @@ def test_an_old_export_recording_channels_last_still_loads():
     node = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano", "channels_last": True}
     with pytest.warns(UserWarning, match="channels_last is no longer a setting"):
         assert isinstance(build_component(node, "export.json", "encoder"), DCFormer)
-

@@ -33,6 +33,12 @@ def test_a_stage_export_older_than_the_data_is_retrained(tmp_path, monkeypatch):
     os.utime(export, (now - 100, now - 100))
     assert demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now - 200)[0] == export.parent
     assert calls == []
-    assert demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now)[0] == tmp_path / "new_run" / "siglip"
+    assert (
+        demo.train_stage("siglip", tmp_path / "new_run", False, inputs_made=now)[0]
+        == tmp_path / "new_run" / "siglip"
+    )
     assert calls[-1][:2] == ["med3dvlm.train", "experiment=demo"]
-    assert demo.train_stage("siglip", tmp_path / "new_run", True, inputs_made=now - 200)[0] == tmp_path / "new_run" / "siglip"
+    assert (
+        demo.train_stage("siglip", tmp_path / "new_run", True, inputs_made=now - 200)[0]
+        == tmp_path / "new_run" / "siglip"
+    )

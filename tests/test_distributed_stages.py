@@ -34,8 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("siglip", "pretrain", "finetune")
 STEPS = 3
 CHECKPOINT_STEP = 2
-ANSWERS = ("Yes", "No", "a large lesion in the liver", "No. The spleen is small", "Yes, in the kidney",
-           "a small lesion")
+ANSWERS = (
+    "Yes",
+    "No",
+    "a large lesion in the liver",
+    "No. The spleen is small",
+    "Yes, in the kidney",
+    "a small lesion",
+)
 
 
 # --- stages and batches (built identically in every process) ------------------------------------------
@@ -66,8 +72,15 @@ def build_stage(name: str, root: Path, export_dir: Path | None = None) -> L.Ligh
         module = pretrain(root, export_dir=export_dir)
     else:
         torch.manual_seed(0)
-        module = finetune(root, root / "pre", train_vision_tower=True, train_input_embeddings=True, train_lm_head=True,
-                          export_dir=export_dir, lora=lora())
+        module = finetune(
+            root,
+            root / "pre",
+            train_vision_tower=True,
+            train_input_embeddings=True,
+            train_lm_head=True,
+            export_dir=export_dir,
+            lora=lora(),
+        )
     module.optimizer_factory = sgd
     return deterministic(module)
 
@@ -75,11 +88,20 @@ def build_stage(name: str, root: Path, export_dir: Path | None = None) -> L.Ligh
 def siglip_batches(data: Path, bert: Path, count: int, batch_size: int = 4) -> list[dict]:
     from transformers import AutoTokenizer
 
-    dm = M3DDataModule(data, mixture="retrieval", tokenizer=AutoTokenizer.from_pretrained(bert), max_length=128,
-                       batch_size=batch_size, num_workers=0, augment=False, spatial_size=SIGLIP_INPUT_SIZE)
+    dm = M3DDataModule(
+        data,
+        mixture="retrieval",
+        tokenizer=AutoTokenizer.from_pretrained(bert),
+        max_length=128,
+        batch_size=batch_size,
+        num_workers=0,
+        augment=False,
+        spatial_size=SIGLIP_INPUT_SIZE,
+    )
     dm.setup("fit")
-    loader = torch.utils.data.DataLoader(dm.datasets["train"], batch_size=batch_size, shuffle=False,
-                                         collate_fn=dm.collate())
+    loader = torch.utils.data.DataLoader(
+        dm.datasets["train"], batch_size=batch_size, shuffle=False, collate_fn=dm.collate()
+    )
     keys = ("image", "input_ids", "attention_mask")
     return [{k: b[k] for k in keys} for b, _ in zip(loader, range(count))]
 
@@ -112,7 +134,7 @@ def answer_batches(model, count: int, batch_size: int = 4) -> list[dict]:
 def rank_share(batches: list[dict], rank: int, world: int) -> list[dict]:
     """This process's contiguous part of every global batch (no distributed sampler: a fixed order)."""
     size = batches[0]["input_ids"].shape[0] // world
-    return [{k: v[rank * size:(rank + 1) * size] for k, v in b.items()} for b in batches]
+    return [{k: v[rank * size : (rank + 1) * size] for k, v in b.items()} for b in batches]
 
 
 class GlobalLoss(L.Callback):
@@ -129,14 +151,32 @@ class GlobalLoss(L.Callback):
             self.path.write_text(json.dumps(self.losses))
 
 
-def fit(module, batches, out: Path, strategy="auto", devices: int = 1, max_steps: int = STEPS,
-        ckpt_path: str | None = None, callbacks=()) -> None:
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
-                        logger=False,
-                        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        use_distributed_sampler=False, gradient_clip_val=1.0, default_root_dir=out,
-                        callbacks=list(callbacks))
+def fit(
+    module,
+    batches,
+    out: Path,
+    strategy="auto",
+    devices: int = 1,
+    max_steps: int = STEPS,
+    ckpt_path: str | None = None,
+    callbacks=(),
+) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        gradient_clip_val=1.0,
+        default_root_dir=out,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, ResumableLoader(batches), ckpt_path=ckpt_path)
 
 
@@ -163,25 +203,53 @@ def run_worker(root: Path, out: Path) -> None:
             callbacks = [GlobalLoss(out / strategy / f"{name}.json")]
             # The fsdp runs also cover the options: a single-file checkpoint (siglip), gathered weights
             # kept until backward (pretrain), activation checkpointing (finetune; resumed without it).
-            options = {"siglip": {"save_distributed_checkpoint": False}, "pretrain": {"reshard_after_forward": False},
-                       "finetune": {"activation_checkpointing": True}}[name]
+            options = {
+                "siglip": {"save_distributed_checkpoint": False},
+                "pretrain": {"reshard_after_forward": False},
+                "finetune": {"activation_checkpointing": True},
+            }[name]
             chosen = "ddp" if strategy == "ddp" else FSDP2Strategy(**options)
             if strategy == "fsdp" and name != "pretrain":
-                callbacks.append(ModelCheckpoint(dirpath=out / f"ckpt_{name}", filename="{step}",
-                                                 every_n_train_steps=CHECKPOINT_STEP, save_top_k=-1))
+                callbacks.append(
+                    ModelCheckpoint(
+                        dirpath=out / f"ckpt_{name}",
+                        filename="{step}",
+                        every_n_train_steps=CHECKPOINT_STEP,
+                        save_top_k=-1,
+                    )
+                )
             module = build_stage(name, root, export_dir=out / strategy / f"{name}_export")
-            fit(module, rank_share(batches[name], rank, world), out / strategy / name, chosen, world,
-                callbacks=callbacks)
+            fit(
+                module,
+                rank_share(batches[name], rank, world),
+                out / strategy / name,
+                chosen,
+                world,
+                callbacks=callbacks,
+            )
     for name in STAGES:
-        fit(build_stage(name, root), rank_share(batches[name], rank, world), out / "bf16" / name,
-            CPUMixedPrecision(), world, callbacks=[GlobalLoss(out / "bf16" / f"{name}.json")])
+        fit(
+            build_stage(name, root),
+            rank_share(batches[name], rank, world),
+            out / "bf16" / name,
+            CPUMixedPrecision(),
+            world,
+            callbacks=[GlobalLoss(out / "bf16" / f"{name}.json")],
+        )
     sharded = out / "ckpt_finetune" / f"step={CHECKPOINT_STEP}.ckpt"
     if rank == 0:
         consolidate(sharded, out / "consolidated.ckpt")
     torch.distributed.barrier()
     for source, path in (("folder", sharded), ("file", out / "consolidated.ckpt")):
-        fit(build_stage("finetune", root), rank_share(batches["finetune"], rank, world), out / source,
-            FSDP2Strategy(), world, ckpt_path=str(path), callbacks=[GlobalLoss(out / f"resume_{source}.json")])
+        fit(
+            build_stage("finetune", root),
+            rank_share(batches["finetune"], rank, world),
+            out / source,
+            FSDP2Strategy(),
+            world,
+            ckpt_path=str(path),
+            callbacks=[GlobalLoss(out / f"resume_{source}.json")],
+        )
 
 
 WORKER = """import sys
@@ -204,17 +272,30 @@ def run(tmp_path_factory):
     handoff = build_stage("pretrain", root)  # the hand-off every finetune run goes on from
     handoff.write_export(root / "pre")
     vlm = handoff.model
-    batches = {"siglip": siglip_batches(data, bert, STEPS), "pretrain": answer_batches(vlm, STEPS),
-               "finetune": answer_batches(vlm, STEPS)}
+    batches = {
+        "siglip": siglip_batches(data, bert, STEPS),
+        "pretrain": answer_batches(vlm, STEPS),
+        "finetune": answer_batches(vlm, STEPS),
+    }
     torch.save(batches, out / "batches.pt")
     for name in STAGES:
-        fit(build_stage(name, root, export_dir=out / "one" / f"{name}_export"), batches[name], out / "one" / name,
-            callbacks=[GlobalLoss(out / "one" / f"{name}.json")])
+        fit(
+            build_stage(name, root, export_dir=out / "one" / f"{name}_export"),
+            batches[name],
+            out / "one" / name,
+            callbacks=[GlobalLoss(out / "one" / f"{name}.json")],
+        )
     script = root / "worker.py"
     script.write_text(WORKER.format(tests=str(REPO / "tests"), root=str(root), out=str(out)))
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"2-process script: {time.perf_counter() - started:.1f} s")
     return root, out, batches
@@ -291,11 +372,20 @@ def test_fsdp_single_file_checkpoint_is_standard_and_resumes_on_one_process(run,
     checkpoint = torch.load(path, weights_only=True)
     module = build_stage("siglip", root)
     assert {k: v.shape for k, v in checkpoint["state_dict"].items()} == {
-        k: v.shape for k, v in module.state_dict().items()}
+        k: v.shape for k, v in module.state_dict().items()
+    }
     (optimizer_state,) = checkpoint["optimizer_states"]
     trainable = [p for p in module.parameters() if p.requires_grad]
-    assert sorted(i for g in optimizer_state["param_groups"] for i in g["params"]) == list(range(len(trainable)))
-    fit(module, batches["siglip"], tmp_path, ckpt_path=str(path), callbacks=[GlobalLoss(tmp_path / "resume.json")])
+    assert sorted(i for g in optimizer_state["param_groups"] for i in g["params"]) == list(
+        range(len(trainable))
+    )
+    fit(
+        module,
+        batches["siglip"],
+        tmp_path,
+        ckpt_path=str(path),
+        callbacks=[GlobalLoss(tmp_path / "resume.json")],
+    )
     straight = losses(out / "fsdp" / "siglip.json")
     assert losses(tmp_path / "resume.json") == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5)
 
@@ -308,8 +398,13 @@ def test_resume_from_sharded_folder_or_consolidated_file_continues_the_run(run, 
         assert len(resumed) == STEPS - CHECKPOINT_STEP
         assert resumed == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5), source
     # one process resumes from the consolidated file too (no sharding involved)
-    fit(build_stage("finetune", root), batches["finetune"], tmp_path, ckpt_path=str(out / "consolidated.ckpt"),
-        callbacks=[GlobalLoss(tmp_path / "resume.json")])
+    fit(
+        build_stage("finetune", root),
+        batches["finetune"],
+        tmp_path,
+        ckpt_path=str(out / "consolidated.ckpt"),
+        callbacks=[GlobalLoss(tmp_path / "resume.json")],
+    )
     assert losses(tmp_path / "resume.json") == pytest.approx(straight[CHECKPOINT_STEP:], rel=1e-4, abs=1e-5)
 
 
@@ -325,10 +420,22 @@ def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
 
 
 def cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", module, *args], check=False, cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout, env=env)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -338,13 +445,30 @@ def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
     consolidation command makes one file of the last one; ``trainer=ddp`` resumes from that file."""
     root, _, _ = run
     data = root / "demo" / "prepared"
-    common = ["experiment=demo", "stage=siglip", "logger=none", "trainer.accelerator=cpu", "trainer.devices=2",
-              f"paths.data_dir={root}", f"paths.log_dir={tmp_path}", f"data.data_dir={data}",
-              f"data.spatial_size=[{','.join(map(str, SIGLIP_INPUT_SIZE))}]", "data.max_length=128",
-              "data.batch_size=4", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-              "+trainer.limit_test_batches=1"]
-    cli("med3dvlm.train", *common, "trainer=fsdp", "trainer.max_epochs=1", "test=false",
-        f"hydra.run.dir={tmp_path / 'fsdp'}")
+    common = [
+        "experiment=demo",
+        "stage=siglip",
+        "logger=none",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"paths.data_dir={root}",
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={data}",
+        f"data.spatial_size=[{','.join(map(str, SIGLIP_INPUT_SIZE))}]",
+        "data.max_length=128",
+        "data.batch_size=4",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+    ]
+    cli(
+        "med3dvlm.train",
+        *common,
+        "trainer=fsdp",
+        "trainer.max_epochs=1",
+        "test=false",
+        f"hydra.run.dir={tmp_path / 'fsdp'}",
+    )
     sharded = tmp_path / "fsdp" / "checkpoints" / "last.ckpt"
     assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
 
@@ -355,11 +479,17 @@ def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
     # the export written from the gathered shards holds the checkpoint's final encoder weights
     encoder_module, _ = load_encoder_export(tmp_path / "fsdp" / "export")
     prefix = "image_tower.encoder."
-    saved = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    saved = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     torch.testing.assert_close(saved, encoder_module.state_dict(), rtol=0, atol=0)
 
-    cli("med3dvlm.train", *common, "trainer=ddp", "trainer.max_epochs=2", f"ckpt_path={consolidated}",
-        f"hydra.run.dir={tmp_path / 'ddp'}")
+    cli(
+        "med3dvlm.train",
+        *common,
+        "trainer=ddp",
+        "trainer.max_epochs=2",
+        f"ckpt_path={consolidated}",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
+    )
     resumed = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1
 
@@ -378,7 +508,7 @@ def test_shard_plan_names_layers_encoder_stages_components_then_the_root(run):
     assert len(units) == len(set(units)) == len(checkpointed) + 4  # + vision tower, projector, VLM, root
     # inner units come before the units that hold them (fully_shard goes bottom-up)
     for i, unit in enumerate(units):
-        assert not any(inner in units[i + 1:] for inner in unit.modules() if inner is not unit)
+        assert not any(inner in units[i + 1 :] for inner in unit.modules() if inner is not unit)
 
     siglip = build_stage("siglip", root)
     units, checkpointed = shard_plan(siglip)

@@ -19,8 +19,13 @@ from med3dvlm.models.generation import GenerationSettings, distinct_rows, model_
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [  # (question type, answer letter, the fake model's output)
-    ("1", "A", "A. Axial"), ("1", "B", "A. B."), ("2", "C", "C"), ("3", "D", "The answer is D."),
-    ("3", "A", "B. Liver"), ("4", "B", "B. Yes"), ("5", "C", "c. left"),
+    ("1", "A", "A. Axial"),
+    ("1", "B", "A. B."),
+    ("2", "C", "C"),
+    ("3", "D", "The answer is D."),
+    ("3", "A", "B. Liver"),
+    ("4", "B", "B. Yes"),
+    ("5", "C", "c. left"),
 ]
 
 
@@ -32,9 +37,15 @@ class FakeClosedVQA(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         qtype, letter, _ = QUESTIONS[index]
-        return {"image": torch.full((1, 2, 2, 2), float(index)), "input_ids": torch.arange(1, 3 + index),
-                "question": f"question {index}?", "answer": f"{letter}. text {index}", "answer_choice": letter,
-                "question_type": qtype, "image_path": f"vol/{index}.npy"}
+        return {
+            "image": torch.full((1, 2, 2, 2), float(index)),
+            "input_ids": torch.arange(1, 3 + index),
+            "question": f"question {index}?",
+            "answer": f"{letter}. text {index}",
+            "answer_choice": letter,
+            "question_type": qtype,
+            "image_path": f"vol/{index}.npy",
+        }
 
 
 class FakeModel:
@@ -62,10 +73,22 @@ def test_closed_vqa_outputs_and_per_type_accuracy(tmp_path):
     result = ClosedVQATask().evaluate(context(tmp_path), FakeClosedVQA(), FakeModel(), pad_token_id=0)
     acc, strict = result.metrics["metrics"]["accuracy"], result.metrics["metrics"]["accuracy_strict"]
     # substring: A. Axial ok, "A. B." ok for B, "C" no, "The answer is D." ok, B for A no, B ok, c no.
-    assert acc == {"Plane": 1.0, "Phase": 0.0, "Organ": 0.5, "Abnormality": 1.0, "Location": 0.0,
-                   "Overall": pytest.approx(4 / 7)}
-    assert strict == {"Plane": 0.5, "Phase": 1.0, "Organ": 0.5, "Abnormality": 1.0, "Location": 0.0,
-                      "Overall": pytest.approx(4 / 7)}
+    assert acc == {
+        "Plane": 1.0,
+        "Phase": 0.0,
+        "Organ": 0.5,
+        "Abnormality": 1.0,
+        "Location": 0.0,
+        "Overall": pytest.approx(4 / 7),
+    }
+    assert strict == {
+        "Plane": 0.5,
+        "Phase": 1.0,
+        "Organ": 0.5,
+        "Abnormality": 1.0,
+        "Location": 0.0,
+        "Overall": pytest.approx(4 / 7),
+    }
     with open(result.files["predictions"], newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0])[:6] == ["Question Type", "Question", "Answer", "Answer Choice", "Pred", "Image Path"]
@@ -143,8 +166,14 @@ def test_open_vqa_scores_per_type(tmp_path, nltk_data):
 
 def test_leakage_task_on_prepared_layout(tmp_path):
     data = tmp_path / "prepared"
-    cases = {"train": [("000001", "axial", "Liver cyst.")],
-             "test": [("000001", "coronal", "Other."), ("000002", "axial", "Liver cyst."), ("000003", "axial", "X.")]}
+    cases = {
+        "train": [("000001", "axial", "Liver cyst.")],
+        "test": [
+            ("000001", "coronal", "Other."),
+            ("000002", "axial", "Liver cyst."),
+            ("000003", "axial", "X."),
+        ],
+    }
     split_file = {}
     for split, items in cases.items():
         split_file[split] = []
@@ -152,15 +181,21 @@ def test_leakage_task_on_prepared_layout(tmp_path):
             folder = data / "M3D_Cap" / "ct_case" / case
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{series}.txt").write_text(text)
-            split_file[split].append({"image": f"M3D_Cap/ct_case/{case}/{series}.npy",
-                                      "text": f"M3D_Cap/ct_case/{case}/{series}.txt"})
+            split_file[split].append(
+                {
+                    "image": f"M3D_Cap/ct_case/{case}/{series}.npy",
+                    "text": f"M3D_Cap/ct_case/{case}/{series}.txt",
+                }
+            )
     (data / "M3D_Cap.json").write_text(json.dumps(split_file))
     result = LeakageTask().run(EvalContext(out_dir=str(tmp_path / "run"), data_dir=str(data)))
     assert "| leaking_test_items | 2 |" in result.table
     out = tmp_path / "run"
     report = json.loads((out / "leakage.json").read_text())
-    assert report["captions"]["leaking"] == {"M3D_Cap/ct_case/000001/coronal.npy": ["case"],
-                                             "M3D_Cap/ct_case/000002/axial.npy": ["text"]}
+    assert report["captions"]["leaking"] == {
+        "M3D_Cap/ct_case/000001/coronal.npy": ["case"],
+        "M3D_Cap/ct_case/000002/axial.npy": ["text"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +214,14 @@ def exported_model(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("eval_model")
     stage = pretrain(root)
-    record = ArtifactRecord("model_folder", "unit", INPUT_SIZE, m3d_preprocessing(),
-                            {"vision_tower": ENCODER_CONFIG, "projector": stage.projector_config}, prompt_format="m3d")
+    record = ArtifactRecord(
+        "model_folder",
+        "unit",
+        INPUT_SIZE,
+        m3d_preprocessing(),
+        {"vision_tower": ENCODER_CONFIG, "projector": stage.projector_config},
+        prompt_format="m3d",
+    )
     folder = save_pretrained(stage.model, root / "model", record)
     return folder, make_prepared(root / "prepared", shape=INPUT_SIZE)
 
@@ -188,9 +229,18 @@ def exported_model(tmp_path_factory) -> tuple[Path, Path]:
 def test_entry_point_closed_vqa_on_an_exported_model(exported_model, tmp_path):
     model, data = exported_model
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "med3dvlm.evaluate", "task=vqa_closed", f"model={model}", f"data_dir={data}",
-            "context.generation.max_new_tokens=3", "context.batch_size=2", "context.progress=false",
-            f"hydra.run.dir={out}"]
+    args = [
+        sys.executable,
+        "-m",
+        "med3dvlm.evaluate",
+        "task=vqa_closed",
+        f"model={model}",
+        f"data_dir={data}",
+        "context.generation.max_new_tokens=3",
+        "context.batch_size=2",
+        "context.progress=false",
+        f"hydra.run.dir={out}",
+    ]
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "| Overall |" in proc.stdout and "Accuracy (substring)" in proc.stdout
@@ -205,8 +255,15 @@ def test_report_task_runs_the_model_batched(exported_model, tmp_path, nltk_data)
     from med3dvlm.evaluation.tasks import ReportTask
 
     model, data = exported_model
-    ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(data), model=str(model), batch_size=3, progress=False,
-                      generation=GenerationSettings(max_new_tokens=3), nltk_data=nltk_data)
+    ctx = EvalContext(
+        out_dir=str(tmp_path),
+        data_dir=str(data),
+        model=str(model),
+        batch_size=3,
+        progress=False,
+        generation=GenerationSettings(max_new_tokens=3),
+        nltk_data=nltk_data,
+    )
     result = ReportTask(limit=2).run(ctx)
     assert result.metrics["num_samples"] == 2
     assert set(result.metrics["metrics"]) == {"bleu", "rouge1", "meteor"}
@@ -231,9 +288,16 @@ def test_model_generate_encodes_each_volume_once_and_matches_the_model(exported_
     g = torch.Generator().manual_seed(0)
     volumes = {name: torch.rand(1, *loaded.record.input_size, generator=g) for name in ("a", "b")}
     names = ["a", "a", "b", "a"]
-    samples = [{"image": volumes[name], "image_path": name,
-                "input_ids": torch.tensor(prompts.tokenize(prompts.prompt("Is there a lesion?" + " Where?" * i),
-                                                           None).input_ids)} for i, name in enumerate(names)]
+    samples = [
+        {
+            "image": volumes[name],
+            "image_path": name,
+            "input_ids": torch.tensor(
+                prompts.tokenize(prompts.prompt("Is there a lesion?" + " Where?" * i), None).input_ids
+            ),
+        }
+        for i, name in enumerate(names)
+    ]
     batch = PadCollate(model.tokenizer.pad_token_id, padding_side="left")(samples)
     encoded: list[int] = []
     model.vision_tower.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))

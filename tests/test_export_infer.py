@@ -27,8 +27,12 @@ def finetuned(tmp_path_factory):
 def test_export_reload_gives_identical_outputs(finetuned, tmp_path):
     trained, handoff, batches, _ = finetuned
     folder = write_merged_model(handoff, tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} >= {"record.json", "llm", "vision_tower.safetensors",
-                                                  "projector.safetensors"}
+    assert {p.name for p in folder.iterdir()} >= {
+        "record.json",
+        "llm",
+        "vision_tower.safetensors",
+        "projector.safetensors",
+    }
     loaded = load_pretrained(folder)
     reloaded = loaded.model
     assert loaded.record.input_size == INPUT_SIZE and reloaded.num_image_tokens == trained.num_image_tokens
@@ -51,18 +55,38 @@ def test_export_of_a_damaged_handoff_names_the_file(finetuned, tmp_path):
 
 def run_module(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, check=False,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
 
 
 def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
     _, _, _, root = finetuned
-    done = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=unit",
-                       f"out={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'run'}"])
+    done = run_module(
+        [
+            "med3dvlm.export",
+            f"paths.log_dir={root}",
+            "experiment_name=unit",
+            f"out={tmp_path / 'model'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "model" / "record.json").is_file()
-    missing = run_module(["med3dvlm.export", f"paths.log_dir={root}", "experiment_name=nothing",
-                          f"hydra.run.dir={tmp_path / 'run2'}"])
+    missing = run_module(
+        [
+            "med3dvlm.export",
+            f"paths.log_dir={root}",
+            "experiment_name=nothing",
+            f"hydra.run.dir={tmp_path / 'run2'}",
+        ]
+    )
     assert missing.returncode != 0 and "python -m med3dvlm.train stage=finetune" in missing.stderr
 
 
@@ -74,8 +98,15 @@ def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
     folder = write_merged_model(handoff, tmp_path / "model")
     volume = np.random.default_rng(0).normal(100, 30, size=(50, 41, 23)).astype(np.int16)  # (x, y, z)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
-    done = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'scan.nii.gz'}",
-                       "question=Is there a large lesion in the liver?", "max_new_tokens=4"])
+    done = run_module(
+        [
+            "med3dvlm.infer",
+            f"model={folder}",
+            f"image={tmp_path / 'scan.nii.gz'}",
+            "question=Is there a large lesion in the liver?",
+            "max_new_tokens=4",
+        ]
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()  # an answer was printed
     missing = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'nope.nii.gz'}"])
@@ -87,10 +118,25 @@ def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(finetuned, tmp_pa
 
     _, handoff, _, _ = finetuned
     folder = write_merged_model(handoff, tmp_path / "model")
-    for scan in (write_dicom_series(tmp_path / "series", ct_volume()), write_nifti(tmp_path / "ct.nii.gz", ct_volume())):
-        done = run_module(["med3dvlm.infer", f"model={folder}", f"image={scan}", "intensity.window=soft_tissue",
-                           "question=Is there a large lesion in the liver?", "max_new_tokens=4"])
+    for scan in (
+        write_dicom_series(tmp_path / "series", ct_volume()),
+        write_nifti(tmp_path / "ct.nii.gz", ct_volume()),
+    ):
+        done = run_module(
+            [
+                "med3dvlm.infer",
+                f"model={folder}",
+                f"image={scan}",
+                "intensity.window=soft_tissue",
+                "question=Is there a large lesion in the liver?",
+                "max_new_tokens=4",
+            ]
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.strip() and "Hounsfield" not in done.stdout + done.stderr
-    bare = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'ct.nii.gz'}", "max_new_tokens=2"])
-    assert bare.returncode == 0 and "intensity.window=soft_tissue" in bare.stdout + bare.stderr  # says what to set
+    bare = run_module(
+        ["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'ct.nii.gz'}", "max_new_tokens=2"]
+    )
+    assert (
+        bare.returncode == 0 and "intensity.window=soft_tissue" in bare.stdout + bare.stderr
+    )  # says what to set

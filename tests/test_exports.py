@@ -23,15 +23,19 @@ from med3dvlm.data.preprocess import Preprocessing, SourcePreprocessing
 from med3dvlm.models.dcformer import DCFormer
 
 NANO = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano"}
-WINDOWED = Preprocessing("own", {"own": SourcePreprocessing(window="soft_tissue", scale="window", orientation="RAS")},
-                         {"format": "npy"})
+WINDOWED = Preprocessing(
+    "own",
+    {"own": SourcePreprocessing(window="soft_tissue", scale="window", orientation="RAS")},
+    {"format": "npy"},
+)
 
 
 def _export(folder, experiment="unit", which="final", seed=0):
     torch.manual_seed(seed)
     encoder = DCFormer(variant="nano")
-    record = ArtifactRecord("encoder_export", experiment, (32, 64, 64), WINDOWED, {"encoder": NANO}, stage="siglip",
-                            which=which)
+    record = ArtifactRecord(
+        "encoder_export", experiment, (32, 64, 64), WINDOWED, {"encoder": NANO}, stage="siglip", which=which
+    )
     write_encoder_export(folder, encoder, record)
     return encoder
 
@@ -42,7 +46,9 @@ def test_round_trip_gives_identical_outputs_and_the_record(tmp_path):
     loaded.eval()
     assert record.components["encoder"] == NANO and record.input_size == (32, 64, 64)
     assert record.preprocessing == WINDOWED and not record.preprocessing.inferred
-    assert set(record.files) == {WEIGHTS_FILE} and read_record(tmp_path / "export", verify_files=True) == record
+    assert (
+        set(record.files) == {WEIGHTS_FILE} and read_record(tmp_path / "export", verify_files=True) == record
+    )
     assert load_encoder_export(tmp_path / "export" / WEIGHTS_FILE)[1] == record
     x = torch.rand(1, 1, 32, 64, 64)
     with torch.no_grad():
@@ -51,7 +57,9 @@ def test_round_trip_gives_identical_outputs_and_the_record(tmp_path):
 
 
 def test_missing_export_names_the_command(tmp_path):
-    with pytest.raises(RecordError, match=r"nothing: no artifact here \(record.json missing\).*python -m med3dvlm.train"):
+    with pytest.raises(
+        RecordError, match=r"nothing: no artifact here \(record.json missing\).*python -m med3dvlm.train"
+    ):
         load_encoder_export(tmp_path / "nothing")
 
 
@@ -118,13 +126,22 @@ def test_latest_export_by_stage_experiment_and_kind(tmp_path):
     assert latest(SIGLIP_BEST_EXPORT, "a", tmp_path) == tmp_path / "run3" / "export_best"
     assert latest(SIGLIP_EXPORT, "b", tmp_path) == tmp_path / "run2" / "export"
     assert latest(SIGLIP_EXPORT, "c", tmp_path) is None
-    assert latest(replace(SIGLIP_EXPORT, identity={**SIGLIP_EXPORT.identity, "stage": "pretrain"}), "a", tmp_path) is None
+    assert (
+        latest(
+            replace(SIGLIP_EXPORT, identity={**SIGLIP_EXPORT.identity, "stage": "pretrain"}), "a", tmp_path
+        )
+        is None
+    )
 
 
 def test_an_export_never_replaces_a_folder_of_something_else(tmp_path):
     other = tmp_path / "results"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"results: exists and is not a folder this writes \(no record.json\)"):
+    with pytest.raises(
+        FileExistsError, match=r"results: exists and is not a folder this writes \(no record.json\)"
+    ):
         _export(other)
-    assert (other / "notes.txt").read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == ["results"]
+    assert (other / "notes.txt").read_text() == "keep me" and [p.name for p in tmp_path.iterdir()] == [
+        "results"
+    ]

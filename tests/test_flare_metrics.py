@@ -48,8 +48,11 @@ CASE_A = {
     "case_id": "amos_0001.nii.gz",
     "findings": {"liver": "Normal.", "kidneys": "Left renal stone."},
     "global_vqa": [
-        {"question": "Which abnormalities?", "choices": ["Kidney stone", "Ascites", "Splenomegaly"],
-         "answer": ["Kidney stone", "Ascites"]},
+        {
+            "question": "Which abnormalities?",
+            "choices": ["Kidney stone", "Ascites", "Splenomegaly"],
+            "answer": ["Kidney stone", "Ascites"],
+        },
         {"question": "Which spleen abnormalities?", "choices": ["Splenomegaly"], "answer": ["Splenomegaly"]},
     ],
     "local_vqa": [
@@ -60,15 +63,23 @@ CASE_A = {
         {"id": 20, "follow_up": -1, "question": "Is there ascites?", "answer": "No"},
     ],
 }
-CASE_B = {"case_id": "valid_1_a_1.nii.gz", "global_vqa": [{"question": "Which?", "answer": []}],
-          "local_vqa": []}
+CASE_B = {
+    "case_id": "valid_1_a_1.nii.gz",
+    "global_vqa": [{"question": "Which?", "answer": []}],
+    "local_vqa": [],
+}
 CASE_C = {
     "case_id": "amos_0002.nii.gz",
     "global_vqa": [{"question": "Which?", "answer": ["Hepatic cyst"]}],
     "local_vqa": [
         {"id": 1, "follow_up": -1, "question": "Is there a liver mass?", "answer": "No"},
-        {"id": 2, "follow_up": 1, "question": "Which lobe?", "choices": ["Left", "None of the above"],
-         "answer": "None of the above"},
+        {
+            "id": 2,
+            "follow_up": 1,
+            "question": "Which lobe?",
+            "choices": ["Left", "None of the above"],
+            "answer": "None of the above",
+        },
     ],
 }
 GT = [CASE_A, CASE_B, CASE_C]
@@ -133,8 +144,11 @@ def test_global_accuracy_quirks():
     text = [{"case_id": "x.nii.gz", "global_vqa": [{"answer": "ab"}], "local_vqa": []}]
     assert global_accuracy([glob("x.npy", "a,b")], text) == 1.0
     # (1 + 2/3 + 0) / 3 = 0.5555555... rounded to 6 decimals.
-    rows = [glob("amos_0001.npy", "Kidney stone, Ascites"), glob("amos_0001.npy", "Kidney stone, Ascites, x"),
-            glob("amos_0002.npy", None)]
+    rows = [
+        glob("amos_0001.npy", "Kidney stone, Ascites"),
+        glob("amos_0001.npy", "Kidney stone, Ascites, x"),
+        glob("amos_0002.npy", None),
+    ]
     assert global_accuracy(rows, GT) == 0.555556
     assert global_accuracy([], GT) == 0.0
 
@@ -209,7 +223,10 @@ def test_strict_scores_count_cases_and_chains():
     ]
     # global (0.5 + 1 + 0) / 3 = 0.5; local (0.5 + 0 + 0) / 3 = 0.166667
     assert strict_scores(rows, GT) == {
-        "global_accuracy": 0.5, "local_accuracy": 0.166667, "cases": 3, "chains": 3
+        "global_accuracy": 0.5,
+        "local_accuracy": 0.166667,
+        "cases": 3,
+        "chains": 3,
     }
     # The reference on the same rows: global (1 + 1 + 0) / 3; local (0.5 + 1 + 0) / 3.
     assert global_accuracy(rows, GT) == 0.666667
@@ -259,7 +276,9 @@ def test_read_predictions_cells(tmp_path):
     )
     rows = read_predictions(path)
     assert [(r.question_id, r.question, r.prediction) for r in rows] == [
-        (None, "multi\nline", None), (3, "q", " None"), (4, "q", None)
+        (None, "multi\nline", None),
+        (3, "q", " None"),
+        (4, "q", None),
     ]
     path.write_text("case_id,scope,question\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"\['question_id', 'prediction'\]"):
@@ -346,10 +365,12 @@ def test_judge_regions_calls_and_case_score():
     case = score_case(GT_REPORT, GEN_REPORT, judge)
     # One call for the matched regions, one per invented region, none for the omitted one.
     assert calls == [
-        [("left renal stone", "no stone"), ("normal", "normal")], [("enlarged", "heart is normal.")]
+        [("left renal stone", "no stone"), ("normal", "normal")],
+        [("enlarged", "heart is normal.")],
     ]
-    assert case == CaseRegionScores(("liver", "kidneys", "spleen"),
-                                    {"kidneys": 0.5, "liver": 1.0, "heart": 0.25, "spleen": 0.0})
+    assert case == CaseRegionScores(
+        ("liver", "kidneys", "spleen"), {"kidneys": 0.5, "liver": 1.0, "heart": 0.25, "spleen": 0.0}
+    )
     assert case_score(case.scores) == (0.5 + 1.0 + 0.25 + 0.0) / 4
     assert case_score({}) == 0.0
     assert judge_regions(region_pairs("", ""), judge) == {} and len(calls) == 2
@@ -390,8 +411,10 @@ def nltk_data(tmp_path_factory) -> Path:
 
 def test_region_text_scores(nltk_data):
     cases = [
-        ("liver: liver is normal\nspleen: no splenomegaly",
-         "liver: liver normal\nspleen: spleen enlarged\nheart: ok"),
+        (
+            "liver: liver is normal\nspleen: no splenomegaly",
+            "liver: liver normal\nspleen: spleen enlarged\nheart: ok",
+        ),
         ("liver: liver is normal", "liver: liver is normal"),
     ]
     result = region_text_scores(cases, nltk_data=nltk_data)

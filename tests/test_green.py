@@ -108,30 +108,57 @@ MATCHED_HEADER = "\n\n[Matched Findings]:\n"
     ("answer", "significant", "expected"),
     [
         # (1)-(6) fallback when no lettered line exists: a=2, d=1 -> 2 / (2 + 3).
-        (SIG + "(1) False report of a finding: 2. Ascites; Splenomegaly.\n(4) Misassessment: 1. Grade."
-         + MATCHED_HEADER + "2. Liver cyst; Gallstone.", [2, 0, 0, 1, 0, 0], 0.4),
+        (
+            SIG
+            + "(1) False report of a finding: 2. Ascites; Splenomegaly.\n(4) Misassessment: 1. Grade."
+            + MATCHED_HEADER
+            + "2. Liver cyst; Gallstone.",
+            [2, 0, 0, 1, 0, 0],
+            0.4,
+        ),
         # One lettered line disables the numbered ones: a=1 -> 1 / (1 + 1).
-        (SIG + "(a) False report: 1. x.\n(2) Missing: 5. y." + MATCHED_HEADER + "1. z.",
-         [1, 0, 0, 0, 0, 0], 0.5),
+        (
+            SIG + "(a) False report: 1. x.\n(2) Missing: 5. y." + MATCHED_HEADER + "1. z.",
+            [1, 0, 0, 0, 0, 0],
+            0.5,
+        ),
         # Duplicate letters: lines are sorted, the last wins ("...: 4." sorts after "...: 2."), although
         # 2 comes last in the text -> 2 / (2 + 4).
-        (SIG + "(a) False report: 4. w; x; y; z.\n(a) False report: 2. w; x." + MATCHED_HEADER + "2. a; b.",
-         [4, 0, 0, 0, 0, 0], 1 / 3),
+        (
+            SIG
+            + "(a) False report: 4. w; x; y; z.\n(a) False report: 2. w; x."
+            + MATCHED_HEADER
+            + "2. a; b.",
+            [4, 0, 0, 0, 0, 0],
+            1 / 3,
+        ),
         # A line of spaces ends the section: (b) is outside it -> 3 / (3 + 1).
         (SIG + "(a) X: 1. x.\n   \n(b) Y: 4. y." + MATCHED_HEADER + "3. a; b; c.", [1, 0, 0, 0, 0, 0], 0.75),
         # No blank line before the next header: the insignificant (a) line is read as significant
         # and sorts last -> 2 / (2 + 5).
-        (SIG + "(a) X: 1. x.\n[Clinically Insignificant Errors]:\n(a) X: 5. y." + MATCHED_HEADER + "2. a; b.",
-         [5, 0, 0, 0, 0, 0], 2 / 7),
+        (
+            SIG
+            + "(a) X: 1. x.\n[Clinically Insignificant Errors]:\n(a) X: 5. y."
+            + MATCHED_HEADER
+            + "2. a; b.",
+            [5, 0, 0, 0, 0, 0],
+            2 / 7,
+        ),
         # Counts need ": " before and "." after: "X:1." and "Y: 3" give 0, "(c)Z" is no line -> 1.0.
         (SIG + "(a) X:1. x.\n(b) Y: 3\n(c)Z: 2. z." + MATCHED_HEADER + "1. a.", [0] * 6, 1.0),
         # Header and items on one line (whitespace after the colon is skipped) -> 2 / (2 + 1).
-        ("[Clinically Significant Errors]: (a) False report: 1. x.\n\n[Matched Findings]: 2. a; b",
-         [1, 0, 0, 0, 0, 0], 2 / 3),
+        (
+            "[Clinically Significant Errors]: (a) False report: 1. x.\n\n[Matched Findings]: 2. a; b",
+            [1, 0, 0, 0, 0, 0],
+            2 / 3,
+        ),
         # A section starting with "No" has no errors, even "Nodular ..." followed by counts -> 4 / 4, 1 / 1.
         (SIG + "No clinically significant errors." + MATCHED_HEADER + "4. a; b; c; d.", [0] * 6, 1.0),
-        (SIG + "Nodular liver falsely reported.\n(a) False report: 2. x; y." + MATCHED_HEADER + "1. a.",
-         [0] * 6, 1.0),
+        (
+            SIG + "Nodular liver falsely reported.\n(a) False report: 2. x; y." + MATCHED_HEADER + "1. a.",
+            [0] * 6,
+            1.0,
+        ),
         # Missing significant section: no errors -> 2 / 2.
         ("[Matched Findings]:\n2. a; b.", [0] * 6, 1.0),
     ],
@@ -172,8 +199,16 @@ def test_judge_refuses_a_hub_id(tmp_path):
 
 def test_judge_on_a_tiny_model(tmp_path):
     corpus = [GREEN_PROMPT, FULL_ANSWER, "The liver is normal. A small cyst in the left kidney."]
-    folder = build_tiny_qwen(tmp_path / "judge", corpus, vocab_size=600, hidden_size=32, num_layers=1,
-                             num_heads=2, num_kv_heads=1, intermediate_size=64)
+    folder = build_tiny_qwen(
+        tmp_path / "judge",
+        corpus,
+        vocab_size=600,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
     pairs = [
         ("The liver is normal.", "The liver is normal."),
         ("A small cyst in the left kidney with a much longer description of it.", "No cyst."),

@@ -38,15 +38,24 @@ def test_split_leakage_lists_cases_and_texts_with_counts():
         "M3D_Cap/ct_case/000003/axial.npy": ["text"],
         "M3D_Cap/ct_case/000002/sagittal.npy": ["case", "text"],
     }
-    assert report.counts() == {"train_items": 2, "test_items": 4, "leaking_test_items": 3, "by_case": 2,
-                               "by_text": 2, "shared_cases": 2, "shared_texts": 2}
+    assert report.counts() == {
+        "train_items": 2,
+        "test_items": 4,
+        "leaking_test_items": 3,
+        "by_case": 2,
+        "by_text": 2,
+        "shared_cases": 2,
+        "shared_texts": 2,
+    }
     assert report.shared_texts == {"Normal study.": 1, "Liver cyst.": 1}
     table = format_leakage(report, "captions")
     assert "| leaking_test_items | 3 |" in table and "000003/axial.npy | text |" in table
 
 
 def test_no_overlap_reports_nothing():
-    report = split_leakage([Item("a/1/x", "a/1", "t")], [Item("a/2/x", "a/2", "u"), Item("a/3/x", "a/3", None)])
+    report = split_leakage(
+        [Item("a/1/x", "a/1", "t")], [Item("a/2/x", "a/2", "u"), Item("a/3/x", "a/3", None)]
+    )
     assert report.leaking == {} and report.counts()["leaking_test_items"] == 0
 
 
@@ -73,14 +82,20 @@ def test_prepare_strict_split_moves_leaking_test_items_and_their_vqa_rows(tmp_pa
     raw = write_raw_m3d(tmp_path / "raw", cases=4, slices=6)
     series = {0: "Axial_non_contrast", 1: "Coronal_arterial_phase"}
     placement = {  # (case, series) -> split
-        (0, 0): "train", (0, 1): "test",     # same case on both sides
-        (1, 0): "train", (1, 1): "train",
-        (2, 0): "test", (2, 1): "test",      # same report text as case 1
-        (3, 0): "test", (3, 1): "test",      # clean
+        (0, 0): "train",
+        (0, 1): "test",  # same case on both sides
+        (1, 0): "train",
+        (1, 1): "train",
+        (2, 0): "test",
+        (2, 1): "test",  # same report text as case 1
+        (3, 0): "test",
+        (3, 1): "test",  # clean
     }
     entries = {"train": [], "validation": [], "test": []}
     for (case, s), split in placement.items():
-        entries[split].append({"image": f"ct_case/{case:06d}/{series[s]}.npy", "text": f"ct_case/{case:06d}/text.txt"})
+        entries[split].append(
+            {"image": f"ct_case/{case:06d}/{series[s]}.npy", "text": f"ct_case/{case:06d}/text.txt"}
+        )
     (raw / "M3D_Cap" / "M3D_Cap.json").write_text(json.dumps(entries))
     shared = "study_findings: A 12 mm cyst in the liver."
     for case in (1, 2):
@@ -99,7 +114,9 @@ def test_prepare_strict_split_moves_leaking_test_items_and_their_vqa_rows(tmp_pa
     out = tmp_path / "strict"
     split = json.loads((out / "M3D_Cap.json").read_text())
     assert sorted(e["image"] for e in split["test"]) == [
-        "M3D_Cap/ct_case/000003/Axial_non_contrast.npy", "M3D_Cap/ct_case/000003/Coronal_arterial_phase.npy"]
+        "M3D_Cap/ct_case/000003/Axial_non_contrast.npy",
+        "M3D_Cap/ct_case/000003/Coronal_arterial_phase.npy",
+    ]
     assert len(split["train"]) == 6
     moved = manifest["strict_split"]["captions"]
     assert moved["leaking"] == {

@@ -58,19 +58,29 @@ def test_every_artifact_kind_main_wrote_before_records_loads_and_computes_the_sa
     llm = LanguageModel(str(MAIN / "tiny_qwen"))  # the hand-offs name the LLM at its old absolute path
     with caplog.at_level(logging.WARNING):
         towers = load_siglip_export(MAIN / "siglip_export")
-    assert _says_inferred(caplog) and towers.record.stage == "siglip" and towers.record.text_pooling == "first"
+    assert (
+        _says_inferred(caplog) and towers.record.stage == "siglip" and towers.record.text_pooling == "first"
+    )
     ids = towers.tokenizer(["The liver shows a small cyst."], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(towers.image_tower(image), expected["siglip_image"])
-        torch.testing.assert_close(towers.text_tower(ids["input_ids"], ids["attention_mask"]), expected["siglip_text"])
+        torch.testing.assert_close(
+            towers.text_tower(ids["input_ids"], ids["attention_mask"]), expected["siglip_text"]
+        )
 
     # Stage 2's hand-off held no encoder: it names the export (by a path relative to where training ran).
-    with pytest.raises(FileNotFoundError, match=r"holds no encoder; the encoder export it names \(runs/siglip/export\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"holds no encoder; the encoder export it names \(runs/siglip/export\)"
+    ):
         load_pretrain_handoff(MAIN / "projector_handoff", llm)
-    pre, record = load_pretrain_handoff(MAIN / "projector_handoff", llm, encoder_export=MAIN / "siglip_export")
+    pre, record = load_pretrain_handoff(
+        MAIN / "projector_handoff", llm, encoder_export=MAIN / "siglip_export"
+    )
     assert record.kind == "projector_handoff" and record.preprocessing.inferred
     with torch.no_grad():
-        torch.testing.assert_close(pre.eval().project(pre.encode_images(image)), expected["projector_features"])
+        torch.testing.assert_close(
+            pre.eval().project(pre.encode_images(image)), expected["projector_features"]
+        )
 
     fine, record = load_finetune_handoff(MAIN / "adapter_handoff", llm=llm)
     assert record.trained_embeddings == ("input_embeddings", "lm_head")
@@ -83,8 +93,9 @@ def test_every_artifact_kind_main_wrote_before_records_loads_and_computes_the_sa
 
 def test_a_legacy_hand_off_exports_into_a_model_folder_with_a_record(tmp_path):
     expected = load_file(str(MAIN / "expected.safetensors"))
-    folder = write_merged_model(MAIN / "adapter_handoff", tmp_path / "model",
-                                llm=LanguageModel(str(MAIN / "tiny_qwen")))
+    folder = write_merged_model(
+        MAIN / "adapter_handoff", tmp_path / "model", llm=LanguageModel(str(MAIN / "tiny_qwen"))
+    )
     record = read_record(folder, "model_folder", verify_files=True)
     assert record.parent("adapter").record.kind == "adapter_handoff" and record.preprocessing.inferred
     model = load_pretrained(folder).model

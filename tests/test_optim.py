@@ -9,8 +9,15 @@ from med3dvlm.training.optim import param_groups, split_decay
 
 
 def tiny_qwen2(tied: bool) -> Qwen2ForCausalLM:
-    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=tied,
+    )
     return Qwen2ForCausalLM(config)
 
 

@@ -37,8 +37,9 @@ def test_dcformer_compares_every_output_and_stage(reference_dir):
 
 
 @pytest.mark.parametrize("name", FILES)
-def test_a_difference_at_float32_noise_passes_the_default_tolerance_and_fails_a_tighter_one(name, vectors, tmp_path,
-                                                                                            capsys):
+def test_a_difference_at_float32_noise_passes_the_default_tolerance_and_fails_a_tighter_one(
+    name, vectors, tmp_path, capsys
+):
     # The Mixer can match the original to the bit on some CPUs: plant a float32-noise-sized difference.
     data = dict(vectors[name])
     key = "hidden_states" if name.startswith("dcformer") else "output"
@@ -108,8 +109,12 @@ def test_prefixed_checkpoints_load_through_the_importers_split(vectors):
     vlm = {f"model.vision_tower.vision_tower.{k}": v for k, v in nano.items()}
     vlm |= {f"model.mm_projector.{k}": v for k, v in mixer.items()}
     vlm["lm_head.weight"] = torch.zeros(3, 2)
-    groups, _, _ = split_state(vlm, {"vision": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.",
-                                     "llm": "lm_head."}, (), "VLM")
+    groups, _, _ = split_state(
+        vlm,
+        {"vision": "model.vision_tower.vision_tower.", "projector": "model.mm_projector.", "llm": "lm_head."},
+        (),
+        "VLM",
+    )
     encoder = DCFormer("nano")
     load_reference_state_dict(encoder, groups["vision"], prefix="model.vision_tower.vision_tower.")
     assert torch.equal(encoder.stages[4][0].scale, nano["encoder.s4.0.scale"])

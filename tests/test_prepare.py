@@ -65,9 +65,16 @@ def write_raw_m3d(root: Path, cases: int = 3, slices: int = 10, split_file: bool
             )
             vqa_rows.append(
                 {
-                    "Image Path": image, "Text": "report", "Question Type": "3",
-                    "Question": "Which organ?", "Choice A": "liver", "Choice B": "spleen",
-                    "Choice C": "kidney", "Choice D": "lung", "Answer": "liver", "Answer Choice": "A",
+                    "Image Path": image,
+                    "Text": "report",
+                    "Question Type": "3",
+                    "Question": "Which organ?",
+                    "Choice A": "liver",
+                    "Choice B": "spleen",
+                    "Choice C": "kidney",
+                    "Choice D": "lung",
+                    "Answer": "liver",
+                    "Answer Choice": "A",
                 }
             )
         (case_dir / "text.txt").write_text(
@@ -232,7 +239,9 @@ def test_m3d_split_file_is_followed(tmp_path: Path) -> None:
     prepare(raw, tmp_path / "out")
     split = json.loads((tmp_path / "out" / "M3D_Cap.json").read_text())
     assert {name: sorted({i["image"].split("/")[2] for i in items}) for name, items in split.items()} == {
-        "train": ["000000"], "validation": ["000001"], "test": ["000002"]
+        "train": ["000000"],
+        "validation": ["000001"],
+        "test": ["000002"],
     }
 
 
@@ -314,8 +323,16 @@ def test_prepare_resumes_after_sigkill_with_identical_outputs(tmp_path: Path) ->
     prepare(raw, uninterrupted, spatial_size=[32, 96, 96], format="nii.gz")
     out = tmp_path / "killed"
     command = [
-        sys.executable, "-m", "med3dvlm.prepare", f"source={raw}", f"out={out}", size, "format=nii.gz",
-        "workers=2", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}",
+        sys.executable,
+        "-m",
+        "med3dvlm.prepare",
+        f"source={raw}",
+        f"out={out}",
+        size,
+        "format=nii.gz",
+        "workers=2",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.PIPE)
@@ -407,7 +424,6 @@ def test_own_data_colliding_stems_get_distinct_outputs(tmp_path: Path) -> None:
     assert read_volume_raw(tmp_path / "out" / outputs[0]).shape == tuple(SMALL)
 
 
-
 # ----------------------------------------------------------------------------- synthetic -> prepare
 
 
@@ -489,13 +505,21 @@ def test_a_nifti_header_claiming_too_many_voxels_is_refused_before_decompressing
     bomb = write_nifti_claiming(tmp_path / "bomb.nii.gz", (1600, 1600, 1600), 4 << 20)
     assert bomb.stat().st_size < 100_000
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(bomb)], capture_output=True, text=True,
-                          timeout=120, check=False, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_SCRIPT, str(bomb)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=REPO_ROOT,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{bomb}: the header claims 1600x1600x1600 = 4,096,000,000 voxels" in done.stdout
     assert "max_voxels" in done.stdout
     assert time.perf_counter() - started < 30
-    huge = write_nifti_claiming(tmp_path / "huge.nii.gz", (32000, 32000, 32000), 1024)  # NIfTI-1 dims are int16
+    huge = write_nifti_claiming(
+        tmp_path / "huge.nii.gz", (32000, 32000, 32000), 1024
+    )  # NIfTI-1 dims are int16
     with pytest.raises(DataError, match=r"huge\.nii\.gz: the header claims .* voxels"):
         load_nifti_as_dhw(huge)
     small = write_nifti_claiming(tmp_path / "small.nii.gz", (8, 8, 8), 8 * 8 * 8 * 2)
@@ -510,7 +534,9 @@ def test_prepare_refuses_an_oversized_scan_or_skips_and_lists_it(tmp_path: Path)
     write_nifti_claiming(scans / "bomb.nii.gz", (1600, 1600, 1600), 1 << 20)
     good = np.random.default_rng(0).normal(100, 20, size=(12, 10, 6)).astype(np.int16)
     nib.save(nib.Nifti1Image(good, np.eye(4)), str(scans / "good.nii.gz"))
-    csv_path = write_own_csv(tmp_path / "own.csv", [("scans/bomb.nii.gz", "A report."), ("scans/good.nii.gz", "B.")])
+    csv_path = write_own_csv(
+        tmp_path / "own.csv", [("scans/bomb.nii.gz", "A report."), ("scans/good.nii.gz", "B.")]
+    )
     with pytest.raises(DataError, match=r"bomb\.nii\.gz: the header claims"):
         prepare(csv_path, tmp_path / "out")
     manifest = prepare(csv_path, tmp_path / "out2", on_error="skip", max_voxels=10**6)
@@ -521,7 +547,9 @@ def test_prepare_refuses_an_oversized_scan_or_skips_and_lists_it(tmp_path: Path)
 def test_a_series_whose_slices_add_up_to_too_many_voxels_is_refused_before_decoding(tmp_path: Path) -> None:
     write_series(tmp_path / "s", slices=6, shape=(40, 50))
     assert stack_series(tmp_path / "s").volume.shape == (6, 40, 50)
-    with pytest.raises(DataError, match=r"s: the series. 6 slices hold 12,000 voxels, more than max_voxels=10,000"):
+    with pytest.raises(
+        DataError, match=r"s: the series. 6 slices hold 12,000 voxels, more than max_voxels=10,000"
+    ):
         stack_series(tmp_path / "s", max_voxels=10_000)
 
 
@@ -529,8 +557,18 @@ def test_a_series_whose_slices_add_up_to_too_many_voxels_is_refused_before_decod
 
 
 def _prepare_command(raw: Path, out: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "med3dvlm.prepare", f"source={raw}", f"out={out}", "spatial_size=[32,96,96]",
-            "format=nii.gz", "progress=false", f"hydra.run.dir={tmp_path / 'hydra'}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "med3dvlm.prepare",
+        f"source={raw}",
+        f"out={out}",
+        "spatial_size=[32,96,96]",
+        "format=nii.gz",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+        *extra,
+    ]
 
 
 def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
@@ -552,8 +590,12 @@ def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_p
     raw = write_raw_m3d(tmp_path / "raw", cases=4, slices=24)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    first = subprocess.Popen(_prepare_command(raw, out, tmp_path, "workers=1"), env=env, stderr=subprocess.PIPE)
-    _wait_for(lambda: (out / LOCK_FILE).is_file() and str(first.pid) in (out / LOCK_FILE).read_text(), "the lock")
+    first = subprocess.Popen(
+        _prepare_command(raw, out, tmp_path, "workers=1"), env=env, stderr=subprocess.PIPE
+    )
+    _wait_for(
+        lambda: (out / LOCK_FILE).is_file() and str(first.pid) in (out / LOCK_FILE).read_text(), "the lock"
+    )
     os.kill(first.pid, signal.SIGSTOP)  # the first run holds the lock, mid-way
     try:
         listing = sorted(p.name for p in out.rglob("*"))
@@ -563,7 +605,9 @@ def test_a_second_prepare_into_the_same_folder_is_refused_naming_the_first(tmp_p
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=180) == 0, first.stderr.read().decode()[-2000:]
-    manifest = prepare(raw, out, spatial_size=[32, 96, 96], format="nii.gz")  # the lock went with the first run
+    manifest = prepare(
+        raw, out, spatial_size=[32, 96, 96], format="nii.gz"
+    )  # the lock went with the first run
     assert manifest["counts"]["volumes_ok"] == 8
 
 
@@ -571,7 +615,9 @@ def test_killing_prepare_ends_its_workers(tmp_path: Path) -> None:
     raw = write_raw_m3d(tmp_path / "raw", cases=12, slices=24)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    parent = subprocess.Popen(_prepare_command(raw, out, tmp_path, "workers=2"), env=env, stderr=subprocess.PIPE)
+    parent = subprocess.Popen(
+        _prepare_command(raw, out, tmp_path, "workers=2"), env=env, stderr=subprocess.PIPE
+    )
     children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
     workers: list[int] = []
 
@@ -593,17 +639,24 @@ def test_one_scan_listed_twice_is_refused_and_identical_copies_share_a_split(tmp
     (tmp_path / "csv").mkdir()
     scan = np.random.default_rng(0).normal(100, 20, size=(12, 10, 6)).astype(np.int16)
     nib.save(nib.Nifti1Image(scan, np.eye(4)), str(tmp_path / "own" / "g.nii.gz"))
-    spellings = write_own_csv(tmp_path / "csv" / "two.csv",
-                              [("../own/g.nii.gz", "Report A."), ("../csv/../own/g.nii.gz", "Report B.")])
-    with pytest.raises(DataError, match=r"two\.csv: line 3: '\.\./csv/\.\./own/g\.nii\.gz' is the same file as line 2"):
+    spellings = write_own_csv(
+        tmp_path / "csv" / "two.csv",
+        [("../own/g.nii.gz", "Report A."), ("../csv/../own/g.nii.gz", "Report B.")],
+    )
+    with pytest.raises(
+        DataError, match=r"two\.csv: line 3: '\.\./csv/\.\./own/g\.nii\.gz' is the same file as line 2"
+    ):
         prepare(spellings, tmp_path / "o1")
     manifest = prepare(spellings, tmp_path / "o2", on_error="skip")
-    assert manifest["counts"]["volumes_ok"] == 1 and manifest["skipped"][0]["source"] == "../csv/../own/g.nii.gz"
+    assert (
+        manifest["counts"]["volumes_ok"] == 1 and manifest["skipped"][0]["source"] == "../csv/../own/g.nii.gz"
+    )
 
     for i in range(12):
         (tmp_path / "own" / f"copy{i}.nii.gz").write_bytes((tmp_path / "own" / "g.nii.gz").read_bytes())
-    copies = write_own_csv(tmp_path / "csv" / "copies.csv",
-                           [(f"../own/copy{i}.nii.gz", f"Report {i}.") for i in range(12)])
+    copies = write_own_csv(
+        tmp_path / "csv" / "copies.csv", [(f"../own/copy{i}.nii.gz", f"Report {i}.") for i in range(12)]
+    )
     manifest = prepare(copies, tmp_path / "o3", split={"train": 0.5, "validation": 0.0, "test": 0.5})
     split = json.loads((tmp_path / "o3" / "M3D_Cap.json").read_text())
     assert sorted(len(entries) for entries in split.values()) == [0, 0, 12]  # all in one split
@@ -629,7 +682,11 @@ def test_a_failed_rerun_keeps_the_manifest_of_a_complete_folder(tmp_path: Path) 
 # Series folder names as they occur in the release (the original's demo cases), plus one with a diacritic.
 RELEASE_SERIES = {
     ("ct_case", "001480"): ["Axial_bone_window", "_non_contrast"],
-    ("ct_case", "004794"): ["Axial_C__arterial_phase", "Axial_Delayed_portal", "Coronal_C__portal_venous_phase"],
+    ("ct_case", "004794"): [
+        "Axial_C__arterial_phase",
+        "Axial_Delayed_portal",
+        "Coronal_C__portal_venous_phase",
+    ],
     ("ct_quizze", "015533"): ["AXIAL_THICK_BRAIN_None", "Coronal_bone_window", "Pöschl_bone_window"],
     ("ct_quizze", "024421"): ["Axial_non_contrast", "Sagittal_C__portal_venous_phase"],
 }
@@ -661,10 +718,20 @@ def write_release(root: Path) -> Path:
                 write_series(case_dir / name, 8, seed=number * 10 + s)
             image = f"M3D_Cap_npy/{collection}/{case}/{name.replace('ö', 'o')}.npy"
             lists[split].append({"image": image, "text": f"M3D_Cap_npy/{collection}/{case}/text.txt"})
-            rows[split].append({"Image Path": image, "Text": "report", "Question Type": "1",
-                                "Question": "Which plane?", "Choice A": "axial", "Choice B": "coronal",
-                                "Choice C": "sagittal", "Choice D": "oblique", "Answer": "axial",
-                                "Answer Choice": "A"})
+            rows[split].append(
+                {
+                    "Image Path": image,
+                    "Text": "report",
+                    "Question Type": "1",
+                    "Question": "Which plane?",
+                    "Choice A": "axial",
+                    "Choice B": "coronal",
+                    "Choice C": "sagittal",
+                    "Choice D": "oblique",
+                    "Answer": "axial",
+                    "Answer Choice": "A",
+                }
+            )
         (case_dir / "text.txt").write_text(f"study_findings: Case {case} findings.\ndiscussion: none.")
     lists["test100"] = lists["test"][:1]
     (root / "M3D_Cap" / "M3D_Cap.json").write_text(json.dumps(lists, indent=1))
@@ -672,7 +739,9 @@ def write_release(root: Path) -> Path:
     for split, short in (("train", "train"), ("validation", "val"), ("test", "test")):
         write_csv_rows(vqa / f"M3D_VQA_{short}.csv", rows[split])
     write_csv_rows(vqa / "M3D_VQA_test5k.csv", rows["test"][:1])
-    write_csv_rows(vqa / "M3D_VQA_yn_train.csv", [{**r, "Answer": "Yes", "Answer Choice": ""} for r in rows["train"]])
+    write_csv_rows(
+        vqa / "M3D_VQA_yn_train.csv", [{**r, "Answer": "Yes", "Answer Choice": ""} for r in rows["train"]]
+    )
     return root
 
 
@@ -689,8 +758,10 @@ def test_the_release_layout_prepares_keeping_every_entry_and_row(tmp_path: Path)
     manifest = prepare(raw, tmp_path / "out")
     out = tmp_path / "out"
     assert manifest["skipped"] == [] and manifest["counts"]["volumes_ok"] == 10
-    assert manifest["counts"]["collections"] == {"ct_case": {"cases": 2, "series": 5, "volumes_ok": 5},
-                                                 "ct_quizze": {"cases": 2, "series": 5, "volumes_ok": 5}}
+    assert manifest["counts"]["collections"] == {
+        "ct_case": {"cases": 2, "series": 5, "volumes_ok": 5},
+        "ct_quizze": {"cases": 2, "series": 5, "volumes_ok": 5},
+    }
     source = json.loads((raw / "M3D_Cap" / "M3D_Cap.json").read_text())
     prepared = json.loads((out / "M3D_Cap.json").read_text())
     assert {k: len(v) for k, v in prepared.items()} == {k: len(v) for k, v in source.items()}
@@ -699,10 +770,17 @@ def test_the_release_layout_prepares_keeping_every_entry_and_row(tmp_path: Path)
             assert entry["image"] == original["image"].replace("M3D_Cap_npy/", "M3D_Cap/")  # same order
             assert (out / entry["image"]).is_file() and (out / entry["text"]).read_text().startswith("Case ")
     assert (out / "M3D_Cap/ct_quizze/015533/Poschl_bone_window.npy").is_file()  # folded as the original
-    assert manifest["volumes"]["M3D_Cap/ct_quizze/015533/Poschl_bone_window.npy"]["source"] == \
-        "M3D_Cap/ct_quizze/015533/Pöschl_bone_window"
-    for name in ("M3D_VQA_train.csv", "M3D_VQA_val.csv", "M3D_VQA_test.csv", "M3D_VQA_test5k.csv",
-                 "M3D_VQA_yn_train.csv"):
+    assert (
+        manifest["volumes"]["M3D_Cap/ct_quizze/015533/Poschl_bone_window.npy"]["source"]
+        == "M3D_Cap/ct_quizze/015533/Pöschl_bone_window"
+    )
+    for name in (
+        "M3D_VQA_train.csv",
+        "M3D_VQA_val.csv",
+        "M3D_VQA_test.csv",
+        "M3D_VQA_test5k.csv",
+        "M3D_VQA_yn_train.csv",
+    ):
         with open(raw / "M3D-VQA" / name, newline="") as fh:
             before = list(csv.DictReader(fh))
         with open(out / "M3D-VQA" / name, newline="") as fh:
@@ -729,14 +807,18 @@ def test_release_layout_problems_name_the_folder(tmp_path: Path) -> None:
     raw = write_release(tmp_path / "raw")
     twin = raw / "M3D_Cap/ct_quizze/015533/Poschl_bone_window"
     write_series(twin, 8)
-    with pytest.raises(DataError, match=r"015533: series 'Poschl_bone_window' and 'Pöschl_bone_window' both fold"):
+    with pytest.raises(
+        DataError, match=r"015533: series 'Poschl_bone_window' and 'Pöschl_bone_window' both fold"
+    ):
         prepare(raw, tmp_path / "o1")
     manifest = prepare(raw, tmp_path / "o2", on_error="skip")
     assert [s["source"] for s in manifest["skipped"]] == ["M3D_Cap/ct_quizze/015533"]
     zipped = tmp_path / "zipped"
     (zipped / "M3D_Cap" / "ct_case").mkdir(parents=True)
     (zipped / "M3D_Cap" / "ct_case" / "ct_case_00.zip").write_bytes(b"PK")
-    with pytest.raises(DataError, match=r"ct_case: holds 1 .zip archive\(s\) \(ct_case_00.zip, ...\) and no case"):
+    with pytest.raises(
+        DataError, match=r"ct_case: holds 1 .zip archive\(s\) \(ct_case_00.zip, ...\) and no case"
+    ):
         prepare(zipped, tmp_path / "o3")
     nested = tmp_path / "nested"
     write_series(nested / "M3D_Cap/ct_case/ct_case/000001/Axial", 4)
@@ -748,9 +830,14 @@ def test_release_layout_problems_name_the_folder(tmp_path: Path) -> None:
 def test_a_vqa_row_about_no_series_of_the_tree_is_bad_input(tmp_path: Path) -> None:
     raw = write_release(tmp_path / "raw")
     test5k = raw / "M3D-VQA" / "M3D_VQA_test5k.csv"
-    test5k.write_text(test5k.read_text().replace("M3D_Cap_npy/ct_quizze/024421/Axial_non_contrast.npy",
-                                                 "M3D_Cap_npy/ct_quizze/999999/Axial.npy"))
-    with pytest.raises(DataError, match=r"test5k.csv: 1 row\(s\) name no series of the raw tree \(first: line 2"):
+    test5k.write_text(
+        test5k.read_text().replace(
+            "M3D_Cap_npy/ct_quizze/024421/Axial_non_contrast.npy", "M3D_Cap_npy/ct_quizze/999999/Axial.npy"
+        )
+    )
+    with pytest.raises(
+        DataError, match=r"test5k.csv: 1 row\(s\) name no series of the raw tree \(first: line 2"
+    ):
         prepare(raw, tmp_path / "o1")
     manifest = prepare(raw, tmp_path / "o2", on_error="skip")
     assert manifest["vqa"]["M3D_VQA_test5k.csv"]["kept"] == 0

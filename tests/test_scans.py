@@ -51,8 +51,11 @@ def write_nrrd(path: Path, volume: np.ndarray) -> Path:
     import nrrd
 
     directions = np.diag([-SPACING[0], -SPACING[1], SPACING[2]])  # RAS axes written in LPS space
-    nrrd.write(str(path), volume, {"space": "left-posterior-superior", "space directions": directions,
-                                   "space origin": np.zeros(3)})
+    nrrd.write(
+        str(path),
+        volume,
+        {"space": "left-posterior-superior", "space directions": directions, "space origin": np.zeros(3)},
+    )
     return path
 
 
@@ -100,8 +103,12 @@ def write_dicom_series(folder: Path, volume: np.ndarray) -> Path:
 def scans(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("scans")
     volume = ct_volume()
-    return {"nifti": write_nifti(root / "ct.nii.gz", volume), "nrrd": write_nrrd(root / "ct.nrrd", volume),
-            "metaimage": write_mha(root / "ct.mha", volume), "dicom": write_dicom_series(root / "ct_dicom", volume)}
+    return {
+        "nifti": write_nifti(root / "ct.nii.gz", volume),
+        "nrrd": write_nrrd(root / "ct.nrrd", volume),
+        "metaimage": write_mha(root / "ct.mha", volume),
+        "dicom": write_dicom_series(root / "ct_dicom", volume),
+    }
 
 
 def test_every_format_reads_to_the_same_canonical_volume(scans):
@@ -120,8 +127,11 @@ def test_a_header_claiming_too_many_voxels_is_refused_in_every_format(scans):
 
 def test_preprocessing_matches_monai_crop_foreground_and_resize():
     rng = np.random.default_rng(0)
-    real = [load_nifti_as_dhw(NIBABEL_DATA / "anatomical.nii"), load_nifti_as_dhw(NIBABEL_DATA / "standard.nii.gz"),
-            ct_volume((40, 33, 21)).transpose(2, 1, 0)]
+    real = [
+        load_nifti_as_dhw(NIBABEL_DATA / "anatomical.nii"),
+        load_nifti_as_dhw(NIBABEL_DATA / "standard.nii.gz"),
+        ct_volume((40, 33, 21)).transpose(2, 1, 0),
+    ]
     random = []
     for shape in ((20, 33, 41), (7, 64, 50), (64, 9, 30)):
         volume = rng.random(shape).astype(np.float32)
@@ -129,14 +139,24 @@ def test_preprocessing_matches_monai_crop_foreground_and_resize():
         random.append(volume)
     for size in ((8, 16, 16), (16, 32, 24)):
         for volume in [*real, *random]:
-            minmax = mtf.Compose([mtf.ScaleIntensity(minv=0.0, maxv=1.0), mtf.CropForeground(allow_smaller=True),
-                                  mtf.Resize(spatial_size=size, mode="trilinear")])
+            minmax = mtf.Compose(
+                [
+                    mtf.ScaleIntensity(minv=0.0, maxv=1.0),
+                    mtf.CropForeground(allow_smaller=True),
+                    mtf.Resize(spatial_size=size, mode="trilinear"),
+                ]
+            )
             expected = np.asarray(minmax(volume.astype(np.float32)[None]))[0]
             np.testing.assert_allclose(preprocess_volume(volume, size), expected, atol=1e-5)
         for name in WINDOWS:
             low, high = window_range(name)
-            windowed = mtf.Compose([mtf.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
-                                    mtf.CropForeground(allow_smaller=True), mtf.Resize(spatial_size=size, mode="trilinear")])
+            windowed = mtf.Compose(
+                [
+                    mtf.ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True),
+                    mtf.CropForeground(allow_smaller=True),
+                    mtf.Resize(spatial_size=size, mode="trilinear"),
+                ]
+            )
             volume = real[2].astype(np.float32)
             expected = np.asarray(windowed(volume[None]))[0]
             spec = SourcePreprocessing(window=(low, high), scale="window")
@@ -164,15 +184,33 @@ def test_a_raw_hu_ct_prepares_with_a_window_and_without_one_says_which(scans, tm
     for kind in ("nifti", "dicom"):
         listing = _own_csv(tmp_path / f"{kind}.csv", scans[kind])
         with caplog.at_level(logging.WARNING, logger="med3dvlm.data.preparation"):
-            bare = prepare_dataset(listing, tmp_path / f"{kind}_bare", spatial_size=SIZE, format="nii.gz",
-                                   workers=0, progress=False, split={"train": 1.0})
-        assert "look like raw CT in Hounsfield units" in caplog.text and "intensity.window=soft_tissue" in caplog.text
+            bare = prepare_dataset(
+                listing,
+                tmp_path / f"{kind}_bare",
+                spatial_size=SIZE,
+                format="nii.gz",
+                workers=0,
+                progress=False,
+                split={"train": 1.0},
+            )
+        assert (
+            "look like raw CT in Hounsfield units" in caplog.text
+            and "intensity.window=soft_tissue" in caplog.text
+        )
         assert bare["intensity"] == {"window": None, "hu_like_min_maxed": 1}
         assert bare["preprocessing"]["sources"]["own"]["window"] is None
         caplog.clear()
         out = tmp_path / f"{kind}_soft"
-        manifest = prepare_dataset(listing, out, spatial_size=SIZE, format="nii.gz", workers=0, progress=False,
-                                   split={"train": 1.0}, window="soft_tissue")
+        manifest = prepare_dataset(
+            listing,
+            out,
+            spatial_size=SIZE,
+            format="nii.gz",
+            workers=0,
+            progress=False,
+            split={"train": 1.0},
+            window="soft_tissue",
+        )
         assert "Hounsfield" not in caplog.text
         assert manifest["intensity"] == {"window": "soft_tissue", "hu_like_min_maxed": 0}
         soft = SourcePreprocessing.from_dict(manifest["preprocessing"]["sources"]["own"])
@@ -184,14 +222,27 @@ def test_a_raw_hu_ct_prepares_with_a_window_and_without_one_says_which(scans, tm
         # One code path: infer gives the model what prepare wrote, for the raw scan and for the prepared file.
         np.testing.assert_allclose(model_input(scans[kind], SIZE, soft).volume, prepared, atol=1e-6)
         np.testing.assert_array_equal(model_input(out / image, SIZE, soft).volume, prepared)
-    explicit = prepare_dataset(_own_csv(tmp_path / "none.csv", scans["nifti"]), tmp_path / "none", spatial_size=SIZE,
-                               workers=0, progress=False, split={"train": 1.0}, window="none")
+    explicit = prepare_dataset(
+        _own_csv(tmp_path / "none.csv", scans["nifti"]),
+        tmp_path / "none",
+        spatial_size=SIZE,
+        workers=0,
+        progress=False,
+        split={"train": 1.0},
+        window="none",
+    )
     assert explicit["intensity"]["window"] == "none"
 
 
 def test_a_changed_window_prepares_the_volume_again(scans, tmp_path):
     listing = _own_csv(tmp_path / "own.csv", scans["nrrd"])
-    options = {"spatial_size": SIZE, "format": "npy", "workers": 0, "progress": False, "split": {"train": 1.0}}
+    options = {
+        "spatial_size": SIZE,
+        "format": "npy",
+        "workers": 0,
+        "progress": False,
+        "split": {"train": 1.0},
+    }
     first = prepare_dataset(listing, tmp_path / "out", window="soft_tissue", **options)
     second = prepare_dataset(listing, tmp_path / "out", window="bone", **options)
     (image,) = first["volumes"]
@@ -215,12 +266,16 @@ def test_unsupported_scans_and_missing_readers_name_the_file(tmp_path, monkeypat
     monkeypatch.setattr(scans_module.importlib.util, "find_spec", lambda name: None)
     write_nrrd(tmp_path / "ct.nrrd", ct_volume())
     _own_csv(listing, tmp_path / "ct.nrrd")
-    with pytest.raises(DataError, match=r"ct.nrrd: reading nrrd scans needs pynrrd: pip install 'med3dvlm\[scans\]'"):
+    with pytest.raises(
+        DataError, match=r"ct.nrrd: reading nrrd scans needs pynrrd: pip install 'med3dvlm\[scans\]'"
+    ):
         prepare_dataset(listing, tmp_path / "out2", workers=0, progress=False)
     assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
-def _stored_as(volume_dhw: np.ndarray, codes: str, permutation: tuple[int, int, int] = (0, 1, 2)) -> nib.Nifti1Image:
+def _stored_as(
+    volume_dhw: np.ndarray, codes: str, permutation: tuple[int, int, int] = (0, 1, 2)
+) -> nib.Nifti1Image:
     """``volume_dhw`` laid out in ``codes`` (axis codes of (W, H, D)); with a ``permutation`` other than
     the identity, stored with its first voxel axis flipped and the axes permuted, the header saying so."""
     data = volume_dhw.transpose(2, 1, 0)  # voxel axes (i, j, k) = (W, H, D)
@@ -236,7 +291,8 @@ def _stored_as(volume_dhw: np.ndarray, codes: str, permutation: tuple[int, int, 
 
 @pytest.mark.parametrize("codes", ["LPI", "RAS", "LPS"])
 def test_a_scan_in_a_sources_layout_reaches_the_model_unchanged_and_identically_from_any_stored_orientation(
-        tmp_path, codes):
+    tmp_path, codes
+):
     rng = np.random.default_rng(1)
     volume = (rng.random((6, 7, 8)) * 0.9 + 0.05).astype(np.float32)  # (D, H, W), distinct sizes
     volume[3, 3, 3], volume[2, 4, 5] = 0.0, 1.0  # min-max is the identity, the crop keeps everything

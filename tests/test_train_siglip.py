@@ -35,23 +35,40 @@ def assets(tmp_path_factory):
 def datamodule(data: Path, bert: Path, batch_size: int = 4) -> M3DDataModule:
     from transformers import AutoTokenizer
 
-    return M3DDataModule(data, mixture="retrieval", tokenizer=AutoTokenizer.from_pretrained(bert), max_length=128,
-                         batch_size=batch_size, num_workers=0, augment=False, spatial_size=INPUT_SIZE)
+    return M3DDataModule(
+        data,
+        mixture="retrieval",
+        tokenizer=AutoTokenizer.from_pretrained(bert),
+        max_length=128,
+        batch_size=batch_size,
+        num_workers=0,
+        augment=False,
+        spatial_size=INPUT_SIZE,
+    )
 
 
 def fixed_batches(data: Path, bert: Path, count: int, batch_size: int = 4) -> list[dict]:
     dm = datamodule(data, bert, batch_size)
     dm.setup("fit")
-    loader = torch.utils.data.DataLoader(dm.datasets["train"], batch_size=batch_size, shuffle=False,
-                                         collate_fn=dm.collate())
+    loader = torch.utils.data.DataLoader(
+        dm.datasets["train"], batch_size=batch_size, shuffle=False, collate_fn=dm.collate()
+    )
     batches = list(loader)
     return [batches[i % len(batches)] for i in range(count)]
 
 
 def trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    options = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-               "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-               "default_root_dir": tmp_path, "gradient_clip_val": 1.0}
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": tmp_path,
+        "gradient_clip_val": 1.0,
+    }
     return L.Trainer(**{**options, **kwargs})
 
 
@@ -106,7 +123,9 @@ def test_loss_decreases_and_exports(assets, tmp_path):
     batches = fixed_batches(data, bert, count=3, batch_size=8)  # 24 synthetic pairs, seen 10 times
     module = stage(bert, lr=1e-3, export_dir=tmp_path / "export", experiment="unit")
     record = StepLosses()
-    trainer(tmp_path, max_epochs=10, callbacks=[record], limit_val_batches=0).fit(module, ResumableLoader(batches))
+    trainer(tmp_path, max_epochs=10, callbacks=[record], limit_val_batches=0).fit(
+        module, ResumableLoader(batches)
+    )
     losses = record.losses
     assert len(losses) == 30
     assert sum(losses[-3:]) / 3 < 0.75 * sum(losses[:3]) / 3
@@ -133,7 +152,10 @@ def test_validation_logs_retrieval_and_best_export(assets, tmp_path):
     assert best.which == "best"
     # The export carries the preprocessing prepare recorded for the folder it was trained on.
     assert best.preprocessing == dataset_preprocessing(data) and not best.preprocessing.inferred
-    assert best.preprocessing.sources["m3d"].orientation == "LPI" and best.preprocessing.prepare["format"] == "npy"
+    assert (
+        best.preprocessing.sources["m3d"].orientation == "LPI"
+        and best.preprocessing.prepare["format"] == "npy"
+    )
 
 
 def test_resume_mid_epoch_gives_the_same_next_step(assets, tmp_path):
@@ -141,16 +163,23 @@ def test_resume_mid_epoch_gives_the_same_next_step(assets, tmp_path):
     batches = fixed_batches(data, bert, count=6)
     straight = StepLosses()
     trainer(tmp_path / "a", max_steps=4, callbacks=[straight], limit_val_batches=0).fit(
-        stage(bert), ResumableLoader(batches))
+        stage(bert), ResumableLoader(batches)
+    )
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     # Same max_steps as the straight run (the schedule depends on it), killed after step 3. The RNG
     # state (dropout) travels in the checkpoint through the callback every configured run has.
-    trainer(tmp_path / "b", max_steps=4, callbacks=[StopAfter(3), ckpt, RNGStateInCheckpoint()],
-            enable_checkpointing=True, limit_val_batches=0).fit(stage(bert), ResumableLoader(batches))
+    trainer(
+        tmp_path / "b",
+        max_steps=4,
+        callbacks=[StopAfter(3), ckpt, RNGStateInCheckpoint()],
+        enable_checkpointing=True,
+        limit_val_batches=0,
+    ).fit(stage(bert), ResumableLoader(batches))
     (path,) = (tmp_path / "ckpt").glob("*step=3*.ckpt")
     resumed = StepLosses()
-    trainer(tmp_path / "c", max_steps=4, callbacks=[resumed, RNGStateInCheckpoint()], limit_val_batches=0).fit(
-        stage(bert, seed=123), ResumableLoader(batches), ckpt_path=str(path))
+    trainer(
+        tmp_path / "c", max_steps=4, callbacks=[resumed, RNGStateInCheckpoint()], limit_val_batches=0
+    ).fit(stage(bert, seed=123), ResumableLoader(batches), ckpt_path=str(path))
     assert len(resumed.losses) == 1
     assert resumed.losses[0] == pytest.approx(straight.losses[3], rel=1e-5, abs=1e-6)
 
@@ -161,23 +190,31 @@ def _ddp_run(tmp_path: Path, bert: Path, batches: list[dict], devices: int, out:
     if devices > 1:
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         half = batches[0]["image"].shape[0] // devices
-        rank_batches = [{k: v[rank * half:(rank + 1) * half] for k, v in b.items()} for b in batches]
+        rank_batches = [{k: v[rank * half : (rank + 1) * half] for k, v in b.items()} for b in batches]
     # Per-process batch statistics and dropout draws would differ from one process: BatchNorm frozen,
     # dropout off.
     module = stage(bert, freeze_bn=True)
     for layer in module.modules():
         if isinstance(layer, torch.nn.Dropout):
             layer.p = 0.0
-    trainer(tmp_path, devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=len(batches),
-            callbacks=[StepLosses(out)], limit_val_batches=0, use_distributed_sampler=False).fit(
-        module, torch.utils.data.DataLoader(rank_batches, batch_size=None))
+    trainer(
+        tmp_path,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=len(batches),
+        callbacks=[StepLosses(out)],
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+    ).fit(module, torch.utils.data.DataLoader(rank_batches, batch_size=None))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_global_batch(assets, tmp_path):
     data, bert = assets
-    batches = [{k: b[k] for k in ("image", "input_ids", "attention_mask")}
-               for b in fixed_batches(data, bert, count=3, batch_size=4)]
+    batches = [
+        {k: b[k] for k in ("image", "input_ids", "attention_mask")}
+        for b in fixed_batches(data, bert, count=3, batch_size=4)
+    ]
     torch.save(batches, tmp_path / "batches.pt")
     _ddp_run(tmp_path / "one", bert, batches, 1, tmp_path / "one.json")
     script = (
@@ -187,8 +224,14 @@ def test_two_processes_match_one_process_on_the_global_batch(assets, tmp_path):
         f" 2, Path({str(tmp_path / 'two.json')!r}))\n"
     )
     (tmp_path / "ddp.py").write_text(script)
-    result = subprocess.run([sys.executable, str(tmp_path / "ddp.py")], check=False, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "ddp.py")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
@@ -200,14 +243,32 @@ def test_train_cli_fast_dev_run_with_offline_wandb(assets, tmp_path):
     data, _ = assets
     root = data.parents[1]  # the text_encoder=tiny config reads its corpus from <data_dir>/demo/prepared
     run = tmp_path / "outputs" / "run"
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           # any attempt to reach the network fails fast
-           "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
-           "WANDB_BASE_URL": "http://127.0.0.1:9"}
-    cmd = [sys.executable, "-m", "med3dvlm.train", "experiment=demo", "stage=siglip", "logger=wandb",
-           f"paths.data_dir={root}", f"paths.log_dir={tmp_path / 'outputs'}", f"hydra.run.dir={run}",
-           f"data.data_dir={data}", f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]", "data.max_length=128",
-           "data.batch_size=4", "+trainer.fast_dev_run=2"]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # any attempt to reach the network fails fast
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "WANDB_BASE_URL": "http://127.0.0.1:9",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "med3dvlm.train",
+        "experiment=demo",
+        "stage=siglip",
+        "logger=wandb",
+        f"paths.data_dir={root}",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        f"hydra.run.dir={run}",
+        f"data.data_dir={data}",
+        f"data.spatial_size=[{','.join(map(str, INPUT_SIZE))}]",
+        "data.max_length=128",
+        "data.batch_size=4",
+        "+trainer.fast_dev_run=2",
+    ]
     result = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "retrieval (R@K on the first N pairs)" in result.stdout

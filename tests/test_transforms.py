@@ -103,7 +103,9 @@ def test_augmentation_off_is_identity_and_output_is_not_clipped():
     identity = Augmentation(rotate90_prob=0, flip_prob=0, scale_prob=0, shift_prob=0)
     np.testing.assert_array_equal(identity(data, np.random.default_rng(0)), to_float(data))
     bright = np.full(SQUARE, 255, dtype=np.uint8)
-    out = Augmentation(rotate90_prob=0, flip_prob=0, scale_prob=1, shift_prob=1)(bright, np.random.default_rng(3))
+    out = Augmentation(rotate90_prob=0, flip_prob=0, scale_prob=1, shift_prob=1)(
+        bright, np.random.default_rng(3)
+    )
     assert not np.allclose(out, 1.0)  # MONAI does not clip after scale/shift
 
 

@@ -40,11 +40,18 @@ def model_folder(tmp_path_factory) -> Path:
     llm = tiny_llm(root)
     vision = encoder()
     language_model = llm.load_model()
-    projector, projector_config = build_projector(PROJECTOR_CONFIG, vision, INPUT_SIZE,
-                                                  language_model.get_input_embeddings().weight.shape[1])
+    projector, projector_config = build_projector(
+        PROJECTOR_CONFIG, vision, INPUT_SIZE, language_model.get_input_embeddings().weight.shape[1]
+    )
     model = VisionLanguageModel(vision, projector, language_model, llm.load_tokenizer())
-    record = ArtifactRecord("model_folder", "unit", INPUT_SIZE, m3d_preprocessing(),
-                            {"vision_tower": ENCODER_CONFIG, "projector": projector_config}, prompt_format="m3d")
+    record = ArtifactRecord(
+        "model_folder",
+        "unit",
+        INPUT_SIZE,
+        m3d_preprocessing(),
+        {"vision_tower": ENCODER_CONFIG, "projector": projector_config},
+        prompt_format="m3d",
+    )
     return save_pretrained(model, root / "model", record)
 
 
@@ -63,9 +70,19 @@ def _edit_json(path: Path, edit) -> None:
 def test_an_export_naming_a_foreign_target_is_refused_and_nothing_runs(tmp_path):
     folder = encoder_export(tmp_path)
     planted = tmp_path / "pwned.txt"
-    _edit_json(folder / "record.json", lambda meta: meta["components"].update(
-        encoder={"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]}, "data": "ran"}))
-    with pytest.raises(UntrustedComponentError, match=r"record.json: encoder._target_ 'pathlib.Path.write_text'"):
+    _edit_json(
+        folder / "record.json",
+        lambda meta: meta["components"].update(
+            encoder={
+                "_target_": "pathlib.Path.write_text",
+                "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]},
+                "data": "ran",
+            }
+        ),
+    )
+    with pytest.raises(
+        UntrustedComponentError, match=r"record.json: encoder._target_ 'pathlib.Path.write_text'"
+    ):
         load_encoder_export(folder)
     assert not planted.exists()
 
@@ -74,18 +91,25 @@ def test_a_model_folder_whose_vision_tower_is_torch_load_is_refused(model_folder
     folder = _copy(model_folder, tmp_path)
     planted = tmp_path / "pwned"
     torch.save(_Payload(planted), tmp_path / "payload.pt")
-    _edit_json(folder / "record.json", lambda cfg: cfg["components"].update(
-        vision_tower={"_target_": "torch.load", "f": str(tmp_path / "payload.pt"), "weights_only": False}))
+    _edit_json(
+        folder / "record.json",
+        lambda cfg: cfg["components"].update(
+            vision_tower={"_target_": "torch.load", "f": str(tmp_path / "payload.pt"), "weights_only": False}
+        ),
+    )
     with pytest.raises(UntrustedComponentError, match=r"record.json: vision_tower._target_ 'torch.load'"):
         load_pretrained(folder)
     assert not planted.exists()
 
 
-@pytest.mark.parametrize("node", [
-    {**ENCODER_CONFIG, "variant": {"_target_": "os.system", "command": "true"}},
-    {**ENCODER_CONFIG, "_partial_": True},
-    {**ENCODER_CONFIG, "_args_": ["nano"]},
-])
+@pytest.mark.parametrize(
+    "node",
+    [
+        {**ENCODER_CONFIG, "variant": {"_target_": "os.system", "command": "true"}},
+        {**ENCODER_CONFIG, "_partial_": True},
+        {**ENCODER_CONFIG, "_args_": ["nano"]},
+    ],
+)
 def test_nested_targets_and_hydra_keys_inside_an_allowed_component_are_refused(node):
     with pytest.raises(UntrustedComponentError, match="export.json: encoder"):
         build_component(node, "export.json", "encoder")
@@ -95,19 +119,40 @@ def test_a_pretrain_handoff_naming_a_foreign_projector_is_refused(tmp_path):
     from med3dvlm.artifacts.handoff import load_pretrain_handoff
 
     planted = tmp_path / "pwned.txt"
-    record = ArtifactRecord("projector_handoff", "unit", INPUT_SIZE, m3d_preprocessing(), {
-        "vision_tower": ENCODER_CONFIG,
-        "projector": {"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]},
-                      "data": "x"}}, llm=tiny_llm(tmp_path).name_or_path)
+    record = ArtifactRecord(
+        "projector_handoff",
+        "unit",
+        INPUT_SIZE,
+        m3d_preprocessing(),
+        {
+            "vision_tower": ENCODER_CONFIG,
+            "projector": {
+                "_target_": "pathlib.Path.write_text",
+                "self": {"_target_": "pathlib.Path", "_args_": [str(planted)]},
+                "data": "x",
+            },
+        },
+        llm=tiny_llm(tmp_path).name_or_path,
+    )
     (tmp_path / "record.json").write_text(json.dumps(record.to_dict()))
     with pytest.raises(UntrustedComponentError, match=r"record.json: projector._target_"):
         load_pretrain_handoff(tmp_path)
     # the hand-off format of an older version is refused the same way
     (tmp_path / "record.json").unlink()
-    (tmp_path / "handoff.json").write_text(json.dumps({
-        "kind": "projector", "input_size": list(INPUT_SIZE), "vision_tower": ENCODER_CONFIG,
-        "projector": record.components["projector"], "image_token": "<im_patch>", "num_image_tokens": 8,
-        "reference_placement": False, "llm": record.llm}))
+    (tmp_path / "handoff.json").write_text(
+        json.dumps(
+            {
+                "kind": "projector",
+                "input_size": list(INPUT_SIZE),
+                "vision_tower": ENCODER_CONFIG,
+                "projector": record.components["projector"],
+                "image_token": "<im_patch>",
+                "num_image_tokens": 8,
+                "reference_placement": False,
+                "llm": record.llm,
+            }
+        )
+    )
     with pytest.raises(UntrustedComponentError, match=r"handoff.json: projector._target_"):
         load_pretrain_handoff(tmp_path)
     assert not planted.exists()
@@ -141,7 +186,9 @@ def test_a_byte_item_of_a_sharded_checkpoint_is_read_without_pickle(tmp_path):
 
     planted = tmp_path / "pwned"
     folder = tmp_path / "last.ckpt"
-    dcp.save({"state_dict": {"w": torch.zeros(4)}, "extra": {"note": _Payload(planted)}}, checkpoint_id=str(folder))
+    dcp.save(
+        {"state_dict": {"w": torch.zeros(4)}, "extra": {"note": _Payload(planted)}}, checkpoint_id=str(folder)
+    )
     torch.save({"global_step": 3, "epoch": 0}, folder / "meta.pt")
     with pytest.raises(CorruptCheckpoint, match="refused"):
         consolidate(folder, tmp_path / "out.ckpt")
@@ -188,8 +235,12 @@ def test_a_tokenizer_that_does_not_fit_the_llm_does_not_load(model_folder, tmp_p
 def test_a_changed_file_fails_the_fingerprint_and_the_switch_skips_it(model_folder, tmp_path):
     folder = _copy(model_folder, tmp_path)
     config = json.loads((folder / "record.json").read_text())
-    assert set(config["files"]) >= {"vision_tower.safetensors", "projector.safetensors", "llm/model.safetensors",
-                                    "llm/tokenizer.json"}
+    assert set(config["files"]) >= {
+        "vision_tower.safetensors",
+        "projector.safetensors",
+        "llm/model.safetensors",
+        "llm/tokenizer.json",
+    }
     projector = folder / "projector.safetensors"
     state = load_file(str(projector))
     first = next(iter(state))
@@ -200,5 +251,7 @@ def test_a_changed_file_fails_the_fingerprint_and_the_switch_skips_it(model_fold
     load_pretrained(folder, verify_files=False)  # same keys and shapes: only the fingerprint tells
     shutil.copy(model_folder / "projector.safetensors", projector)
     os.remove(folder / "vision_tower.safetensors")
-    with pytest.raises(FileNotFoundError, match="vision_tower.safetensors: listed in .*record.json but missing"):
+    with pytest.raises(
+        FileNotFoundError, match="vision_tower.safetensors: listed in .*record.json but missing"
+    ):
         load_pretrained(folder)

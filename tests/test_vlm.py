@@ -52,7 +52,9 @@ class ToyProjector(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny_qwen_dir(tmp_path_factory):
-    return build_tiny_qwen(tmp_path_factory.mktemp("assets") / "tiny_qwen", CORPUS, vocab_size=400, hidden_size=64)
+    return build_tiny_qwen(
+        tmp_path_factory.mktemp("assets") / "tiny_qwen", CORPUS, vocab_size=400, hidden_size=64
+    )
 
 
 def make_vlm(path, reference_placement: bool = False) -> VisionLanguageModel:
@@ -60,7 +62,10 @@ def make_vlm(path, reference_placement: bool = False) -> VisionLanguageModel:
     llm = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = VisionLanguageModel(
-        ToyEncoder(), ToyProjector(8, llm.config.hidden_size), llm, tokenizer,
+        ToyEncoder(),
+        ToyProjector(8, llm.config.hidden_size),
+        llm,
+        tokenizer,
         reference_placement=reference_placement,
     )
     return model.eval()
@@ -160,8 +165,9 @@ def test_batched_generation_equals_one_by_one(vlm):
     batched = vlm.generate(images, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, do_sample=False)
     for b in range(2):
         one = batch(vlm, QUESTIONS[b : b + 1], "left")
-        single = vlm.generate(images[b : b + 1], one["input_ids"], one["attention_mask"], max_new_tokens=8,
-                              do_sample=False)
+        single = vlm.generate(
+            images[b : b + 1], one["input_ids"], one["attention_mask"], max_new_tokens=8, do_sample=False
+        )
         n = single.shape[1]
         assert torch.equal(batched[b, :n], single[0])
 
@@ -169,16 +175,28 @@ def test_batched_generation_equals_one_by_one(vlm):
 def test_generate_from_precomputed_image_features(vlm):
     images = torch.rand(2, 1, 8, 8, 8)
     enc = batch(vlm, QUESTIONS, "left")
-    from_images = vlm.generate(images, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, do_sample=False)
+    from_images = vlm.generate(
+        images, enc["input_ids"], enc["attention_mask"], max_new_tokens=8, do_sample=False
+    )
     with torch.no_grad():
         features = vlm.project(vlm.encode_images(images))
-    from_features = vlm.generate(None, enc["input_ids"], enc["attention_mask"], image_features=features,
-                                 max_new_tokens=8, do_sample=False)
+    from_features = vlm.generate(
+        None,
+        enc["input_ids"],
+        enc["attention_mask"],
+        image_features=features,
+        max_new_tokens=8,
+        do_sample=False,
+    )
     assert torch.equal(from_images, from_features)
     for both_or_neither in ({"images": images, "image_features": features}, {"images": None}):
         with pytest.raises(ValueError, match="exactly one"):
-            vlm.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=2,
-                         **both_or_neither)
+            vlm.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                max_new_tokens=2,
+                **both_or_neither,
+            )
 
 
 def test_generate_rejects_right_padding(vlm):

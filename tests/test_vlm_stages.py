@@ -51,7 +51,8 @@ def test_pretrain_changes_only_projector_and_image_row(assets, reference_placeme
     assert changed, "nothing trained"
     assert all(k.startswith("projector.") or k == "image_token_embedding" for k in changed), sorted(changed)
     assert len([k for k in changed if k.startswith("projector.")]) == len(
-        [k for k in before if k.startswith("projector.")])
+        [k for k in before if k.startswith("projector.")]
+    )
     # the row only receives gradient where the original's placement leaves it in the sequence
     assert ("image_token_embedding" in changed) == reference_placement
     assert not stage.model.vision_tower.training  # BN statistics stayed frozen (buffers unchanged above)
@@ -82,7 +83,10 @@ def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
     torch.testing.assert_close(model.image_token_embedding, stage.model.image_token_embedding)
     torch.testing.assert_close(snapshot(model.vision_tower), snapshot(stage.model.vision_tower))
     assert record.components["vision_tower"] == ENCODER_CONFIG and record.num_image_tokens == 8
-    assert record.parent("encoder").record.kind == "encoder_export" and record.llm == tiny_llm(assets).name_or_path
+    assert (
+        record.parent("encoder").record.kind == "encoder_export"
+        and record.llm == tiny_llm(assets).name_or_path
+    )
 
     with pytest.raises(FileNotFoundError, match="python -m med3dvlm.train stage=pretrain"):
         resolve(None, PROJECTOR_HANDOFF, "other-experiment", tmp_path)
@@ -101,8 +105,13 @@ def test_pretrain_handoff_round_trip_and_strict_errors(assets, tmp_path):
 def finetune_stage(assets, tmp_path, train_vision_tower=True, vision_tower_lr=None) -> FinetuneStage:
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
-    return finetune(assets, tmp_path / "pre", train_vision_tower=train_vision_tower, vision_tower_lr=vision_tower_lr,
-                    export_dir=str(tmp_path / "fine"))
+    return finetune(
+        assets,
+        tmp_path / "pre",
+        train_vision_tower=train_vision_tower,
+        vision_tower_lr=vision_tower_lr,
+        export_dir=str(tmp_path / "fine"),
+    )
 
 
 def test_finetune_trains_lora_projector_encoder_not_base(assets, tmp_path):
@@ -189,14 +198,23 @@ def test_feature_cache_gives_the_same_loss_and_computes_each_volume_once(assets)
 
 def test_stages_2_and_3_refuse_data_of_another_size_than_their_exports(assets, tmp_path):
     export = encoder_export(assets)
-    with pytest.raises(ValueError, match=rf"{export}: the encoder was trained on \[32, 64, 64\] volumes, the data "
-                                         r"is \[16, 32, 32\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{export}: the encoder was trained on \[32, 64, 64\] volumes, the data "
+        r"is \[16, 32, 32\]",
+    ):
         PretrainStage(str(export), PROJECTOR_CONFIG, llm_node(assets), [16, 32, 32], optimizer(), scheduler())
     pre = pretrain_stage(assets, export_dir=str(tmp_path / "pre"))
     fit(pre, toy_batches(pre.model, count=1), steps=1)
     with pytest.raises(ValueError, match=r"pre: the projector was trained on \[32, 64, 64\] volumes"):
-        FinetuneStage(str(tmp_path / "pre"), llm_node(assets), {"_target_": "peft.LoraConfig"}, optimizer(),
-                      scheduler(), input_size=[16, 32, 32])
+        FinetuneStage(
+            str(tmp_path / "pre"),
+            llm_node(assets),
+            {"_target_": "peft.LoraConfig"},
+            optimizer(),
+            scheduler(),
+            input_size=[16, 32, 32],
+        )
 
 
 def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
@@ -206,10 +224,17 @@ def _fit_with_checkpoints(stage, batches, folder, steps, ckpt_path=None):
 
     from med3dvlm.training.checkpointing import AtomicCheckpointIO
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        callbacks=[ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2,
-                                                   save_top_k=-1)], plugins=[AtomicCheckpointIO()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=2, save_top_k=-1)],
+        plugins=[AtomicCheckpointIO()],
+    )
     trainer.fit(stage, DataLoader(batches, batch_size=None, shuffle=False), ckpt_path=ckpt_path)
 
 
@@ -239,15 +264,25 @@ def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(asse
         assert saved["frozen_base"]["fingerprint"] == straight.frozen_fingerprint()
 
         resumed = build(name)
-        _fit_with_checkpoints(resumed, batches, tmp_path / name / "resumed", steps=4,
-                              ckpt_path=tmp_path / name / "straight" / "step=2.ckpt")
+        _fit_with_checkpoints(
+            resumed,
+            batches,
+            tmp_path / name / "resumed",
+            steps=4,
+            ckpt_path=tmp_path / name / "straight" / "step=2.ckpt",
+        )
         want, got = straight.state_dict(), resumed.state_dict()
         assert max((want[k] - got[k]).abs().max().item() for k in trained) == 0.0
 
     other = build("finetune", seed=1)  # another frozen encoder
     with pytest.raises(FrozenBaseMismatch, match="another frozen base"):
-        _fit_with_checkpoints(other, batches, tmp_path / "other", steps=4,
-                              ckpt_path=tmp_path / "finetune" / "straight" / "step=2.ckpt")
+        _fit_with_checkpoints(
+            other,
+            batches,
+            tmp_path / "other",
+            steps=4,
+            ckpt_path=tmp_path / "finetune" / "straight" / "step=2.ckpt",
+        )
 
 
 def test_stage_3_validates_by_generation_with_closed_vqa_accuracy_per_question_type(assets, tmp_path):
@@ -261,14 +296,31 @@ def test_stage_3_validates_by_generation_with_closed_vqa_accuracy_per_question_t
 
     stage = finetune_stage(assets, tmp_path, train_vision_tower=False)
     data = make_prepared(tmp_path / "prepared", shape=INPUT_SIZE)
-    datamodule = M3DDataModule(data, mixture="finetune", tokenizer=stage.model.tokenizer,
-                               num_image_tokens=stage.model.num_image_tokens, max_length=128, batch_size=2,
-                               spatial_size=INPUT_SIZE, augment=False)
+    datamodule = M3DDataModule(
+        data,
+        mixture="finetune",
+        tokenizer=stage.model.tokenizer,
+        num_image_tokens=stage.model.num_image_tokens,
+        max_length=128,
+        batch_size=2,
+        spatial_size=INPUT_SIZE,
+        augment=False,
+    )
     check = ClosedVQAValidation(size=2, seed=3, max_new_tokens=4)
-    best = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/closed_accuracy", mode="max", filename="best")
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_train_batches=2, limit_val_batches=1,
-                        num_sanity_val_steps=0, logger=CSVLogger(tmp_path / "logs", name="", version=""),
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[check, best])
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/closed_accuracy", mode="max", filename="best"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path / "logs", name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[check, best],
+    )
     trainer.fit(stage, datamodule=datamodule)
     metrics = trainer.callback_metrics
     assert 0.0 <= float(metrics["val/closed_accuracy"]) <= 1.0

@@ -12,8 +12,10 @@ from med3dvlm.data.volume_io import read_volume, read_volume_raw, write_volume
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
 
 
-@pytest.mark.parametrize("suffix,npy_dtype,tolerance", [(".npy", "uint8", 1 / 510 + 1e-7),
-                                                        (".npy", "float16", 2**-12), (".nii.gz", "uint8", 0.0)])
+@pytest.mark.parametrize(
+    "suffix,npy_dtype,tolerance",
+    [(".npy", "uint8", 1 / 510 + 1e-7), (".npy", "float16", 2**-12), (".nii.gz", "uint8", 0.0)],
+)
 def test_round_trip_within_documented_error(tmp_path, suffix, npy_dtype, tolerance):
     volume = np.random.default_rng(0).random((6, 7, 8), dtype=np.float32)
     path = tmp_path / f"v{suffix}"
@@ -65,5 +67,7 @@ def test_a_prepared_nifti_of_the_wrong_size_is_refused_from_its_header(tmp_path)
     path.parent.mkdir()
     with gzip.open(path, "wb") as fh:
         fh.write(header.binaryblock + b"\0" * 4 + b"\0" * 1024)
-    with pytest.raises(DataError, match=r"prepared.nii.gz: wrong shape \(1024, 2048, 2048\), expected \(8, 16, 16\)"):
+    with pytest.raises(
+        DataError, match=r"prepared.nii.gz: wrong shape \(1024, 2048, 2048\), expected \(8, 16, 16\)"
+    ):
         read_volume_raw(path, shape=(8, 16, 16))

@@ -102,7 +102,9 @@ def test_corner_threshold_matches_the_loop(seed: int):
     labels = rng.integers(0, 2, 40)
     labels[:2] = (0, 1)
     # probabilities on the grid itself and on a coarse grid: ties everywhere, and values equal to t
-    probs = np.where(rng.random(40) < 0.5, THRESHOLD_GRID[rng.integers(0, 100, 40)], rng.integers(0, 6, 40) / 5)
+    probs = np.where(
+        rng.random(40) < 0.5, THRESHOLD_GRID[rng.integers(0, 100, 40)], rng.integers(0, 6, 40) / 5
+    )
     assert corner_threshold(labels, probs) == _reference_threshold(labels, probs)
 
 
@@ -243,12 +245,14 @@ def _reference_recall(text: np.ndarray, image: np.ndarray, k: int) -> float:
 
 def test_report_to_volume_recall_with_planted_ties():
     # text = identity, so score[i, j] = image[j, i]: image = scores.T
-    scores = np.array([
-        [1.0, 1.0, 1.0, 1.0],   # text 0: all tie, own index 0 first -> position 0
-        [1.0, 1.0, 0.0, 0.0],   # text 1: tied with volume 0, which comes first -> position 1
-        [0.0, 0.0, 0.5, 0.5],   # text 2: tied with volume 3, which comes after -> position 0
-        [1.0, 1.0, 1.0, 1.0],   # text 3: all tie, three lower indices first -> position 3
-    ])
+    scores = np.array(
+        [
+            [1.0, 1.0, 1.0, 1.0],  # text 0: all tie, own index 0 first -> position 0
+            [1.0, 1.0, 0.0, 0.0],  # text 1: tied with volume 0, which comes first -> position 1
+            [0.0, 0.0, 0.5, 0.5],  # text 2: tied with volume 3, which comes after -> position 0
+            [1.0, 1.0, 1.0, 1.0],  # text 3: all tie, three lower indices first -> position 3
+        ]
+    )
     text, image = np.eye(4), scores.T
     assert own_positions(text, image).tolist() == [0, 1, 0, 3]
     recall = report_to_volume_recall(text, image, ks=(1, 2, 3, 4, 10))

@@ -41,22 +41,38 @@ HEADS_FILE = "siglip_heads.safetensors"
 IMPORTED_ENCODER_DIR = "encoder"
 # The original's text pooling (first token): the pooling of an export that does not record one.
 DEFAULT_TEXT_POOLING = "first"
-SIGLIP_EXPORT = ArtifactKind("siglip export", "encoder_export", "python -m med3dvlm.train stage=siglip",
-                             "stage.module.encoder_export", {"stage": "siglip", "which": "final"})
+SIGLIP_EXPORT = ArtifactKind(
+    "siglip export",
+    "encoder_export",
+    "python -m med3dvlm.train stage=siglip",
+    "stage.module.encoder_export",
+    {"stage": "siglip", "which": "final"},
+)
 """Stage 1's export at the end of training (what stage 2 reads)."""
-SIGLIP_BEST_EXPORT = ArtifactKind("best siglip export", "encoder_export", "python -m med3dvlm.train stage=siglip",
-                                  "stage.module.encoder_export", {"stage": "siglip", "which": "best"})
+SIGLIP_BEST_EXPORT = ArtifactKind(
+    "best siglip export",
+    "encoder_export",
+    "python -m med3dvlm.train stage=siglip",
+    "stage.module.encoder_export",
+    {"stage": "siglip", "which": "best"},
+)
 """Stage 1's export of its best validation."""
 
 
-def write_encoder_export(folder: str | os.PathLike, encoder: nn.Module, record: ArtifactRecord,
-                         write_files: Callable[[Path], None] | None = None) -> Path:
+def write_encoder_export(
+    folder: str | os.PathLike,
+    encoder: nn.Module,
+    record: ArtifactRecord,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write (or replace) the export ``folder``: the weights, ``write_files(staging_folder)`` (the
     SigLIP towers), then the record."""
     if record.kind != "encoder_export" or record.which not in WHICH:
         raise ValueError(f"an encoder export's record has kind encoder_export and which in {WHICH}")
     if "_target_" not in record.components.get("encoder", {}):
-        raise ValueError("the record's components.encoder must be a `_target_` node that rebuilds the encoder")
+        raise ValueError(
+            "the record's components.encoder must be a `_target_` node that rebuilds the encoder"
+        )
 
     def files(staging: Path) -> None:
         save_tensors(staging / WEIGHTS_FILE, encoder.state_dict())
@@ -83,8 +99,9 @@ def load_encoder_export(path: str | os.PathLike) -> tuple[nn.Module, ArtifactRec
     return encoder, record
 
 
-def siglip_files(text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 heads: Mapping[str, Tensor]) -> Callable[[Path], None]:
+def siglip_files(
+    text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heads: Mapping[str, Tensor]
+) -> Callable[[Path], None]:
     """``write_files`` for :func:`write_encoder_export`: the text encoder with its tokenizer and the
     heads (``image_tower.mm_vision_proj.*``, ``text_tower.mm_language_proj.*``, ``loss.*``)."""
 
@@ -135,7 +152,11 @@ def _check_text_weights(folder: Path, module: nn.Module) -> None:
         shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in names}
     for key, tensor in module.state_dict().items():
         if shapes.get(key) != tuple(tensor.shape):
-            problem = "missing" if key not in shapes else f"shape {list(shapes[key])}, expected {list(tensor.shape)}"
+            problem = (
+                "missing"
+                if key not in shapes
+                else f"shape {list(shapes[key])}, expected {list(tensor.shape)}"
+            )
             raise ValueError(f"{weights}: key {key!r} {problem}")
 
 
@@ -145,9 +166,14 @@ def load_siglip_export(path: str | os.PathLike) -> SigLIPTowers:
     encoder_folder, folder = siglip_layout(path)
     encoder, record = load_encoder_export(encoder_folder)
     heads = load_file(str(folder / HEADS_FILE))
-    expected = {"image_tower.mm_vision_proj.weight", "image_tower.mm_vision_proj.bias",
-                "text_tower.mm_language_proj.weight", "text_tower.mm_language_proj.bias", "loss.log_scale",
-                "loss.bias"}
+    expected = {
+        "image_tower.mm_vision_proj.weight",
+        "image_tower.mm_vision_proj.bias",
+        "text_tower.mm_language_proj.weight",
+        "text_tower.mm_language_proj.bias",
+        "loss.log_scale",
+        "loss.bias",
+    }
     if set(heads) != expected:
         raise ValueError(f"{folder / HEADS_FILE}: keys {sorted(heads)}, expected {sorted(expected)}")
     embed_dim = int(heads["image_tower.mm_vision_proj.weight"].shape[0])
@@ -167,12 +193,20 @@ def load_siglip_export(path: str | os.PathLike) -> SigLIPTowers:
         for key, value in heads.items():
             if not key.startswith(prefix):
                 continue
-            target = params.get(key[len(prefix):])
+            target = params.get(key[len(prefix) :])
             if target is None or target.shape != value.shape:
-                raise ValueError(f"{folder / HEADS_FILE}: {key} of shape {list(value.shape)} does not fit the "
-                                 f"towers built from {encoder_folder} and {folder / TEXT_ENCODER_DIR}")
+                raise ValueError(
+                    f"{folder / HEADS_FILE}: {key} of shape {list(value.shape)} does not fit the "
+                    f"towers built from {encoder_folder} and {folder / TEXT_ENCODER_DIR}"
+                )
             with torch.no_grad():
                 target.copy_(value)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TEXT_ENCODER_DIR))
-    return SigLIPTowers(image_tower.eval(), text_tower.eval(), tokenizer, float(heads["loss.log_scale"]),
-                        float(heads["loss.bias"]), record)
+    return SigLIPTowers(
+        image_tower.eval(),
+        text_tower.eval(),
+        tokenizer,
+        float(heads["loss.log_scale"]),
+        float(heads["loss.bias"]),
+        record,
+    )

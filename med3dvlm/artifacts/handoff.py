@@ -33,17 +33,26 @@ from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.lora import load_lora
 from med3dvlm.models.vlm import VisionLanguageModel
 
-PROJECTOR_HANDOFF = ArtifactKind("projector hand-off", "projector_handoff", "python -m med3dvlm.train stage=pretrain",
-                                 "stage.module.pretrain_export")
-ADAPTER_HANDOFF = ArtifactKind("adapter hand-off", "adapter_handoff", "python -m med3dvlm.train stage=finetune",
-                               "source")
+PROJECTOR_HANDOFF = ArtifactKind(
+    "projector hand-off",
+    "projector_handoff",
+    "python -m med3dvlm.train stage=pretrain",
+    "stage.module.pretrain_export",
+)
+ADAPTER_HANDOFF = ArtifactKind(
+    "adapter hand-off", "adapter_handoff", "python -m med3dvlm.train stage=finetune", "source"
+)
 IMAGE_TOKEN_FILE = "image_token.safetensors"
 VISION_TOWER_FILE = "vision_tower.safetensors"
 PROJECTOR_FILE = "projector.safetensors"
 
 
-def write_handoff(folder: str | os.PathLike, record: ArtifactRecord, tensors: Mapping[str, Mapping[str, torch.Tensor]],
-                  write_files: Callable[[Path], None] | None = None) -> Path:
+def write_handoff(
+    folder: str | os.PathLike,
+    record: ArtifactRecord,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write (or replace) the hand-off ``folder``: each ``tensors`` entry as a safetensors file of that
     name, ``write_files(staging folder)`` for anything else, then the record."""
 
@@ -63,11 +72,15 @@ def load_image_token_row(path: str | os.PathLike, hidden_size: int) -> torch.Ten
         raise FileNotFoundError(f"{path}: <im_patch> embedding not found")
     row = load_file(str(path))["embedding"]
     if row.shape != (hidden_size,):
-        raise ValueError(f"{path}: <im_patch> row has shape {tuple(row.shape)}, the LLM expects ({hidden_size},)")
+        raise ValueError(
+            f"{path}: <im_patch> row has shape {tuple(row.shape)}, the LLM expects ({hidden_size},)"
+        )
     return row
 
 
-def _vision_tower(folder: Path, record: ArtifactRecord, encoder_export: str | os.PathLike | None = None) -> nn.Module:
+def _vision_tower(
+    folder: Path, record: ArtifactRecord, encoder_export: str | os.PathLike | None = None
+) -> nn.Module:
     """The hand-off's vision tower. A projector hand-off of an older version holds none: it names the
     encoder export it was trained on, found where it names it or at ``encoder_export``."""
     tower = build_component(record.components["vision_tower"], record_file(folder), "vision_tower")
@@ -77,9 +90,11 @@ def _vision_tower(folder: Path, record: ArtifactRecord, encoder_export: str | os
         candidates = [Path(encoder_export)] if encoder_export else [Path(named), folder / named]
         found = [c / "encoder.safetensors" for c in candidates if (c / "encoder.safetensors").is_file()]
         if not found:
-            raise FileNotFoundError(f"{folder}: a hand-off of an older version, which holds no encoder; the encoder "
-                                    f"export it names ({named}) is not there: pass its place (encoder_export=), "
-                                    "or run stage 2 again")
+            raise FileNotFoundError(
+                f"{folder}: a hand-off of an older version, which holds no encoder; the encoder "
+                f"export it names ({named}) is not there: pass its place (encoder_export=), "
+                "or run stage 2 again"
+            )
         weights = found[0]
     load_state_strict(tower, weights)
     return tower
@@ -93,9 +108,11 @@ def _llm(record: ArtifactRecord, llm: LanguageModel | None, dtype: str) -> Langu
     return LanguageModel(record.llm, dtype=dtype)
 
 
-def load_pretrain_handoff(folder: str | Path, llm: LanguageModel | None = None,
-                          encoder_export: str | os.PathLike | None = None,
-                          ) -> tuple[VisionLanguageModel, ArtifactRecord]:
+def load_pretrain_handoff(
+    folder: str | Path,
+    llm: LanguageModel | None = None,
+    encoder_export: str | os.PathLike | None = None,
+) -> tuple[VisionLanguageModel, ArtifactRecord]:
     """Rebuild the stage-2 VLM: vision tower, projector (strict) and ``<im_patch>`` row from ``folder``,
     on its base LLM (``llm`` for another source of the same model; ``encoder_export`` for the moved
     encoder of an older version's hand-off)."""
@@ -111,16 +128,24 @@ def load_pretrain_handoff(folder: str | Path, llm: LanguageModel | None = None,
             f"{folder}: the projector was trained for an LLM width of {record.components['projector']['llm_dim']} "
             f"({record.llm}), the configured LLM {source.name_or_path} has {hidden}"
         )
-    model = VisionLanguageModel(_vision_tower(folder, record, encoder_export), projector, language_model,
-                                source.load_tokenizer(),
-                                image_token=record.image_token, reference_placement=record.reference_placement)
+    model = VisionLanguageModel(
+        _vision_tower(folder, record, encoder_export),
+        projector,
+        language_model,
+        source.load_tokenizer(),
+        image_token=record.image_token,
+        reference_placement=record.reference_placement,
+    )
     with torch.no_grad():
         model.image_token_embedding.copy_(load_image_token_row(folder / IMAGE_TOKEN_FILE, hidden))
     return model, record
 
 
-def load_finetune_handoff(folder: str | Path, dtype: str = "float32", llm: LanguageModel | None = None,
-                          ) -> tuple[VisionLanguageModel, ArtifactRecord]:
+def load_finetune_handoff(
+    folder: str | Path,
+    dtype: str = "float32",
+    llm: LanguageModel | None = None,
+) -> tuple[VisionLanguageModel, ArtifactRecord]:
     """Rebuild the stage-3 VLM (LoRA attached, not merged) from its hand-off folder, strictly, on its
     base LLM (``llm`` for another source of the same model)."""
     folder = Path(folder)
@@ -128,18 +153,27 @@ def load_finetune_handoff(folder: str | Path, dtype: str = "float32", llm: Langu
     projector = build_component(record.components["projector"], record_file(folder), "projector")
     load_state_strict(projector, folder / PROJECTOR_FILE)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    model = VisionLanguageModel(_vision_tower(folder, record), projector, _llm(record, llm, dtype).load_model(),
-                                tokenizer, image_token=record.image_token,
-                                reference_placement=record.reference_placement)
+    model = VisionLanguageModel(
+        _vision_tower(folder, record),
+        projector,
+        _llm(record, llm, dtype).load_model(),
+        tokenizer,
+        image_token=record.image_token,
+        reference_placement=record.reference_placement,
+    )
     if record.trained_embeddings:
         tensors = load_file(str(folder / "embeddings.safetensors"))
-        targets = {"input_embeddings": model.llm.get_input_embeddings().weight,
-                   "lm_head": model.llm.get_output_embeddings().weight}
+        targets = {
+            "input_embeddings": model.llm.get_input_embeddings().weight,
+            "lm_head": model.llm.get_output_embeddings().weight,
+        }
         with torch.no_grad():
             for name in record.trained_embeddings:
                 if tensors[name].shape != targets[name].shape:
-                    raise ValueError(f"{folder}/embeddings.safetensors: {name} has shape "
-                                     f"{tuple(tensors[name].shape)}, the LLM expects {tuple(targets[name].shape)}")
+                    raise ValueError(
+                        f"{folder}/embeddings.safetensors: {name} has shape "
+                        f"{tuple(tensors[name].shape)}, the LLM expects {tuple(targets[name].shape)}"
+                    )
                 targets[name].copy_(tensors[name])
     with torch.no_grad():
         model.image_token_embedding.copy_(load_image_token_row(folder / IMAGE_TOKEN_FILE, model.hidden_size))

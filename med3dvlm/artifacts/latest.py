@@ -47,8 +47,12 @@ def latest(kind: ArtifactKind, experiment: str, root: str | os.PathLike | None =
     work root's ``outputs/``), or ``None``."""
     root = Path(root) if root is not None else work_root() / "outputs"
     found: list[tuple[float, str]] = []
-    folders = {path.parent for name in (RECORD_FILE, *LEGACY_FILES) for path in root.glob(f"**/{name}")
-               if not is_staging(path.relative_to(root))}
+    folders = {
+        path.parent
+        for name in (RECORD_FILE, *LEGACY_FILES)
+        for path in root.glob(f"**/{name}")
+        if not is_staging(path.relative_to(root))
+    }
     for folder in folders:
         try:
             record = read_record(folder, quiet=True)
@@ -59,8 +63,12 @@ def latest(kind: ArtifactKind, experiment: str, root: str | os.PathLike | None =
     return Path(max(found)[1]) if found else None
 
 
-def resolve(explicit: str | os.PathLike | None, kind: ArtifactKind, experiment: str,
-            root: str | os.PathLike | None = None) -> Path:
+def resolve(
+    explicit: str | os.PathLike | None,
+    kind: ArtifactKind,
+    experiment: str,
+    root: str | os.PathLike | None = None,
+) -> Path:
     """``explicit`` when given; else the newest folder of ``kind`` by ``experiment`` (named in the log);
     none -> an error naming the command that writes one and the setting that names one."""
     if explicit:
@@ -69,6 +77,7 @@ def resolve(explicit: str | os.PathLike | None, kind: ArtifactKind, experiment: 
     if found is None:
         raise FileNotFoundError(
             f"no completed {kind.name} of experiment {experiment!r} under {root or work_root() / 'outputs'}; "
-            f"run `{kind.produced_by}` first or pass {kind.setting}=PATH")
+            f"run `{kind.produced_by}` first or pass {kind.setting}=PATH"
+        )
     log.info("using the latest %s of experiment %r: %s", kind.name, experiment, found)
     return found

@@ -47,14 +47,23 @@ class Pretrained:
     record: ArtifactRecord
 
 
-def save_pretrained(model: VisionLanguageModel, path: str | os.PathLike, record: ArtifactRecord,
-                    write_files: Callable[[Path], None] | None = None) -> Path:
+def save_pretrained(
+    model: VisionLanguageModel,
+    path: str | os.PathLike,
+    record: ArtifactRecord,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``model`` as the model folder ``path`` (replacing it) with ``record`` (kind
     ``model_folder``; its image-token fields are taken from the model). ``write_files(staging folder)``
     adds files (the importer's record of its source), which the fingerprint then covers."""
     model.sync_image_token_row()
-    record = replace(record, kind="model_folder", image_token=model.image_token,
-                     num_image_tokens=model.num_image_tokens, reference_placement=model.reference_placement)
+    record = replace(
+        record,
+        kind="model_folder",
+        image_token=model.image_token,
+        num_image_tokens=model.num_image_tokens,
+        reference_placement=model.reference_placement,
+    )
 
     def files(staging: Path) -> None:
         model.llm.save_pretrained(staging / LLM_DIR)
@@ -102,23 +111,38 @@ def load_pretrained(
     rows = llm.get_input_embeddings().weight.shape[0]
     if token_id is None or token_id >= rows:
         found = "is not in the tokenizer" if token_id is None else f"has id {token_id}"
-        raise ValueError(f"{path / LLM_DIR / 'tokenizer.json'}: {record.image_token} {found}; the LLM's embedding "
-                         f"matrix has {rows} rows")
+        raise ValueError(
+            f"{path / LLM_DIR / 'tokenizer.json'}: {record.image_token} {found}; the LLM's embedding "
+            f"matrix has {rows} rows"
+        )
     placement = record.reference_placement if reference_placement is None else reference_placement
-    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token=record.image_token,
-                                reference_placement=placement)
+    model = VisionLanguageModel(
+        vision_tower, projector, llm, tokenizer, image_token=record.image_token, reference_placement=placement
+    )
     if model.num_image_tokens != record.num_image_tokens:
-        raise ValueError(f"{source}: num_image_tokens {record.num_image_tokens} but the projector gives "
-                         f"{model.num_image_tokens}")
+        raise ValueError(
+            f"{source}: num_image_tokens {record.num_image_tokens} but the projector gives "
+            f"{model.num_image_tokens}"
+        )
     return Pretrained(model.to(llm.dtype).eval(), record)
 
 
-def write_merged_model(handoff: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32",
-                       llm: LanguageModel | None = None) -> Path:
+def write_merged_model(
+    handoff: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str = "float32",
+    llm: LanguageModel | None = None,
+) -> Path:
     """``python -m med3dvlm.export``: merge a finetune hand-off's adapter into the LLM and write the
     model folder ``out``, recording the hand-off as its parent."""
     model, record = load_finetune_handoff(handoff, dtype, llm)
     merge_lora(model)
-    folder = replace(record, kind="model_folder", parents=(parent("adapter", handoff),), files={}, extra={},
-                     created=time.time())
+    folder = replace(
+        record,
+        kind="model_folder",
+        parents=(parent("adapter", handoff),),
+        files={},
+        extra={},
+        created=time.time(),
+    )
     return save_pretrained(model, out, folder)

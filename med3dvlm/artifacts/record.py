@@ -35,7 +35,11 @@ log = logging.getLogger(__name__)
 RECORD_FILE = "record.json"
 RECORD_VERSION = 2
 KINDS: tuple[str, ...] = ("encoder_export", "projector_handoff", "adapter_handoff", "model_folder")
-LEGACY_FILES: dict[str, str] = {"export.json": "encoder_export", "handoff.json": "", "config.json": "model_folder"}
+LEGACY_FILES: dict[str, str] = {
+    "export.json": "encoder_export",
+    "handoff.json": "",
+    "config.json": "model_folder",
+}
 """The record files older versions wrote, and the kind each held (a hand-off says its own)."""
 
 
@@ -53,14 +57,22 @@ class Parent:
     record: ArtifactRecord | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"role": self.role, "path": self.path, "sha256": self.sha256,
-                "record": self.record.to_dict() if self.record else None}
+        return {
+            "role": self.role,
+            "path": self.path,
+            "sha256": self.sha256,
+            "record": self.record.to_dict() if self.record else None,
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Parent:
         record = values.get("record")
-        return cls(str(values["role"]), str(values["path"]), values.get("sha256"),
-                   ArtifactRecord.from_dict(record) if record else None)
+        return cls(
+            str(values["role"]),
+            str(values["path"]),
+            values.get("sha256"),
+            ArtifactRecord.from_dict(record) if record else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -104,14 +116,25 @@ class ArtifactRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": self.version, "kind": self.kind, "created": self.created, "experiment": self.experiment,
-            "input_size": list(self.input_size), "preprocessing": self.preprocessing.to_dict(),
-            "prompt_format": self.prompt_format, "components": {k: dict(v) for k, v in self.components.items()},
-            "image_token": self.image_token, "num_image_tokens": self.num_image_tokens,
-            "reference_placement": self.reference_placement, "llm": self.llm, "stage": self.stage,
-            "which": self.which, "trained_embeddings": list(self.trained_embeddings),
-            "text_pooling": self.text_pooling, "files": dict(self.files),
-            "parents": [p.to_dict() for p in self.parents], "extra": dict(self.extra),
+            "version": self.version,
+            "kind": self.kind,
+            "created": self.created,
+            "experiment": self.experiment,
+            "input_size": list(self.input_size),
+            "preprocessing": self.preprocessing.to_dict(),
+            "prompt_format": self.prompt_format,
+            "components": {k: dict(v) for k, v in self.components.items()},
+            "image_token": self.image_token,
+            "num_image_tokens": self.num_image_tokens,
+            "reference_placement": self.reference_placement,
+            "llm": self.llm,
+            "stage": self.stage,
+            "which": self.which,
+            "trained_embeddings": list(self.trained_embeddings),
+            "text_pooling": self.text_pooling,
+            "files": dict(self.files),
+            "parents": [p.to_dict() for p in self.parents],
+            "extra": dict(self.extra),
         }
 
     @classmethod
@@ -127,8 +150,9 @@ class ArtifactRecord:
         return cls(**values)
 
 
-def write_artifact(folder: str | os.PathLike, record: ArtifactRecord,
-                   write_files: Callable[[Path], None]) -> Path:
+def write_artifact(
+    folder: str | os.PathLike, record: ArtifactRecord, write_files: Callable[[Path], None]
+) -> Path:
     """Write (or replace) the artifact ``folder``: ``write_files(staging folder)``, then ``record.json``
     with the SHA-256 of every file written; the folder appears complete or not at all."""
     with atomic_folder(folder, (RECORD_FILE, *LEGACY_FILES)) as staging:
@@ -157,8 +181,12 @@ def _load_json(path: Path) -> dict[str, Any]:
     return content
 
 
-def read_record(folder: str | os.PathLike, kinds: Sequence[str] | str | None = None,
-                verify_files: bool = False, quiet: bool = False) -> ArtifactRecord:
+def read_record(
+    folder: str | os.PathLike,
+    kinds: Sequence[str] | str | None = None,
+    verify_files: bool = False,
+    quiet: bool = False,
+) -> ArtifactRecord:
     """The record of the artifact ``folder`` (a folder of one of ``kinds``, when given).
 
     ``verify_files`` checks each file the record lists against its SHA-256 (a changed, missing or
@@ -167,26 +195,38 @@ def read_record(folder: str | os.PathLike, kinds: Sequence[str] | str | None = N
     folder = Path(folder)
     path = record_file(folder)
     if path is None:
-        raise RecordError(f"{folder}: no artifact here ({RECORD_FILE} missing); artifacts are written by "
-                          "`python -m med3dvlm.train`, `export` and `import_weights`")
+        raise RecordError(
+            f"{folder}: no artifact here ({RECORD_FILE} missing); artifacts are written by "
+            "`python -m med3dvlm.train`, `export` and `import_weights`"
+        )
     content = _load_json(path)
     try:
-        record = ArtifactRecord.from_dict(content) if path.name == RECORD_FILE else _legacy(folder, path, content)
+        record = (
+            ArtifactRecord.from_dict(content) if path.name == RECORD_FILE else _legacy(folder, path, content)
+        )
         if path.name != RECORD_FILE and not quiet:
-            log.warning("%s records no preprocessing (written by an older version): assuming M3D's (min-max of "
-                        "the volume, display order LPI, foreground crop, trilinear resize); set the window of "
-                        "infer and the web page if it was trained on other data", path)
+            log.warning(
+                "%s records no preprocessing (written by an older version): assuming M3D's (min-max of "
+                "the volume, display order LPI, foreground crop, trilinear resize); set the window of "
+                "infer and the web page if it was trained on other data",
+                path,
+            )
     except (KeyError, TypeError, ValueError) as error:
-        raise RecordError(f"{path}: not a med3dvlm artifact record ({type(error).__name__}: {error})") from error
+        raise RecordError(
+            f"{path}: not a med3dvlm artifact record ({type(error).__name__}: {error})"
+        ) from error
     wanted = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())
     if wanted and record.kind not in wanted:
-        raise RecordError(f"{path}: a {record.kind.replace('_', ' ')}, expected a {' or '.join(wanted)}"
-                          .replace("_", " "))
+        raise RecordError(
+            f"{path}: a {record.kind.replace('_', ' ')}, expected a {' or '.join(wanted)}".replace("_", " ")
+        )
     if verify_files:
         if record.files:
             verify_fingerprint(folder, record.files, path, closed=_closed_folders(record))
         else:
-            log.warning("%s records no file fingerprints (written by an older version); files not verified", path)
+            log.warning(
+                "%s records no file fingerprints (written by an older version); files not verified", path
+            )
     return record
 
 
@@ -208,25 +248,46 @@ def parent(role: str, folder: str | os.PathLike) -> Parent:
 
 def _legacy(folder: Path, path: Path, meta: Mapping[str, Any]) -> ArtifactRecord:
     """A record for an artifact written before records existed (its preprocessing assumed M3D's)."""
-    common = {"experiment": str(meta.get("experiment", "default")), "input_size": meta["input_size"],
-              "preprocessing": m3d_preprocessing(inferred=True), "created": float(meta.get("created") or
-                                                                                    path.stat().st_mtime),
-              "version": 1}
+    common = {
+        "experiment": str(meta.get("experiment", "default")),
+        "input_size": meta["input_size"],
+        "preprocessing": m3d_preprocessing(inferred=True),
+        "created": float(meta.get("created") or path.stat().st_mtime),
+        "version": 1,
+    }
     if path.name == "export.json":
-        return ArtifactRecord("encoder_export", components={"encoder": meta["encoder"]}, stage=meta.get("stage"),
-                              which=meta.get("which"), text_pooling=(meta.get("text_tower") or {}).get("pooling"),
-                              **common)
-    vlm = {"components": {"vision_tower": meta["vision_tower"], "projector": meta["projector"]},
-           "prompt_format": "m3d", "image_token": meta["image_token"], "num_image_tokens": meta["num_image_tokens"],
-           "reference_placement": bool(meta["reference_placement"])}
+        return ArtifactRecord(
+            "encoder_export",
+            components={"encoder": meta["encoder"]},
+            stage=meta.get("stage"),
+            which=meta.get("which"),
+            text_pooling=(meta.get("text_tower") or {}).get("pooling"),
+            **common,
+        )
+    vlm = {
+        "components": {"vision_tower": meta["vision_tower"], "projector": meta["projector"]},
+        "prompt_format": "m3d",
+        "image_token": meta["image_token"],
+        "num_image_tokens": meta["num_image_tokens"],
+        "reference_placement": bool(meta["reference_placement"]),
+    }
     if path.name == "config.json":
         extra = {k: v for k, v in meta.items() if k in ("imported_from", "import")}
         return ArtifactRecord("model_folder", files=meta.get("files", {}), extra=extra, **vlm, **common)
     kind = {"projector": "projector_handoff", "adapter": "adapter_handoff"}[meta["kind"]]
-    parents = [_legacy_parent(role, meta[key], folder) for role, key in
-               (("encoder", "encoder_export"), ("projector", "pretrain_export")) if key in meta]
-    return ArtifactRecord(kind, llm=meta.get("llm"), trained_embeddings=tuple(meta.get("trained_embeddings", ())),
-                          parents=tuple(parents), **vlm, **common)
+    parents = [
+        _legacy_parent(role, meta[key], folder)
+        for role, key in (("encoder", "encoder_export"), ("projector", "pretrain_export"))
+        if key in meta
+    ]
+    return ArtifactRecord(
+        kind,
+        llm=meta.get("llm"),
+        trained_embeddings=tuple(meta.get("trained_embeddings", ())),
+        parents=tuple(parents),
+        **vlm,
+        **common,
+    )
 
 
 def _legacy_parent(role: str, recorded: str, folder: Path) -> Parent:
@@ -234,5 +295,7 @@ def _legacy_parent(role: str, recorded: str, folder: Path) -> Parent:
     by value when that folder is still there."""
     for candidate in (Path(recorded), folder / recorded):
         if record_file(candidate) is not None:
-            return Parent(role, recorded, file_sha256(record_file(candidate)), read_record(candidate, quiet=True))
+            return Parent(
+                role, recorded, file_sha256(record_file(candidate)), read_record(candidate, quiet=True)
+            )
     return Parent(role, recorded, None, None)

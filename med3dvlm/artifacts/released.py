@@ -317,8 +317,9 @@ def import_siglip(
     language_encoder = AutoModel.from_config(AutoConfig.from_pretrained(text_source))
     load_prefixed_strict(language_encoder, groups["text"], SIGLIP_TEXT_PREFIX)
     hidden = int(_field(config, "hidden_size", source))
-    heads = _siglip_heads(singles, hidden, int(encoder.out_channels[-1]), int(language_encoder.config.hidden_size),
-                          siglip_scale)
+    heads = _siglip_heads(
+        singles, hidden, int(encoder.out_channels[-1]), int(language_encoder.config.hidden_size), siglip_scale
+    )
     tokenizer_source = source if (source / "tokenizer_config.json").is_file() else text_source
     record = {
         "kind": "siglip",
@@ -337,9 +338,17 @@ def import_siglip(
         language_encoder.save_pretrained(staging / TEXT_ENCODER_DIR)
         AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(staging / TEXT_ENCODER_DIR)
         save_tensors(staging / HEADS_FILE, heads)
-        exported = ArtifactRecord("encoder_export", experiment, original_input_size(_field(config, "input_size", source)),
-                                  m3d_preprocessing(), {"encoder": dict(encoder_config)}, stage="siglip",
-                                  which="final", text_pooling="first", extra={"imported_from": str(source)})
+        exported = ArtifactRecord(
+            "encoder_export",
+            experiment,
+            original_input_size(_field(config, "input_size", source)),
+            m3d_preprocessing(),
+            {"encoder": dict(encoder_config)},
+            stage="siglip",
+            which="final",
+            text_pooling="first",
+            extra={"imported_from": str(source)},
+        )
         write_encoder_export(staging / IMPORTED_ENCODER_DIR, encoder, exported)
         _write_json(staging / IMPORT_FILE, record)
     return Path(out)
@@ -349,15 +358,19 @@ def _siglip_config(source: Path) -> dict[str, Any]:
     """The release's ``config.json``, checked to be the sigmoid-loss DCFormer model we import."""
     config = read_original_config(source, "dec_clip")
     if _field(config, "loss_type", source) != "sigmoid":
-        raise ValueError(f"{source / 'config.json'}: loss_type {config['loss_type']!r}; only 'sigmoid' is imported")
+        raise ValueError(
+            f"{source / 'config.json'}: loss_type {config['loss_type']!r}; only 'sigmoid' is imported"
+        )
     if _field(config, "vision_encoder", source) != "dcformer":
         raise ValueError(
-            f"{source / 'config.json'}: vision_encoder {config['vision_encoder']!r}; expected 'dcformer'")
+            f"{source / 'config.json'}: vision_encoder {config['vision_encoder']!r}; expected 'dcformer'"
+        )
     return config
 
 
-def _siglip_heads(singles: Mapping[str, Tensor], hidden: int, vision_width: int, text_width: int,
-                  siglip_scale: SiglipScale) -> dict[str, Tensor]:
+def _siglip_heads(
+    singles: Mapping[str, Tensor], hidden: int, vision_width: int, text_width: int, siglip_scale: SiglipScale
+) -> dict[str, Tensor]:
     """Both projection heads and the loss's scale and bias under the SigLIP stage's names, their
     shapes checked against the towers."""
     for name, width in (("mm_vision_proj", vision_width), ("mm_language_proj", text_width)):
@@ -449,8 +462,14 @@ def import_vlm(
     vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
     llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
     projector, proj_built = _released_projector(
-        original_projector_config(projector_config, config, source), config, source, vision_tower, input_size,
-        llm.get_input_embeddings().weight.shape[1], groups["projector"])
+        original_projector_config(projector_config, config, source),
+        config,
+        source,
+        vision_tower,
+        input_size,
+        llm.get_input_embeddings().weight.shape[1],
+        groups["projector"],
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     token_id = _image_token_id(tokenizer, image_token, llm.get_input_embeddings().weight.shape[0], source)
     model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token, reference_placement)
@@ -466,15 +485,29 @@ def import_vlm(
     }
     # The release was trained on M3D (its prompts, its preprocessing). import.json is written before the
     # folder's record, so the record's fingerprint covers it.
-    folder = ArtifactRecord("model_folder", "imported", input_size, m3d_preprocessing(),
-                            {"vision_tower": dict(encoder_config), "projector": proj_built}, prompt_format="m3d",
-                            extra={"imported_from": str(source)})
-    return save_pretrained(model, out, folder, write_files=lambda staging: _write_json(staging / IMPORT_FILE, record))
+    folder = ArtifactRecord(
+        "model_folder",
+        "imported",
+        input_size,
+        m3d_preprocessing(),
+        {"vision_tower": dict(encoder_config), "projector": proj_built},
+        prompt_format="m3d",
+        extra={"imported_from": str(source)},
+    )
+    return save_pretrained(
+        model, out, folder, write_files=lambda staging: _write_json(staging / IMPORT_FILE, record)
+    )
 
 
-def _released_projector(node: dict[str, Any], config: Mapping[str, Any], source: Path, vision_tower: nn.Module,
-                        input_size: Sequence[int], hidden: int,
-                        state: Mapping[str, Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+def _released_projector(
+    node: dict[str, Any],
+    config: Mapping[str, Any],
+    source: Path,
+    vision_tower: nn.Module,
+    input_size: Sequence[int],
+    hidden: int,
+    state: Mapping[str, Tensor],
+) -> tuple[nn.Module, dict[str, Any]]:
     """The Mixer built at the sizes our encoder gives, which must be the release's, with its weights."""
     projector, built = build_projector(node, vision_tower, input_size, hidden)
     for name, key in (("low", "low_input_size"), ("high", "high_input_size")):
@@ -494,5 +527,7 @@ def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str, rows: 
         raise ValueError(f"{source}: the saved tokenizer has no {image_token!r} token")
     token_id = tokenizer.convert_tokens_to_ids(image_token)
     if token_id >= rows:
-        raise ValueError(f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows")
+        raise ValueError(
+            f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows"
+        )
     return token_id

@@ -54,7 +54,10 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 
 
 def paired_seconds(
-    original: Callable[[], object], ours: Callable[[], object], repeats: int, warmup: int = 2,
+    original: Callable[[], object],
+    ours: Callable[[], object],
+    repeats: int,
+    warmup: int = 2,
     synchronize: Callable[[], None] = lambda: None,
 ) -> tuple[float, float, float]:
     """Interleaved timing: each repeat runs the original, then ours. Returns both medians and the
@@ -103,11 +106,21 @@ SECTIONS: tuple[str, ...] = ("loader", "encoder", "projector", "loss", "vlm", "g
 def bench_table(rows: list[BenchRow]) -> str:
     """Markdown table of benchmark rows; the original's columns only where some row has them."""
     side_by_side = any(r.original is not None for r in rows)
-    header = ["section", "measurement", "ours", "unit", *(["original", "ours / original"] if side_by_side else []), "note"]
+    header = [
+        "section",
+        "measurement",
+        "ours",
+        "unit",
+        *(["original", "ours / original"] if side_by_side else []),
+        "note",
+    ]
     cells = []
     for r in rows:
         row = [r.section, r.name, f"{r.value:.3g}", r.unit]
         if side_by_side:
-            row += ["" if r.original is None else f"{r.original:.3g}", "" if r.ratio is None else f"{r.ratio:.2f}"]
+            row += [
+                "" if r.original is None else f"{r.original:.3g}",
+                "" if r.ratio is None else f"{r.ratio:.2f}",
+            ]
         cells.append([*row, r.note])
     return markdown_table(header, cells, right=[2, 4, 5] if side_by_side else [2])

@@ -75,9 +75,15 @@ def _coverage() -> list[BenchRow]:
         torch.manual_seed(0)
         model = DCFormer("small", stem=stem)
         d, h, w = COVERAGE_SIZE  # input_coverage works in the encoder's internal (H, W, D) frame
-        rows.append(BenchRow("encoder", f"input voxels reaching the output, stem={stem}, {COVERAGE_SIZE}",
-                             100 * input_coverage(model.stages[0], (h, w, d)), "%",
-                             "gradient support of the stem" + (" (the original's stem)" if stem == "reference" else "")))
+        rows.append(
+            BenchRow(
+                "encoder",
+                f"input voxels reaching the output, stem={stem}, {COVERAGE_SIZE}",
+                100 * input_coverage(model.stages[0], (h, w, d)),
+                "%",
+                "gradient support of the stem" + (" (the original's stem)" if stem == "reference" else ""),
+            )
+        )
     return rows
 
 
@@ -91,28 +97,55 @@ def run(options: BenchOptions, device: str = "cpu") -> list[BenchRow]:
         checkpointed = DCFormer("small", checkpoint_stages=CHECKPOINTED).to(device)
         rows: list[BenchRow] = []
         if options.reference is None:
-            for name, step in zip(("forward, eval", "forward+backward, train"), _steps(ours, x, device), strict=True):
-                rows.append(BenchRow("encoder", f"DCFormer-small {name}, {SHAPE}", median_seconds(step, repeats, 2),
-                                     "s", f"{where}, median"))
+            for name, step in zip(
+                ("forward, eval", "forward+backward, train"), _steps(ours, x, device), strict=True
+            ):
+                rows.append(
+                    BenchRow(
+                        "encoder",
+                        f"DCFormer-small {name}, {SHAPE}",
+                        median_seconds(step, repeats, 2),
+                        "s",
+                        f"{where}, median",
+                    )
+                )
             original = None
         else:
             original = load_original(options.reference).decomp_small().to(device)
             load_reference_state_dict(ours, original.state_dict())
-            rows.append(BenchRow("encoder", "DCFormer-small outputs vs the original's, same weights, eval",
-                                 _largest_difference(original, ours, x), "max rel. diff", "all five stage outputs"))
+            rows.append(
+                BenchRow(
+                    "encoder",
+                    "DCFormer-small outputs vs the original's, same weights, eval",
+                    _largest_difference(original, ours, x),
+                    "max rel. diff",
+                    "all five stage outputs",
+                )
+            )
             theirs = _steps(original, x, device)
-            for name, mine, other in zip(("forward, eval", "forward+backward, train"), _steps(ours, x, device), theirs,
-                                         strict=True):
+            for name, mine, other in zip(
+                ("forward, eval", "forward+backward, train"), _steps(ours, x, device), theirs, strict=True
+            ):
                 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
                 a, b, ratio = paired_seconds(other, mine, repeats, synchronize=sync)
-                rows.append(BenchRow("encoder", f"DCFormer-small {name}, {SHAPE}", b, "s",
-                                     f"{where}; interleaved pairs, medians", original=a, ratio=ratio))
+                rows.append(
+                    BenchRow(
+                        "encoder",
+                        f"DCFormer-small {name}, {SHAPE}",
+                        b,
+                        "s",
+                        f"{where}; interleaved pairs, medians",
+                        original=a,
+                        ratio=ratio,
+                    )
+                )
         rows += _memory_rows(ours, checkpointed, original, x, device)
     return rows + _coverage()
 
 
-def _memory_rows(ours: nn.Module, checkpointed: nn.Module, original: nn.Module | None, x: torch.Tensor,
-                 device: str) -> list[BenchRow]:
+def _memory_rows(
+    ours: nn.Module, checkpointed: nn.Module, original: nn.Module | None, x: torch.Tensor, device: str
+) -> list[BenchRow]:
     def peak(model: nn.Module) -> float | None:
         step = _steps(model, x, device)[1]
         step()  # one-time allocations (kernel caches, thread pools) are not the step's
@@ -124,10 +157,21 @@ def _memory_rows(ours: nn.Module, checkpointed: nn.Module, original: nn.Module |
     baseline = None if original is None else peak(original)
     how = "max_memory_allocated" if device == "cuda" else "heap in use after each operation"
     rows = []
-    for name, model in (("DCFormer-small training step, peak memory above model and input", ours),
-                        (f"same, checkpoint_stages={list(CHECKPOINTED)}", checkpointed)):
+    for name, model in (
+        ("DCFormer-small training step, peak memory above model and input", ours),
+        (f"same, checkpoint_stages={list(CHECKPOINTED)}", checkpointed),
+    ):
         value = peak(model)
         if value is not None:
-            rows.append(BenchRow("encoder", name, value, "MiB", f"{how}; activations kept for backward {kept(model):.0f} MiB",
-                                 original=baseline, ratio=None if baseline is None else value / baseline))
+            rows.append(
+                BenchRow(
+                    "encoder",
+                    name,
+                    value,
+                    "MiB",
+                    f"{how}; activations kept for backward {kept(model):.0f} MiB",
+                    original=baseline,
+                    ratio=None if baseline is None else value / baseline,
+                )
+            )
     return rows

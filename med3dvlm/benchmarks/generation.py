@@ -28,11 +28,20 @@ from med3dvlm.models.tiny_qwen import build_tiny_qwen
 SECTION = "generation"
 INPUT_SIZE = (32, 64, 64)
 # The demo's model (experiments/demo.yaml): 32 image tokens, tiny Qwen with a 1,024-token vocabulary.
-PROJECTOR = {"_target_": "med3dvlm.models.projectors.MixerProjector", "low_tokens": [16, 16],
-             "high_tokens": [8, 16], "depth": 2, "mlp_depth": 2}
-QUESTIONS = [f"Which {part} shows the {size} lesion? Choices: A. liver B. spleen C. kidney D. pancreas"
-             + " Describe it." * extra for size in ("small", "large") for part in ("organ", "plane")
-             for extra in range(3)]
+PROJECTOR = {
+    "_target_": "med3dvlm.models.projectors.MixerProjector",
+    "low_tokens": [16, 16],
+    "high_tokens": [8, 16],
+    "depth": 2,
+    "mlp_depth": 2,
+}
+QUESTIONS = [
+    f"Which {part} shows the {size} lesion? Choices: A. liver B. spleen C. kidney D. pancreas"
+    + " Describe it." * extra
+    for size in ("small", "large")
+    for part in ("organ", "plane")
+    for extra in range(3)
+]
 QUESTIONS_PER_VOLUME = 5  # M3D-VQA: plane, phase, organ, abnormality, location
 
 
@@ -50,8 +59,12 @@ class _Prompts(Dataset):
         ids = self.prompts.tokenize(self.prompts.prompt(question), None).input_ids
         volume = index // self.per_volume
         generator = torch.Generator().manual_seed(volume)
-        return {"image": torch.rand(1, *INPUT_SIZE, generator=generator), "input_ids": torch.tensor(ids),
-                "question": question, "image_path": f"volume_{volume}.npy"}
+        return {
+            "image": torch.rand(1, *INPUT_SIZE, generator=generator),
+            "input_ids": torch.tensor(ids),
+            "question": question,
+            "image_path": f"volume_{volume}.npy",
+        }
 
 
 def run(options: BenchOptions) -> list[BenchRow]:
@@ -76,9 +89,16 @@ def run(options: BenchOptions) -> list[BenchRow]:
 
                 def evaluate() -> None:
                     csv_path.unlink(missing_ok=True)
-                    generate_predictions(dataset, lambda batch, i: {"Question": batch["question"][i]}, generate,
-                                         csv_path, ["Question", "Pred"], model.tokenizer.pad_token_id,
-                                         batch_size=batch_size, progress=False)
+                    generate_predictions(
+                        dataset,
+                        lambda batch, i: {"Question": batch["question"][i]},
+                        generate,
+                        csv_path,
+                        ["Question", "Pred"],
+                        model.tokenizer.pad_token_id,
+                        batch_size=batch_size,
+                        progress=False,
+                    )
 
                 return count / median_seconds(evaluate, 1 if quick else 5)
 
@@ -87,14 +107,33 @@ def run(options: BenchOptions) -> list[BenchRow]:
             distinct = samples_per_second(8, 1)
     finally:
         torch.set_num_threads(threads)
-    note = (f"{count} VQA prompts, {QUESTIONS_PER_VOLUME} per volume; {settings.max_new_tokens} new tokens, greedy; "
-            "demo model shape; 1 thread, median")
+    note = (
+        f"{count} VQA prompts, {QUESTIONS_PER_VOLUME} per volume; {settings.max_new_tokens} new tokens, greedy; "
+        "demo model shape; 1 thread, median"
+    )
     return [
-        BenchRow(SECTION, "evaluation generation, batch 1", single, "samples/s",
-                 note=note + " (the original generates one prompt at a time)"),
-        *(BenchRow(SECTION, f"evaluation generation, batch {n} (left padding)", value, "samples/s",
-                   note=f"{value / single:.1f}x batch 1 (target >= 4x); each volume encoded once per batch")
-          for n, value in batched.items()),
-        BenchRow(SECTION, "evaluation generation, batch 8, one volume per prompt", distinct, "samples/s",
-                 note=f"{distinct / single:.1f}x batch 1 (report generation's shape)"),
+        BenchRow(
+            SECTION,
+            "evaluation generation, batch 1",
+            single,
+            "samples/s",
+            note=note + " (the original generates one prompt at a time)",
+        ),
+        *(
+            BenchRow(
+                SECTION,
+                f"evaluation generation, batch {n} (left padding)",
+                value,
+                "samples/s",
+                note=f"{value / single:.1f}x batch 1 (target >= 4x); each volume encoded once per batch",
+            )
+            for n, value in batched.items()
+        ),
+        BenchRow(
+            SECTION,
+            "evaluation generation, batch 8, one volume per prompt",
+            distinct,
+            "samples/s",
+            note=f"{distinct / single:.1f}x batch 1 (report generation's shape)",
+        ),
     ]

@@ -54,8 +54,9 @@ def train_samples_per_second(root: Path, epochs: int) -> float:
     """Median over epochs of the caption train loader's samples/s (augmentation on, batch 2, in
     process); the median keeps a busy shared machine from dominating the figure."""
     tokenizer = train_tokenizer([REPORT.format(n) for n in range(50)], vocab_size=300)
-    datamodule = M3DDataModule(root, "caption", tokenizer, num_image_tokens=256, batch_size=2,
-                               num_workers=0, spatial_size=SIZE)
+    datamodule = M3DDataModule(
+        root, "caption", tokenizer, num_image_tokens=256, batch_size=2, num_workers=0, spatial_size=SIZE
+    )
     loader = datamodule.train_dataloader()
     next(iter(loader))
     rates = []
@@ -79,15 +80,29 @@ def run(options: BenchOptions) -> list[BenchRow]:
                 root = write_prepared(Path(tmp) / fmt.replace(".", "_"), fmt, cases)
                 first = next(root.glob(f"M3D_Cap/ct_case/*/*{volume_suffix(fmt)}"))
                 decode = median_seconds(lambda first=first: read_volume(first, SIZE), 3 if quick else 5)
-                rows.append(BenchRow("loader", f"decode one {fmt} volume {SIZE} to float32", 1.0 / decode,
-                                     "volumes/s", "1 core"))
+                rows.append(
+                    BenchRow(
+                        "loader",
+                        f"decode one {fmt} volume {SIZE} to float32",
+                        1.0 / decode,
+                        "volumes/s",
+                        "1 core",
+                    )
+                )
                 epochs = 1 if fmt == "nii.gz" else 3 if quick else 5
                 rate = train_samples_per_second(root, epochs)
                 note = "1 core, augmentation on, median of epochs"
                 if fmt == "npy":
                     note += f"; target >= {TARGET:g}"
-                rows.append(BenchRow("loader", f"training samples, {fmt} (uint8)" if fmt == "npy"
-                                     else f"training samples, {fmt}", rate, "samples/s", note))
+                rows.append(
+                    BenchRow(
+                        "loader",
+                        f"training samples, {fmt} (uint8)" if fmt == "npy" else f"training samples, {fmt}",
+                        rate,
+                        "samples/s",
+                        note,
+                    )
+                )
     finally:
         torch.set_num_threads(threads)
     return rows

@@ -73,9 +73,7 @@ def run(options: BenchOptions) -> list[BenchRow]:
             "ms",
             "1 thread, median; backward recomputes the logits",
         ),
-        BenchRow(
-            "loss", f"SigLIP kept for backward, dense, {pairs}", dense_mb, "MiB", "saved-tensor bytes"
-        ),
+        BenchRow("loss", f"SigLIP kept for backward, dense, {pairs}", dense_mb, "MiB", "saved-tensor bytes"),
         BenchRow(
             "loss",
             f"SigLIP kept for backward, chunked ({MEMORY_CHUNK} rows), {pairs}",

@@ -51,7 +51,8 @@ def _load(path: Path, name: str) -> types.ModuleType:
     file = path / FILES[name]
     if not file.is_file():
         raise FileNotFoundError(
-            f"--reference {path}: {FILES[name]} not found; pass the root of a mirthAI/Med3DVLM checkout")
+            f"--reference {path}: {FILES[name]} not found; pass the root of a mirthAI/Med3DVLM checkout"
+        )
     spec = importlib.util.spec_from_file_location(f"_original_{name}", file)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -67,4 +68,3 @@ def load_original(path: str | Path) -> Original:
     _timm_stand_in()
     dcformer, projector = _load(path, "dcformer"), _load(path, "projector")
     return Original(decomp_small=dcformer.decomp_small, mixer=projector.MixerLowHighHybridMLP)
-

@@ -39,7 +39,9 @@ def run(options: BenchOptions, device: str = "cpu") -> list[BenchRow]:
         original, mixer = original.to(device).eval(), mixer.to(device).eval()
         want = forward(original)
         difference = ((want - forward(mixer)).abs().max() / want.abs().max()).item()
-        a, b, ratio = paired_seconds(lambda: forward(original), lambda: forward(mixer), repeats, synchronize=sync)
+        a, b, ratio = paired_seconds(
+            lambda: forward(original), lambda: forward(mixer), repeats, synchronize=sync
+        )
     finally:
         torch.set_num_threads(threads)
     return [

@@ -40,8 +40,12 @@ from med3dvlm.data.transforms import Augmentation
 
 log = logging.getLogger(__name__)
 
-VLM_TASKS = {"caption": CaptionDataset, "closed_vqa": ClosedVQADataset, "open_vqa": OpenVQADataset,
-             "yes_no_vqa": YesNoVQADataset}
+VLM_TASKS = {
+    "caption": CaptionDataset,
+    "closed_vqa": ClosedVQADataset,
+    "open_vqa": OpenVQADataset,
+    "yes_no_vqa": YesNoVQADataset,
+}
 MIXTURES: dict[str, tuple[str, ...]] = {
     "retrieval": ("retrieval",),
     "pretrain": ("caption", "closed_vqa", "open_vqa"),
@@ -50,7 +54,9 @@ MIXTURES: dict[str, tuple[str, ...]] = {
 }
 
 
-def load_tokenizer(tokenizer: PreTrainedTokenizerBase | str, image_token: str | None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | str, image_token: str | None
+) -> PreTrainedTokenizerBase:
     """A tokenizer object as given, or ``AutoTokenizer`` from a path; ``image_token`` is added as a
     special token when missing (the VLM adds the same token, so the ids agree)."""
     if isinstance(tokenizer, (str, os.PathLike)):
@@ -131,7 +137,9 @@ class M3DDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_source is None:
                 raise ValueError("M3DDataModule has no tokenizer: set data.tokenizer or pass the model's")
-            self._tokenizer = load_tokenizer(self.tokenizer_source, None if self.retrieval else self.image_token)
+            self._tokenizer = load_tokenizer(
+                self.tokenizer_source, None if self.retrieval else self.image_token
+            )
         return self._tokenizer
 
     def build(self, split: str, train: bool = False) -> Dataset:
@@ -140,13 +148,23 @@ class M3DDataModule(L.LightningDataModule):
         common = {"on_error": self.on_error, "skip_log": self.skip_log, "limit": self.subsets[split]}
         parts: list[M3DDataset] = []
         for task in MIXTURES[self.mixture]:
-            if task == "yes_no_vqa" and split != "train" and not vqa_csv(self.data_dir, split, yes_no=True).is_file():
+            if (
+                task == "yes_no_vqa"
+                and split != "train"
+                and not vqa_csv(self.data_dir, split, yes_no=True).is_file()
+            ):
                 # M3D-VQA releases yes/no questions for training only (M3D_VQA_yn_train.csv).
-                log.info("no %s: the %s mixture of split %r has no yes/no questions",
-                         vqa_csv(self.data_dir, split, yes_no=True).name, self.mixture, split)
+                log.info(
+                    "no %s: the %s mixture of split %r has no yes/no questions",
+                    vqa_csv(self.data_dir, split, yes_no=True).name,
+                    self.mixture,
+                    split,
+                )
                 continue
             if task == "retrieval":
-                parts.append(RetrievalDataset(self.data_dir, split, self.tokenizer, volumes, self.max_length, **common))
+                parts.append(
+                    RetrievalDataset(self.data_dir, split, self.tokenizer, volumes, self.max_length, **common)
+                )
                 continue
             prompts = PromptBuilder(self.tokenizer, self.image_token, self.num_image_tokens, self.max_length)
             extra = {"random_question": train} if task == "caption" else {}
@@ -196,8 +214,11 @@ class M3DDataModule(L.LightningDataModule):
 
     def summary(self, split: str = "train") -> str:
         """Shapes, dtypes and the decoded text of the first batch of ``split``'s loader."""
-        loader = {"train": self.train_dataloader, "validation": self.val_dataloader,
-                  "test": self.test_dataloader}[split]()
+        loader = {
+            "train": self.train_dataloader,
+            "validation": self.val_dataloader,
+            "test": self.test_dataloader,
+        }[split]()
         batch = next(iter(loader))
         out = io.StringIO()
         out.write(f"{split} batch of mixture {self.mixture!r} ({len(loader.dataset)} samples)\n")

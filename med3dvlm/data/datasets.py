@@ -92,7 +92,9 @@ def read_csv_columns(path: Path, columns: Sequence[str], limit: int | None = Non
     return {c: StringColumn(v) for c, v in values.items()}
 
 
-def read_caption_split(data_dir: str | os.PathLike, split: str, limit: int | None = None) -> list[tuple[str, str]]:
+def read_caption_split(
+    data_dir: str | os.PathLike, split: str, limit: int | None = None
+) -> list[tuple[str, str]]:
     """``(image, text)`` relative paths of a split of ``M3D_Cap.json``."""
     _check_split(split)
     path = caption_file(data_dir)
@@ -158,8 +160,14 @@ class M3DDataset(Dataset):
 
     task: str = ""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, volumes: VolumeReader,
-                 on_error: OnError = "fail", skip_log: SkipLog | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        volumes: VolumeReader,
+        on_error: OnError = "fail",
+        skip_log: SkipLog | None = None,
+    ) -> None:
         _check_split(split)
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -224,8 +232,16 @@ class VLMDataset(M3DDataset):
     """Image + prompt + answer samples for the VLM stages; ``prompt_only`` leaves the answer out of
     ``input_ids`` (generation) and drops ``labels``."""
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, prompts: PromptBuilder, volumes: VolumeReader,
-                 on_error: OnError = "fail", skip_log: SkipLog | None = None, prompt_only: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        prompts: PromptBuilder,
+        volumes: VolumeReader,
+        on_error: OnError = "fail",
+        skip_log: SkipLog | None = None,
+        prompt_only: bool = False,
+    ) -> None:
         super().__init__(data_dir, split, volumes, on_error, skip_log)
         self.prompts = prompts
         self.prompt_only = prompt_only
@@ -270,9 +286,18 @@ class CaptionDataset(VLMDataset):
 
     task = "caption"
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, prompts: PromptBuilder, volumes: VolumeReader,
-                 on_error: OnError = "fail", skip_log: SkipLog | None = None, prompt_only: bool = False,
-                 random_question: bool = False, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        prompts: PromptBuilder,
+        volumes: VolumeReader,
+        on_error: OnError = "fail",
+        skip_log: SkipLog | None = None,
+        prompt_only: bool = False,
+        random_question: bool = False,
+        limit: int | None = None,
+    ) -> None:
         super().__init__(data_dir, split, prompts, volumes, on_error, skip_log, prompt_only)
         self.random_question = random_question
         pairs = read_caption_split(data_dir, split, limit)
@@ -300,9 +325,18 @@ class _VQADataset(VLMDataset):
     columns: tuple[str, ...] = (IMAGE_COLUMN, "Question", "Answer", "Question Type")
     yes_no = False
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, prompts: PromptBuilder, volumes: VolumeReader,
-                 on_error: OnError = "fail", skip_log: SkipLog | None = None, prompt_only: bool = False,
-                 limit: int | None = None, csv: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        prompts: PromptBuilder,
+        volumes: VolumeReader,
+        on_error: OnError = "fail",
+        skip_log: SkipLog | None = None,
+        prompt_only: bool = False,
+        limit: int | None = None,
+        csv: str | None = None,
+    ) -> None:
         super().__init__(data_dir, split, prompts, volumes, on_error, skip_log, prompt_only)
         self.csv = vqa_csv(data_dir, split, self.yes_no, csv)
         self.rows = read_csv_columns(self.csv, self.columns, limit)
@@ -362,9 +396,17 @@ class RetrievalDataset(M3DDataset):
 
     task = "retrieval"
 
-    def __init__(self, data_dir: str | os.PathLike, split: str, tokenizer: PreTrainedTokenizerBase,
-                 volumes: VolumeReader, max_length: int = 512, on_error: OnError = "fail",
-                 skip_log: SkipLog | None = None, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        split: str,
+        tokenizer: PreTrainedTokenizerBase,
+        volumes: VolumeReader,
+        max_length: int = 512,
+        on_error: OnError = "fail",
+        skip_log: SkipLog | None = None,
+        limit: int | None = None,
+    ) -> None:
         super().__init__(data_dir, split, volumes, on_error, skip_log)
         self.tokenizer = tokenizer
         self.max_length = max_length

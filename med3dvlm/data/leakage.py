@@ -57,13 +57,23 @@ class LeakageReport:
     def counts(self) -> dict[str, int]:
         by_case = sum("case" in r for r in self.leaking.values())
         by_text = sum("text" in r for r in self.leaking.values())
-        return {"train_items": self.num_train, "test_items": self.num_test, "leaking_test_items": len(self.leaking),
-                "by_case": by_case, "by_text": by_text, "shared_cases": len(self.shared_cases),
-                "shared_texts": len(self.shared_texts)}
+        return {
+            "train_items": self.num_train,
+            "test_items": self.num_test,
+            "leaking_test_items": len(self.leaking),
+            "by_case": by_case,
+            "by_text": by_text,
+            "shared_cases": len(self.shared_cases),
+            "shared_texts": len(self.shared_texts),
+        }
 
     def to_dict(self) -> dict:
-        return {"counts": self.counts(), "leaking": self.leaking, "shared_cases": self.shared_cases,
-                "shared_texts": self.shared_texts}
+        return {
+            "counts": self.counts(),
+            "leaking": self.leaking,
+            "shared_cases": self.shared_cases,
+            "shared_texts": self.shared_texts,
+        }
 
 
 def split_leakage(train: Sequence[Item], test: Sequence[Item]) -> LeakageReport:

@@ -93,9 +93,13 @@ class Settings:
     preprocessing: Preprocessing
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"format": self.format, "npy_dtype": self.npy_dtype, "spatial_size": list(self.spatial_size),
-                "dataset": self.preprocessing.dataset,
-                "preprocessing": {k: v.to_dict() for k, v in self.preprocessing.sources.items()}}
+        return {
+            "format": self.format,
+            "npy_dtype": self.npy_dtype,
+            "spatial_size": list(self.spatial_size),
+            "dataset": self.preprocessing.dataset,
+            "preprocessing": {k: v.to_dict() for k, v in self.preprocessing.sources.items()},
+        }
 
     @property
     def stored_dtype(self) -> str:
@@ -140,7 +144,9 @@ def _verify_written(path: Path, written: np.ndarray, settings: Settings) -> np.n
     return stored
 
 
-def _read(job: VolumeJob, settings: Settings, max_voxels: int) -> tuple[np.ndarray, tuple[str, ...], dict[str, Any]]:
+def _read(
+    job: VolumeJob, settings: Settings, max_voxels: int
+) -> tuple[np.ndarray, tuple[str, ...], dict[str, Any]]:
     """The raw volume of a job, the slices dropped from a series, and what the manifest notes about
     the scan (its stored axis codes)."""
     spec = settings.preprocessing.sources[job.source_name]
@@ -155,8 +161,9 @@ def _read(job: VolumeJob, settings: Settings, max_voxels: int) -> tuple[np.ndarr
     return array, (), {"stored_axes": scan.stored_axes, "spacing": list(job.spacing or scan.spacing)}
 
 
-def prepare_volume(job: VolumeJob, out_dir: str, settings: Settings,
-                   max_voxels: int = DEFAULT_MAX_VOXELS) -> JobOutcome:
+def prepare_volume(
+    job: VolumeJob, out_dir: str, settings: Settings, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> JobOutcome:
     """Load, preprocess, write and verify one volume; bad input comes back as an error outcome.
 
     Errors are returned rather than raised so they cross the process boundary intact. A scan larger
@@ -221,8 +228,10 @@ def _journal_line(output: str, entry: Mapping[str, Any], out: Path) -> str:
     return json.dumps({"output": output, "entry": entry, "stat": _file_stat(out / output)}) + "\n"
 
 
-def _load_previous(out: Path, settings: Settings,
-                   ) -> tuple[dict[str, tuple[dict[str, Any], list[int] | None]], set[str]]:
+def _load_previous(
+    out: Path,
+    settings: Settings,
+) -> tuple[dict[str, tuple[dict[str, Any], list[int] | None]], set[str]]:
     """``output -> (entry, file stat)`` of earlier runs with the same settings (manifest, then
     journal), and the outputs the existing manifest lists whatever its settings."""
     previous: dict[str, tuple[dict[str, Any], list[int] | None]] = {}
@@ -256,7 +265,9 @@ def _parse_json_line(line: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _still_valid(out: Path, job: VolumeJob, record: tuple[Mapping[str, Any], list[int] | None] | None) -> bool:
+def _still_valid(
+    out: Path, job: VolumeJob, record: tuple[Mapping[str, Any], list[int] | None] | None
+) -> bool:
     """A recorded output is reusable if its raw input is unchanged and so is its file (same size and
     mtime, or same SHA-256)."""
     path = out / job.output
@@ -283,12 +294,23 @@ def _exclusive(out: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = _parse_json_line(handle.read()) or {}
-            raise DataError(out, f"another prepare is writing here (pid {holder.get('pid', '?')} on "
-                                 f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
-                                 "to finish or stop it") from None
+            raise DataError(
+                out,
+                f"another prepare is writing here (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}); wait for it "
+                "to finish or stop it",
+            ) from None
         handle.truncate(0)
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                }
+            )
+            + "\n"
+        )
         handle.flush()
         yield
 
@@ -331,8 +353,9 @@ def _run_jobs(
                 bar.update()
             return
         # spawn, not fork: forking a process whose OpenMP/torch threads already ran can deadlock.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                 initargs=(os.getpid(),)) as pool:
+        with ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(os.getpid(),)
+        ) as pool:
             futures: list[Future[JobOutcome]] = [
                 pool.submit(prepare_volume, job, str(out), settings, max_voxels) for job in jobs
             ]
@@ -347,8 +370,15 @@ def _run_jobs(
         bar.close()
 
 
-def _prepare_volumes(plan: Plan, out: Path, settings: Settings, policy: ErrorPolicy, workers: int,
-                     progress: bool, max_voxels: int) -> dict[str, dict[str, Any]]:
+def _prepare_volumes(
+    plan: Plan,
+    out: Path,
+    settings: Settings,
+    policy: ErrorPolicy,
+    workers: int,
+    progress: bool,
+    max_voxels: int,
+) -> dict[str, dict[str, Any]]:
     """Reuse the volumes an earlier run prepared and still valid, prepare the rest (journalled);
     returns ``output -> manifest entry`` of every prepared volume, sorted."""
     previous, listed = _load_previous(out, settings)
@@ -382,11 +412,15 @@ def _prepare_volumes(plan: Plan, out: Path, settings: Settings, policy: ErrorPol
     return dict(sorted(volumes.items()))
 
 
-def _split_lists(plan: Plan, volumes: Mapping[str, Any], strict_split: bool,
-                 ) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any] | None]:
+def _split_lists(
+    plan: Plan,
+    volumes: Mapping[str, Any],
+    strict_split: bool,
+) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any] | None]:
     """The prepared caption split file (``M3D_Cap.json`` for M3D): every list of the split file in its order (subsets such as
     ``test1k`` included) with the prepared paths, then the volumes it does not list, by split. With
     ``strict_split``, what moved (and the subset entries of moved volumes leave their subsets)."""
+
     def entry(output: str) -> dict[str, str]:
         return {"image": output, "text": plan.text_of[output]}
 
@@ -399,17 +433,27 @@ def _split_lists(plan: Plan, volumes: Mapping[str, Any], strict_split: bool,
     if not strict_split:
         return lists, None
     splits, report = move_leaking_test_items(
-        {name: lists[name] for name in SPLITS}, image_of=lambda e: e["image"],
-        text_of=lambda e: plan.texts[e["text"]], case_of=plan.case_of,
+        {name: lists[name] for name in SPLITS},
+        image_of=lambda e: e["image"],
+        text_of=lambda e: plan.texts[e["text"]],
+        case_of=plan.case_of,
     )
     moved = set(report.leaking)  # keyed by image
-    subsets = {name: [e for e in entries if e["image"] not in moved] for name, entries in lists.items()
-               if name not in SPLITS}
+    subsets = {
+        name: [e for e in entries if e["image"] not in moved]
+        for name, entries in lists.items()
+        if name not in SPLITS
+    }
     return {**splits, **subsets}, {"captions": report.to_dict()}
 
 
-def _counts(plan: Plan, volumes: Mapping[str, Mapping[str, Any]], skipped: Sequence[Any],
-            lists: Mapping[str, Sequence[Any]], moved: Mapping[str, Any] | None) -> dict[str, Any]:
+def _counts(
+    plan: Plan,
+    volumes: Mapping[str, Mapping[str, Any]],
+    skipped: Sequence[Any],
+    lists: Mapping[str, Sequence[Any]],
+    moved: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     groups: dict[str, dict[str, int]] = {}
     cases: dict[str, set[str]] = {}
     for job in plan.jobs:
@@ -427,8 +471,9 @@ def _counts(plan: Plan, volumes: Mapping[str, Mapping[str, Any]], skipped: Seque
         "slices_dropped": sum(len(v.get("dropped_slices", ())) for v in volumes.values()),
         **{f"split_{name}": len(entries) for name, entries in lists.items()},
         **({"collections": groups} if groups else {}),
-        "split_file_entries": {name: {"listed": len(plan.listed[name]), "kept": len(lists[name])}
-                               for name in plan.listed},
+        "split_file_entries": {
+            name: {"listed": len(plan.listed[name]), "kept": len(lists[name])} for name in plan.listed
+        },
         **({"strict_split_moved": len(moved["captions"]["leaking"])} if moved else {}),
     }
 
@@ -466,10 +511,19 @@ def prepare_dataset(
     chosen = find_release(dataset, source_path)
     unknown = set(options or {}) - set(chosen.options)
     if unknown:
-        raise ValueError(f"dataset={chosen.name} has no setting(s) {sorted(unknown)} (it takes {list(chosen.options)})")
-    request = PrepareOptions(format, npy_dtype, spatial_size_tuple(spatial_size),
-                             split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05}), window,
-                             float(foreground_threshold), strict_split, dict(options or {}))
+        raise ValueError(
+            f"dataset={chosen.name} has no setting(s) {sorted(unknown)} (it takes {list(chosen.options)})"
+        )
+    request = PrepareOptions(
+        format,
+        npy_dtype,
+        spatial_size_tuple(spatial_size),
+        split_fractions(split or {"train": 0.9, "validation": 0.05, "test": 0.05}),
+        window,
+        float(foreground_threshold),
+        strict_split,
+        dict(options or {}),
+    )
     settings = _settings(request, chosen)
     if not source_path.exists():
         raise DataError(source_path, f"not found (expected {chosen.summary})")
@@ -481,24 +535,46 @@ def prepare_dataset(
         _remove_temporaries(out)
         for text_rel, text in plan.texts.items():
             _write_text_if_changed(out / text_rel, text)
-        volumes = _prepare_volumes(plan, out, settings, policy, _default_workers() if workers is None else workers,
-                                   progress, max_voxels)
+        volumes = _prepare_volumes(
+            plan,
+            out,
+            settings,
+            policy,
+            _default_workers() if workers is None else workers,
+            progress,
+            max_voxels,
+        )
         if plan.hu_unwindowed and window is None:
             _warn_raw_hu(plan.hu_unwindowed)
         split_lists, moved = _split_lists(plan, volumes, strict_split)
         _write_json(out / chosen.caption_file, split_lists)
-        added = chosen.finish(source_path, out, plan, volumes, split_lists, policy, request) if chosen.finish else {}
+        added = (
+            chosen.finish(source_path, out, plan, volumes, split_lists, policy, request)
+            if chosen.finish
+            else {}
+        )
         skipped = sorted(policy.skipped, key=lambda s: (s["source"], s["reason"]))
         atomic_write_text(out / SKIPPED_FILE, "".join(f"{s['source']}\t{s['reason']}\n" for s in skipped))
-        manifest = _manifest(source_path, settings, chosen, request, plan, volumes, skipped, split_lists, moved, added)
+        manifest = _manifest(
+            source_path, settings, chosen, request, plan, volumes, skipped, split_lists, moved, added
+        )
         _write_json(out / MANIFEST_FILE, manifest)
     log.info("prepared %d volumes into %s (%d skipped)", len(volumes), out, len(skipped))
     return manifest
 
 
-def _manifest(source: Path, settings: Settings, chosen: Release, request: PrepareOptions, plan: Plan,
-              volumes: Mapping[str, Any], skipped: list[dict[str, str]], split_lists: Mapping[str, list],
-              moved: Mapping[str, Any] | None, added: Mapping[str, Any]) -> dict[str, Any]:
+def _manifest(
+    source: Path,
+    settings: Settings,
+    chosen: Release,
+    request: PrepareOptions,
+    plan: Plan,
+    volumes: Mapping[str, Any],
+    skipped: list[dict[str, str]],
+    split_lists: Mapping[str, list],
+    moved: Mapping[str, Any] | None,
+    added: Mapping[str, Any],
+) -> dict[str, Any]:
     """What ``manifest.json`` records: the settings, the preprocessing, every volume, what was skipped
     and why, the counts, and what the release adds."""
     window = request.window
@@ -516,8 +592,10 @@ def _manifest(source: Path, settings: Settings, chosen: Release, request: Prepar
         "volumes": volumes,
         "skipped": skipped,
         "duplicates": plan.duplicates,
-        "intensity": {"window": window if isinstance(window, str | None) else list(window),
-                      "hu_like_min_maxed": plan.hu_unwindowed},
+        "intensity": {
+            "window": window if isinstance(window, str | None) else list(window),
+            "hu_like_min_maxed": plan.hu_unwindowed,
+        },
         **extra,
         "strict_split": moved,
         "counts": {**_counts(plan, volumes, skipped, split_lists, moved), **added.get("counts", {})},
@@ -531,15 +609,26 @@ def _settings(request: PrepareOptions, chosen: Release) -> Settings:
     if request.npy_dtype not in ("uint8", "float16"):
         raise ValueError(f"npy_dtype must be 'uint8' or 'float16', got {request.npy_dtype!r}")
     recipe = chosen.preprocessing(request)
-    settings = {"format": request.format, "npy_dtype": request.npy_dtype, "spatial_size": list(request.spatial_size),
-                **({"window": request.window if isinstance(request.window, str) else list(request.window)}
-                   if request.window is not None else {}), **dict(request.extra)}
+    settings = {
+        "format": request.format,
+        "npy_dtype": request.npy_dtype,
+        "spatial_size": list(request.spatial_size),
+        **(
+            {"window": request.window if isinstance(request.window, str) else list(request.window)}
+            if request.window is not None
+            else {}
+        ),
+        **dict(request.extra),
+    }
     recipe = Preprocessing(recipe.dataset, recipe.sources, settings)
     return Settings(request.format, request.npy_dtype, request.spatial_size, recipe)
 
 
 def _warn_raw_hu(count: int) -> None:
-    log.warning("%d scan(s) look like raw CT in Hounsfield units (air below -500, tissue above 200) and no "
-                "intensity.window is set: they were min-max normalised as M3D's display-windowed JPEGs are, "
-                "which squeezes soft tissue into a sliver of [0, 1]. Set intensity.window=soft_tissue (W400/L40; "
-                "or lung, bone, brain, [low,high]), or intensity.window=none to keep min-max", count)
+    log.warning(
+        "%d scan(s) look like raw CT in Hounsfield units (air below -500, tissue above 200) and no "
+        "intensity.window is set: they were min-max normalised as M3D's display-windowed JPEGs are, "
+        "which squeezes soft tissue into a sliver of [0, 1]. Set intensity.window=soft_tissue (W400/L40; "
+        "or lung, bone, brain, [low,high]), or intensity.window=none to keep min-max",
+        count,
+    )

@@ -86,11 +86,19 @@ def dataset_preprocessing(data_dir: str | os.PathLike) -> Preprocessing | None:
     volumes = manifest.get("volumes", {})
     if volumes and all(str(name).startswith("own/") for name in volumes):
         window = (manifest.get("intensity") or {}).get("range")
-        spec = SourcePreprocessing(window=window, scale="window" if window else "minmax", orientation=OWN_ORIENTATION,
-                                   foreground_threshold=settings.get("foreground_threshold", 0.0))
+        spec = SourcePreprocessing(
+            window=window,
+            scale="window" if window else "minmax",
+            orientation=OWN_ORIENTATION,
+            foreground_threshold=settings.get("foreground_threshold", 0.0),
+        )
         found = Preprocessing("own", {"own": spec}, settings, inferred=True)
     else:
         found = m3d_preprocessing(inferred=True)
-    log.info("%s records no preprocessing (prepared by an older version): taken as %s's %s", Path(data_dir),
-             found.dataset, {k: v.to_dict() for k, v in found.sources.items()})
+    log.info(
+        "%s records no preprocessing (prepared by an older version): taken as %s's %s",
+        Path(data_dir),
+        found.dataset,
+        {k: v.to_dict() for k, v in found.sources.items()},
+    )
     return found

@@ -113,8 +113,11 @@ def stack_series(series_dir: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
     paths = list_slices(series_dir)
     total = sum(_slice_pixels(p) for p in paths)
     if total > max_voxels:
-        raise DataError(series_dir, f"the series' {len(paths)} slices hold {total:,} voxels, more than "
-                                    f"max_voxels={max_voxels:,} (raise max_voxels to read larger series)")
+        raise DataError(
+            series_dir,
+            f"the series' {len(paths)} slices hold {total:,} voxels, more than "
+            f"max_voxels={max_voxels:,} (raise max_voxels to read larger series)",
+        )
     arrays = [read_slice(p) for p in paths]
     counts = Counter(a.shape for a in arrays)
     best = max(counts.values())
@@ -126,7 +129,10 @@ def stack_series(series_dir: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VO
 
 # CT display windows, (width, level) in Hounsfield units: [level - width/2, level + width/2] -> [0, 1].
 WINDOWS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (400.0, 40.0), "lung": (1500.0, -600.0), "bone": (1800.0, 400.0), "brain": (80.0, 40.0),
+    "soft_tissue": (400.0, 40.0),
+    "lung": (1500.0, -600.0),
+    "bone": (1800.0, 400.0),
+    "brain": (80.0, 40.0),
 }
 WindowSpec = str | Sequence[float] | None
 SCALES: tuple[str, ...] = ("minmax", "window")
@@ -140,12 +146,16 @@ def window_range(window: WindowSpec) -> tuple[float, float] | None:
         return None
     if isinstance(window, str):
         if window not in WINDOWS:
-            raise ValueError(f"intensity.window={window!r}: use one of {sorted(WINDOWS)}, [low, high] in HU, or none")
+            raise ValueError(
+                f"intensity.window={window!r}: use one of {sorted(WINDOWS)}, [low, high] in HU, or none"
+            )
         width, level = WINDOWS[window]
         return level - width / 2, level + width / 2
     values = [float(v) for v in window]
     if len(values) != 2 or not values[1] > values[0]:
-        raise ValueError(f"intensity.window={list(window)}: an explicit window is [low, high] with low < high")
+        raise ValueError(
+            f"intensity.window={list(window)}: an explicit window is [low, high] with low < high"
+        )
     return values[0], values[1]
 
 
@@ -191,10 +201,15 @@ class SourcePreprocessing:
         object.__setattr__(self, "orientation", check_orientation(self.orientation))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"window": list(self.window) if self.window else None, "scale": self.scale,
-                "orientation": self.orientation, "first_frame": self.first_frame,
-                "spacing": list(self.spacing) if self.spacing else None,
-                "foreground_threshold": self.foreground_threshold, "resize": self.resize}
+        return {
+            "window": list(self.window) if self.window else None,
+            "scale": self.scale,
+            "orientation": self.orientation,
+            "first_frame": self.first_frame,
+            "spacing": list(self.spacing) if self.spacing else None,
+            "foreground_threshold": self.foreground_threshold,
+            "resize": self.resize,
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SourcePreprocessing:
@@ -233,8 +248,10 @@ class Preprocessing:
             return name, self.sources[name]
         first, spec = next(iter(self.sources.items()))
         if any(other != spec for other in self.sources.values()):
-            raise ValueError(f"this model was trained on several sources prepared differently "
-                             f"({', '.join(self.sources)}): pass source=<one of them>")
+            raise ValueError(
+                f"this model was trained on several sources prepared differently "
+                f"({', '.join(self.sources)}): pass source=<one of them>"
+            )
         return first, spec
 
     def for_input(self, source: str | None = None, window: WindowSpec = None) -> SourcePreprocessing:
@@ -246,20 +263,31 @@ class Preprocessing:
             return spec
         chosen = window_range(window)
         if chosen != spec.window:
-            log.warning("intensity.window=%s differs from the window this model's %s data was prepared with "
-                        "(%s): the model sees other intensities than in training", window, name,
-                        list(spec.window) if spec.window else "none: min-max")
+            log.warning(
+                "intensity.window=%s differs from the window this model's %s data was prepared with "
+                "(%s): the model sees other intensities than in training",
+                window,
+                name,
+                list(spec.window) if spec.window else "none: min-max",
+            )
         return replace(spec, window=chosen, scale="window" if chosen else "minmax")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "sources": {k: v.to_dict() for k, v in self.sources.items()},
-                "prepare": dict(self.prepare), "inferred": self.inferred}
+        return {
+            "dataset": self.dataset,
+            "sources": {k: v.to_dict() for k, v in self.sources.items()},
+            "prepare": dict(self.prepare),
+            "inferred": self.inferred,
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        return cls(str(values["dataset"]),
-                   {str(k): SourcePreprocessing.from_dict(v) for k, v in dict(values["sources"]).items()},
-                   dict(values.get("prepare") or {}), bool(values.get("inferred", False)))
+        return cls(
+            str(values["dataset"]),
+            {str(k): SourcePreprocessing.from_dict(v) for k, v in dict(values["sources"]).items()},
+            dict(values.get("prepare") or {}),
+            bool(values.get("inferred", False)),
+        )
 
 
 def looks_like_hu(volume: np.ndarray) -> bool:
@@ -276,7 +304,9 @@ def _finite(volume: np.ndarray, source: str | os.PathLike) -> np.ndarray:
     return volume
 
 
-def apply_window(volume: np.ndarray, low: float, high: float, source: str | os.PathLike = "<array>") -> np.ndarray:
+def apply_window(
+    volume: np.ndarray, low: float, high: float, source: str | os.PathLike = "<array>"
+) -> np.ndarray:
     """Clip to ``[low, high]`` and scale to float32 [0, 1]; NaN/Inf is bad input."""
     clipped = np.clip(_finite(volume, source), np.float32(low), np.float32(high))
     return (clipped - np.float32(low)) * np.float32(1.0 / (high - low))
@@ -291,8 +321,11 @@ def minmax_normalize(volume: np.ndarray, source: str | os.PathLike = "<array>") 
     return (volume - np.float32(low)) * np.float32(1.0 / (high - low))
 
 
-def scale_intensity(volume: np.ndarray, spec: SourcePreprocessing, source: str | os.PathLike = "<array>",
-                    ) -> np.ndarray:
+def scale_intensity(
+    volume: np.ndarray,
+    spec: SourcePreprocessing,
+    source: str | os.PathLike = "<array>",
+) -> np.ndarray:
     """``spec``'s window clip and scale to [0, 1]."""
     if spec.scale == "window":
         return apply_window(volume, *spec.window, source)
@@ -383,17 +416,27 @@ class PreparedScan:
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of ``raw``, mm, (D, H, W)
 
 
-def prepare_scan(path: str | os.PathLike, spatial_size: Sequence[int], spec: SourcePreprocessing = SourcePreprocessing(),
-                 max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
+def prepare_scan(
+    path: str | os.PathLike,
+    spatial_size: Sequence[int],
+    spec: SourcePreprocessing = SourcePreprocessing(),
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> PreparedScan:
     """One scan (any format of ``data.scans``) through ``spec``: the one code path of ``prepare``,
     ``infer`` and the app."""
     scan = load_scan(path, max_voxels, spec.orientation, spec.first_frame)
     volume = preprocess_volume(scan.array, spatial_size, spec, path, scan.spacing)
-    return PreparedScan(scan.array, volume, spec.window is None and looks_like_hu(scan.array), spacing=scan.spacing)
+    return PreparedScan(
+        scan.array, volume, spec.window is None and looks_like_hu(scan.array), spacing=scan.spacing
+    )
 
 
-def model_input(path: str | os.PathLike, input_size: Sequence[int], spec: SourcePreprocessing,
-                max_voxels: int = DEFAULT_MAX_VOXELS) -> PreparedScan:
+def model_input(
+    path: str | os.PathLike,
+    input_size: Sequence[int],
+    spec: SourcePreprocessing,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> PreparedScan:
     """What a model of ``input_size`` trained on ``spec``'s data receives from the file at ``path``
     (``infer`` and the web page).
 
@@ -407,7 +450,10 @@ def model_input(path: str | os.PathLike, input_size: Sequence[int], spec: Source
         return PreparedScan(volume, volume, hu_unwindowed=False, already_prepared=True)
     scan = prepare_scan(path, input_size, spec, max_voxels)
     if scan.hu_unwindowed:
-        log.warning("%s looks like raw CT in Hounsfield units and neither the model nor intensity.window sets a "
-                    "window: it was min-max normalised, which squeezes soft tissue into a sliver of [0, 1]; pass "
-                    "the window the training data was prepared with (e.g. intensity.window=soft_tissue)", path)
+        log.warning(
+            "%s looks like raw CT in Hounsfield units and neither the model nor intensity.window sets a "
+            "window: it was min-max normalised, which squeezes soft tissue into a sliver of [0, 1]; pass "
+            "the window the training data was prepared with (e.g. intensity.window=soft_tissue)",
+            path,
+        )
     return scan

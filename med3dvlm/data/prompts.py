@@ -51,8 +51,10 @@ PROMPT_FORMATS: tuple[str, ...] = ("m3d", "flare")
 # space and ends with a newline and eight spaces. The released weights were trained on exactly this.
 FLARE_REPORT_SYSTEM = "You are an AI assistant trained to act as an abdominal radiologist."
 FLARE_REPORT_USER = " Please describe in detail the findings in this abdomen CT scan.\n        "
-FLARE_VQA_SYSTEM = ("You are an AI assistant acting as a radiologist tasked with answering a multiple-choice "
-                    "question based on a CT scan.")
+FLARE_VQA_SYSTEM = (
+    "You are an AI assistant acting as a radiologist tasked with answering a multiple-choice "
+    "question based on a CT scan."
+)
 
 
 def check_prompt_format(prompt_format: str | None) -> str:
@@ -68,8 +70,9 @@ def _chat(tokenizer: PreTrainedTokenizerBase, system: str, user: str) -> str:
     original's call)."""
     if not tokenizer.chat_template:
         raise ValueError("the FLARE prompt format needs the LLM's chat template (its tokenizer has none)")
-    return tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": system}, {"role": "user", "content": user}], tokenize=False
+    )
 
 
 def flare_report_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int) -> str:
@@ -77,8 +80,9 @@ def flare_report_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, nu
     return image_token * num_image_tokens + _chat(tokenizer, FLARE_REPORT_SYSTEM, FLARE_REPORT_USER)
 
 
-def flare_vqa_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int,
-                     question: str) -> str:
+def flare_vqa_prompt(
+    tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int, question: str
+) -> str:
     """The rendered VQA conversation, its user turn the image block, a space and the question."""
     return _chat(tokenizer, FLARE_VQA_SYSTEM, image_token * num_image_tokens + " " + question)
 
@@ -102,7 +106,9 @@ def closed_answer(letter: str, text: str) -> str:
     return f"{letter}. {text}"
 
 
-def build_prompt(image_token: str, num_image_tokens: int, question: str, separator: str = VQA_SEPARATOR) -> str:
+def build_prompt(
+    image_token: str, num_image_tokens: int, question: str, separator: str = VQA_SEPARATOR
+) -> str:
     """``image_token * num_image_tokens + separator + question``."""
     if num_image_tokens < 1:
         raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
@@ -114,8 +120,13 @@ def generation_prompt(image_token: str, num_image_tokens: int, question: str) ->
     return build_prompt(image_token, num_image_tokens, question, VQA_SEPARATOR)
 
 
-def ask_prompt(tokenizer: PreTrainedTokenizerBase, image_token: str, num_image_tokens: int,
-               question: str | None = None, prompt_format: str | None = "m3d") -> str:
+def ask_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    image_token: str,
+    num_image_tokens: int,
+    question: str | None = None,
+    prompt_format: str | None = "m3d",
+) -> str:
     """The prompt a user's question is asked with (``infer``, the web page) in ``prompt_format``: the
     VQA prompt, or with ``question=None`` the report prompt (M3D: the first caption question, as
     captions were trained)."""
@@ -192,5 +203,6 @@ class PromptBuilder:
         return build_prompt(self.image_token, self.num_image_tokens, question, separator)
 
     def tokenize(self, prompt: str, answer: str | None) -> TokenizedExample:
-        return tokenize_example(self.tokenizer, prompt, answer, self.max_length,
-                                self.image_token, self.num_image_tokens)
+        return tokenize_example(
+            self.tokenizer, prompt, answer, self.max_length, self.image_token, self.num_image_tokens
+        )

@@ -31,9 +31,17 @@ import numpy as np
 
 from med3dvlm.data.errors import DataError
 
-DEFAULT_MAX_VOXELS = 1 << 30  # 1 Gi voxels (a 512x512x4096 CT; 4 GiB as float32); one scan per worker at a time
-SUFFIXES: dict[str, str] = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd",
-                            ".mha": "metaimage", ".mhd": "metaimage"}
+DEFAULT_MAX_VOXELS = (
+    1 << 30
+)  # 1 Gi voxels (a 512x512x4096 CT; 4 GiB as float32); one scan per worker at a time
+SUFFIXES: dict[str, str] = {
+    ".nii": "nifti",
+    ".nii.gz": "nifti",
+    ".nrrd": "nrrd",
+    ".nhdr": "nrrd",
+    ".mha": "metaimage",
+    ".mhd": "metaimage",
+}
 # Format -> (the module MONAI's reader needs, the package that provides it).
 _NEEDS = {"nrrd": ("nrrd", "pynrrd"), "metaimage": ("itk", "itk"), "dicom": ("pydicom", "pydicom")}
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a DICOM series folder"
@@ -44,8 +52,11 @@ def check_voxels(shape: Iterable[int], max_voxels: int, source: str | os.PathLik
     shape = [int(n) for n in shape]
     count = math.prod(shape)
     if count > max_voxels:
-        raise DataError(source, f"the header claims {'x'.join(map(str, shape))} = {count:,} voxels, more than "
-                                f"max_voxels={max_voxels:,} (raise max_voxels to read larger scans)")
+        raise DataError(
+            source,
+            f"the header claims {'x'.join(map(str, shape))} = {count:,} voxels, more than "
+            f"max_voxels={max_voxels:,} (raise max_voxels to read larger scans)",
+        )
 
 
 def _is_dicom(path: Path) -> bool:
@@ -87,10 +98,14 @@ def check_orientation(orientation: str | None) -> str | None:
     if orientation is None:
         return None
     codes = str(orientation).upper()
-    pairs = sorted(next((i for i, pair in enumerate(ORIENTATION_PAIRS) if code in pair), -1) for code in codes)
+    pairs = sorted(
+        next((i for i, pair in enumerate(ORIENTATION_PAIRS) if code in pair), -1) for code in codes
+    )
     if pairs != [0, 1, 2]:
-        raise ValueError(f"orientation={orientation!r}: three axis codes, one of each of L/R, P/A, I/S "
-                         "(e.g. RAS, LPS, LPI), or null for the stored order")
+        raise ValueError(
+            f"orientation={orientation!r}: three axis codes, one of each of L/R, P/A, I/S "
+            "(e.g. RAS, LPS, LPI), or null for the stored order"
+        )
     return codes
 
 
@@ -126,8 +141,11 @@ def reorient_to_dhw(data: np.ndarray, affine: np.ndarray, orientation: str | Non
         for axis, (target, _) in enumerate(transform):
             moved[int(target)] = spacing[axis]
         spacing = moved
-    return Scan(np.ascontiguousarray(data.transpose(2, 1, 0)), (spacing[2], spacing[1], spacing[0]),
-                axis_codes(affine))
+    return Scan(
+        np.ascontiguousarray(data.transpose(2, 1, 0)),
+        (spacing[2], spacing[1], spacing[0]),
+        axis_codes(affine),
+    )
 
 
 def _frames(path: Path, shape: tuple[int, ...], first_frame: bool) -> tuple[int, ...]:
@@ -143,14 +161,22 @@ def _frames(path: Path, shape: tuple[int, ...], first_frame: bool) -> tuple[int,
     return shape
 
 
-def load_nifti_as_dhw(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
-                      orientation: str | None = "RAS", first_frame: bool = False) -> np.ndarray:
+def load_nifti_as_dhw(
+    path: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    orientation: str | None = "RAS",
+    first_frame: bool = False,
+) -> np.ndarray:
     """The array of :func:`load_nifti`."""
     return load_nifti(path, max_voxels, orientation, first_frame).array
 
 
-def load_nifti(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS,
-               orientation: str | None = "RAS", first_frame: bool = False) -> Scan:
+def load_nifti(
+    path: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    orientation: str | None = "RAS",
+    first_frame: bool = False,
+) -> Scan:
     """A 3D NIfTI as ``(D, H, W)`` in ``orientation`` (default the closest canonical, RAS+).
 
     Trailing singleton dimensions (``(x, y, z, 1)``) are squeezed; a true 4D series (several
@@ -193,18 +219,30 @@ def _header_shape(path: Path, kind: str) -> list[int]:
     total = 0
     for file in dicom_files(path):
         header = pydicom.dcmread(file, stop_before_pixels=True)
-        total += int(header.get("Rows", 0)) * int(header.get("Columns", 0)) * int(header.get("NumberOfFrames", 1) or 1)
+        total += (
+            int(header.get("Rows", 0))
+            * int(header.get("Columns", 0))
+            * int(header.get("NumberOfFrames", 1) or 1)
+        )
     return [total]
 
 
-def read_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS, orientation: str | None = "RAS",
-              first_frame: bool = False) -> np.ndarray:
+def read_scan(
+    path: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    orientation: str | None = "RAS",
+    first_frame: bool = False,
+) -> np.ndarray:
     """The array of :func:`load_scan`."""
     return load_scan(path, max_voxels, orientation, first_frame).array
 
 
-def load_scan(path: str | os.PathLike, max_voxels: int = DEFAULT_MAX_VOXELS, orientation: str | None = "RAS",
-              first_frame: bool = False) -> Scan:
+def load_scan(
+    path: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    orientation: str | None = "RAS",
+    first_frame: bool = False,
+) -> Scan:
     """A scan of any supported format (``SUPPORTED``) as ``(D, H, W)`` in ``orientation`` (module
     docstring), with its stored values (HU for CT) and spacing."""
     path = Path(path)

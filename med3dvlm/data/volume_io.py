@@ -56,8 +56,9 @@ def _read_raw(path: Path, mmap: bool, shape: tuple[int, int, int] | None) -> np.
     raise DataError(path, "unsupported volume file type (expected .npy or .nii.gz)")
 
 
-def read_volume_raw(path: str | os.PathLike, mmap: bool = True,
-                    shape: tuple[int, int, int] | None = None) -> np.ndarray:
+def read_volume_raw(
+    path: str | os.PathLike, mmap: bool = True, shape: tuple[int, int, int] | None = None
+) -> np.ndarray:
     """Read a prepared volume as stored (no scaling), ``(D, H, W)``; npy files are memory-mapped.
 
     ``shape``: the size the volume must have, checked from the header before the data is read.
@@ -115,9 +116,7 @@ def read_volume(path: str | os.PathLike, shape: tuple[int, int, int] | None = No
     return volume
 
 
-def write_volume(
-    path: str | os.PathLike, volume: np.ndarray, npy_dtype: NpyDtype = "uint8"
-) -> None:
+def write_volume(path: str | os.PathLike, volume: np.ndarray, npy_dtype: NpyDtype = "uint8") -> None:
     """Write a ``(D, H, W)`` float volume in [0, 1] atomically; the format follows the suffix."""
     path = Path(path)
     volume = np.asarray(volume, dtype=np.float32)

@@ -16,7 +16,9 @@ from med3dvlm.utils.atomic import atomic_path, atomic_write_text
 from med3dvlm.utils.markdown import markdown_table
 
 
-def write_scored_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+def write_scored_csv(
+    path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
+) -> Path:
     """The predictions CSV with its score columns, written atomically over the generation CSV."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -39,17 +41,22 @@ def _cell(value: Any, percent: bool) -> str:
     return str(value)
 
 
-def metric_table(by_metric: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None,
-                   percent: bool = True) -> str:
+def metric_table(
+    by_metric: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str] | None = None, percent: bool = True
+) -> str:
     """Rows = question types (or one row), columns = metrics; ``by_metric[metric][type]``."""
     labels = labels or {}
     metrics = list(by_metric)
     types: list[str] = []
     for values in by_metric.values():
         types += [t for t in values if t not in types]
-    rows = [[qtype, *(_cell(by_metric[m].get(qtype, float("nan")), percent and m != "count") for m in metrics)]
-            for qtype in types]
-    return markdown_table(["type", *(labels.get(m, m) for m in metrics)], rows, right=range(1, len(metrics) + 1))
+    rows = [
+        [qtype, *(_cell(by_metric[m].get(qtype, float("nan")), percent and m != "count") for m in metrics)]
+        for qtype in types
+    ]
+    return markdown_table(
+        ["type", *(labels.get(m, m) for m in metrics)], rows, right=range(1, len(metrics) + 1)
+    )
 
 
 def bar_chart(path: str | os.PathLike, by_metric: Mapping[str, Mapping[str, float]], title: str) -> Path:
@@ -79,14 +86,21 @@ def bar_chart(path: str | os.PathLike, by_metric: Mapping[str, Mapping[str, floa
     return Path(path)
 
 
-def log_wandb_table(loggers: Iterable[Any], key: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str],
-                    metrics: Mapping[str, float]) -> int:
+def log_wandb_table(
+    loggers: Iterable[Any],
+    key: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    metrics: Mapping[str, float],
+) -> int:
     """Log the predictions as a table and the flat metrics on every logger that can (W&B);
     return how many did."""
     logged = 0
     for logger in loggers:
         if hasattr(logger, "log_table"):
-            logger.log_table(key=key, columns=list(columns), data=[[row.get(c, "") for c in columns] for row in rows])
+            logger.log_table(
+                key=key, columns=list(columns), data=[[row.get(c, "") for c in columns] for row in rows]
+            )
             logger.log_metrics(dict(metrics))
             logged += 1
     return logged

@@ -40,8 +40,10 @@ def read_complete_rows(path: Path, columns: Sequence[str]) -> tuple[list[dict[st
     header = list(reader.fieldnames or [])
     missing = [c for c in columns if c not in header]
     if missing:
-        raise ValueError(f"{path}: header {header} lacks {missing}; it was written by another task: "
-                         "delete it or choose another run folder")
+        raise ValueError(
+            f"{path}: header {header} lacks {missing}; it was written by another task: "
+            "delete it or choose another run folder"
+        )
     return list(reader), header
 
 
@@ -75,19 +77,25 @@ def generate_predictions(
     if done:
         _check_resumed(csv_path, done, dataset, collate, row_of, [c for c in columns if c != pred_column])
     rest = Subset(dataset, range(len(done), len(dataset)))
-    loader = DataLoader(rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    loader = DataLoader(
+        rest, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
+    )
     rows = list(done)
     with open(csv_path, "a", newline="", encoding="utf-8") as fh:
         # Append in the order of the header already on disk.
         writer = csv.DictWriter(fh, fieldnames=header or list(columns), extrasaction="ignore")
         if not done:
             writer.writeheader()
-        bar = tqdm(total=len(dataset), initial=len(done), desc=f"generating {csv_path.stem}", disable=not progress)
+        bar = tqdm(
+            total=len(dataset), initial=len(done), desc=f"generating {csv_path.stem}", disable=not progress
+        )
         for batch in loader:
             torch.manual_seed(seed + len(rows))
             answers = generate(batch)
             if len(answers) != len(batch["input_ids"]):
-                raise RuntimeError(f"generate returned {len(answers)} answers for a batch of {len(batch['input_ids'])}")
+                raise RuntimeError(
+                    f"generate returned {len(answers)} answers for a batch of {len(batch['input_ids'])}"
+                )
             new = [{**row_of(batch, i), pred_column: answer} for i, answer in enumerate(answers)]
             writer.writerows(new)
             fh.flush()
@@ -98,12 +106,20 @@ def generate_predictions(
     return rows
 
 
-def _check_resumed(path: Path, done: list[dict[str, str]], dataset: Dataset, collate: PadCollate,
-                   row_of: Callable[[Mapping[str, Any], int], dict[str, str]], columns: Sequence[str]) -> None:
+def _check_resumed(
+    path: Path,
+    done: list[dict[str, str]],
+    dataset: Dataset,
+    collate: PadCollate,
+    row_of: Callable[[Mapping[str, Any], int], dict[str, str]],
+    columns: Sequence[str],
+) -> None:
     """The first and last resumed rows must be the dataset's (cheap check of order and content)."""
     for index in sorted({0, len(done) - 1}):
         expected = row_of(collate([dataset[index]]), 0)
         found = {c: done[index].get(c, "") for c in columns}
         if found != {c: str(expected.get(c, "")) for c in columns}:
-            raise ValueError(f"{path}: row {index + 1} does not match sample {index} of the dataset; "
-                             "it was written for other data: delete it or choose another run folder")
+            raise ValueError(
+                f"{path}: row {index + 1} does not match sample {index} of the dataset; "
+                "it was written for other data: delete it or choose another run folder"
+            )

@@ -57,8 +57,15 @@ from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-METRIC_LABELS = {"bleu": "BLEU-1", "rouge1": "ROUGE-1", "meteor": "METEOR", "bert_f1": "BERTScore-F1",
-                 "accuracy": "Accuracy (substring)", "accuracy_strict": "Accuracy (strict)", "count": "n"}
+METRIC_LABELS = {
+    "bleu": "BLEU-1",
+    "rouge1": "ROUGE-1",
+    "meteor": "METEOR",
+    "bert_f1": "BERTScore-F1",
+    "accuracy": "Accuracy (substring)",
+    "accuracy_strict": "Accuracy (strict)",
+    "count": "n",
+}
 
 
 @dataclass
@@ -102,8 +109,12 @@ def check_data_preprocessing(model: Preprocessing, data_dir: str | Path) -> None
         trained = model.sources.get(name) or next(iter(model.sources.values()))
         changed = trained.differences(spec)
         if changed:
-            log.warning("%s was prepared otherwise than the model's training data (source %r: %s, model vs data)",
-                        data_dir, name, "; ".join(changed))
+            log.warning(
+                "%s was prepared otherwise than the model's training data (source %r: %s, model vs data)",
+                data_dir,
+                name,
+                "; ".join(changed),
+            )
 
 
 class GenerationTask:
@@ -139,43 +150,79 @@ class GenerationTask:
         loaded = load_pretrained(ctx.model, dtype=ctx.dtype, verify_files=ctx.verify_model_files)
         model = loaded.model.to(ctx.device)
         check_data_preprocessing(loaded.record.preprocessing, ctx.data_dir)
-        prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, ctx.max_length,
-                                loaded.record.prompt_format)
+        prompts = PromptBuilder(
+            model.tokenizer,
+            model.image_token,
+            model.num_image_tokens,
+            ctx.max_length,
+            loaded.record.prompt_format,
+        )
         dataset = self.dataset(ctx.data_dir, prompts, VolumeReader(spatial_size=loaded.record.input_size))
-        return self.evaluate(ctx, dataset, model_generate_fn(model, ctx.generation, ctx.zero_images),
-                             model.tokenizer.pad_token_id)
+        return self.evaluate(
+            ctx,
+            dataset,
+            model_generate_fn(model, ctx.generation, ctx.zero_images),
+            model.tokenizer.pad_token_id,
+        )
 
-    def evaluate(self, ctx: EvalContext, dataset: Dataset, generate: GenerateFn, pad_token_id: int) -> EvalResult:
+    def evaluate(
+        self, ctx: EvalContext, dataset: Dataset, generate: GenerateFn, pad_token_id: int
+    ) -> EvalResult:
         out = Path(ctx.out_dir)
         csv_path = out / f"predictions_{self.name}.csv"
         rows = generate_predictions(
-            dataset, self.row_of, generate, csv_path, self.generation_columns, pad_token_id,
-            batch_size=ctx.batch_size, num_workers=ctx.num_workers, seed=ctx.generation.seed,
-            progress=ctx.progress, pred_column=self.pred_column,
+            dataset,
+            self.row_of,
+            generate,
+            csv_path,
+            self.generation_columns,
+            pad_token_id,
+            batch_size=ctx.batch_size,
+            num_workers=ctx.num_workers,
+            seed=ctx.generation.seed,
+            progress=ctx.progress,
+            pred_column=self.pred_column,
         )
         metrics, by_metric = self.score(rows, ctx)
-        metrics = {"task": self.name, "model": ctx.model, "split": self.split,
-                   **({"csv": self.csv} if self.csv else {}), "num_samples": len(rows),
-                   "generation": vars(ctx.generation), "zero_images": ctx.zero_images, **metrics}
+        metrics = {
+            "task": self.name,
+            "model": ctx.model,
+            "split": self.split,
+            **({"csv": self.csv} if self.csv else {}),
+            "num_samples": len(rows),
+            "generation": vars(ctx.generation),
+            "zero_images": ctx.zero_images,
+            **metrics,
+        }
         columns = [*self.generation_columns, *self.score_columns]
         files = {
             "predictions": write_scored_csv(csv_path, rows, columns),
             "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
-            "chart": bar_chart(out / f"scores_{self.name}.png", {METRIC_LABELS.get(k, k): v for k, v in by_metric.items()
-                                                                   if k != "count"}, self.title),
+            "chart": bar_chart(
+                out / f"scores_{self.name}.png",
+                {METRIC_LABELS.get(k, k): v for k, v in by_metric.items() if k != "count"},
+                self.title,
+            ),
         }
         table = f"## {self.title}\n\n" + metric_table(by_metric, METRIC_LABELS) + self.notes(metrics)
         files["table"] = out / f"metrics_{self.name}.md"
         atomic_write_text(files["table"], table + "\n")
-        log_wandb_table(ctx.loggers, f"eval/{self.name}/predictions", rows, columns,
-                        flatten(metrics["metrics"], f"eval/{self.name}/"))
+        log_wandb_table(
+            ctx.loggers,
+            f"eval/{self.name}/predictions",
+            rows,
+            columns,
+            flatten(metrics["metrics"], f"eval/{self.name}/"),
+        )
         return EvalResult(metrics, table, files)
 
     def notes(self, metrics: Mapping[str, Any]) -> str:
         decoding = metrics["generation"]
         mode = "greedy" if not decoding["do_sample"] else f"sampling (seed {decoding['seed']})"
-        return f"\n\nScores in %, {metrics['num_samples']} samples, {mode} decoding, " \
-               f"max_new_tokens={decoding['max_new_tokens']}."
+        return (
+            f"\n\nScores in %, {metrics['num_samples']} samples, {mode} decoding, "
+            f"max_new_tokens={decoding['max_new_tokens']}."
+        )
 
 
 class _TextScoredTask(GenerationTask):
@@ -185,10 +232,14 @@ class _TextScoredTask(GenerationTask):
     def run(self, ctx: EvalContext) -> EvalResult:
         problem = bertscore_problem(**ctx.bertscore) if ctx.bertscore is not None else None
         if problem:  # before generating every answer, not after
-            raise FileNotFoundError(f"context.bertscore: {problem}; set context.bertscore=null to leave it out")
+            raise FileNotFoundError(
+                f"context.bertscore: {problem}; set context.bertscore=null to leave it out"
+            )
         return super().run(ctx)
 
-    def text_metrics(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, list[float]], dict]:
+    def text_metrics(
+        self, rows: list[dict[str, str]], ctx: EvalContext
+    ) -> tuple[dict[str, list[float]], dict]:
         scorer = BERTScorer(**ctx.bertscore) if ctx.bertscore is not None else None
         preds = [r[self.pred_column] for r in rows]
         refs = [r[self.reference_column] for r in rows]
@@ -196,17 +247,23 @@ class _TextScoredTask(GenerationTask):
         for name, values in scores.items():
             for row, value in zip(rows, values):
                 row[name] = f"{value:.4f}"
-        info = {"model": scorer.describe(), "comparable_with_published": scorer.comparable} if scorer else None
+        info = (
+            {"model": scorer.describe(), "comparable_with_published": scorer.comparable} if scorer else None
+        )
         return scores, {"bertscore": info}
 
     def notes(self, metrics: Mapping[str, Any]) -> str:
-        text = super().notes(metrics) + " BLEU-1, ROUGE-1 F, METEOR and BERTScore-F1 per sample, then averaged."
+        text = (
+            super().notes(metrics) + " BLEU-1, ROUGE-1 F, METEOR and BERTScore-F1 per sample, then averaged."
+        )
         info = metrics.get("bertscore")
         if info is None:
             text += " BERTScore not computed."
         elif not info["comparable_with_published"]:
-            text += (f"\n\n**BERTScore-F1 computed with {info['model']}, not roberta-large layer 17: "
-                     "not comparable with published numbers.**")
+            text += (
+                f"\n\n**BERTScore-F1 computed with {info['model']}, not roberta-large layer 17: "
+                "not comparable with published numbers.**"
+            )
         return text
 
 
@@ -228,13 +285,18 @@ class ClosedVQATask(_VQATask):
     score_columns = ("Correct", "Correct (strict)")
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
-        return ClosedVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit,
-                                csv=self.csv)
+        return ClosedVQADataset(
+            data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit, csv=self.csv
+        )
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
-        return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
-                "Answer": batch["answer"][i], "Answer Choice": batch["answer_choice"][i],
-                IMAGE_COLUMN: batch["image_path"][i]}
+        return {
+            "Question Type": str(batch["question_type"][i]),
+            "Question": batch["question"][i],
+            "Answer": batch["answer"][i],
+            "Answer Choice": batch["answer_choice"][i],
+            IMAGE_COLUMN: batch["image_path"][i],
+        }
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         from med3dvlm.metrics.vqa import strict_correct, substring_correct
@@ -242,13 +304,16 @@ class ClosedVQATask(_VQATask):
         for row in rows:
             row["Correct"] = str(int(substring_correct(row["Pred"], row["Answer Choice"])))
             row["Correct (strict)"] = str(int(strict_correct(row["Pred"], row["Answer Choice"])))
-        metrics = closed_vqa_metrics([r["Pred"] for r in rows], [r["Answer Choice"] for r in rows],
-                                     [r["Question Type"] for r in rows])
+        metrics = closed_vqa_metrics(
+            [r["Pred"] for r in rows], [r["Answer Choice"] for r in rows], [r["Question Type"] for r in rows]
+        )
         return {"metrics": metrics}, metrics
 
     def notes(self, metrics: Mapping[str, Any]) -> str:
-        return super().notes(metrics) + (" Substring = the benchmark's rule (\"<letter>.\" anywhere in the "
-                                         "output); strict = the first answer letter of the output.")
+        return super().notes(metrics) + (
+            ' Substring = the benchmark\'s rule ("<letter>." anywhere in the '
+            "output); strict = the first answer letter of the output."
+        )
 
 
 class OpenVQATask(_TextScoredTask, _VQATask):
@@ -259,12 +324,17 @@ class OpenVQATask(_TextScoredTask, _VQATask):
     generation_columns = ("Question Type", "Question", "Answer", "Pred", IMAGE_COLUMN)
 
     def dataset(self, data_dir: str, prompts: PromptBuilder, volumes: VolumeReader) -> Dataset:
-        return OpenVQADataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit,
-                              csv=self.csv)
+        return OpenVQADataset(
+            data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit, csv=self.csv
+        )
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
-        return {"Question Type": str(batch["question_type"][i]), "Question": batch["question"][i],
-                "Answer": batch["answer"][i], IMAGE_COLUMN: batch["image_path"][i]}
+        return {
+            "Question Type": str(batch["question_type"][i]),
+            "Question": batch["question"][i],
+            "Answer": batch["answer"][i],
+            IMAGE_COLUMN: batch["image_path"][i],
+        }
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         scores, info = self.text_metrics(rows, ctx)
@@ -288,8 +358,11 @@ class ReportTask(_TextScoredTask):
         return CaptionDataset(data_dir, self.split, prompts, volumes, prompt_only=True, limit=self.limit)
 
     def row_of(self, batch: Mapping[str, Any], i: int) -> dict[str, str]:
-        return {"Question": batch["question"][i], "Ground Truth": batch["answer"][i],
-                IMAGE_COLUMN: batch["image_path"][i]}
+        return {
+            "Question": batch["question"][i],
+            "Ground Truth": batch["answer"][i],
+            IMAGE_COLUMN: batch["image_path"][i],
+        }
 
     def score(self, rows: list[dict[str, str]], ctx: EvalContext) -> tuple[dict[str, Any], dict[str, dict]]:
         scores, info = self.text_metrics(rows, ctx)
@@ -304,8 +377,9 @@ class RetrievalTask:
     name = "retrieval"
     title = "Image-text retrieval"
 
-    def __init__(self, split: str = "test", sizes: Sequence[int] = SUBSET_SIZES,
-                 recall_at: Sequence[int] = RECALL_AT) -> None:
+    def __init__(
+        self, split: str = "test", sizes: Sequence[int] = SUBSET_SIZES, recall_at: Sequence[int] = RECALL_AT
+    ) -> None:
         self.split = split
         self.sizes = tuple(int(n) for n in sizes)
         self.recall_at = tuple(int(k) for k in recall_at)
@@ -314,50 +388,100 @@ class RetrievalTask:
         from med3dvlm.artifacts.encoder_export import load_siglip_export
 
         if not ctx.model:
-            raise ValueError("retrieval needs model=PATH: a stage-1 export (<siglip run folder>/export) or the "
-                             "SigLIP folder `python -m med3dvlm.import_weights` writes")
+            raise ValueError(
+                "retrieval needs model=PATH: a stage-1 export (<siglip run folder>/export) or the "
+                "SigLIP folder `python -m med3dvlm.import_weights` writes"
+            )
         towers = load_siglip_export(ctx.model)
         max_length = min(ctx.max_length, towers.text_tower.max_length)
         check_data_preprocessing(towers.record.preprocessing, ctx.data_dir)
-        dataset = RetrievalDataset(ctx.data_dir, self.split, towers.tokenizer, VolumeReader(towers.record.input_size),
-                                   max_length, limit=max(self.sizes))
-        image_emb, text_emb = self.embed(towers.image_tower.to(ctx.device), towers.text_tower.to(ctx.device),
-                                         dataset, towers.tokenizer.pad_token_id, ctx)
-        return self.evaluate(ctx, image_emb, text_emb, [dataset.images[i] for i in range(len(dataset))],
-                             [dataset.texts[i] for i in range(len(dataset))])
+        dataset = RetrievalDataset(
+            ctx.data_dir,
+            self.split,
+            towers.tokenizer,
+            VolumeReader(towers.record.input_size),
+            max_length,
+            limit=max(self.sizes),
+        )
+        image_emb, text_emb = self.embed(
+            towers.image_tower.to(ctx.device),
+            towers.text_tower.to(ctx.device),
+            dataset,
+            towers.tokenizer.pad_token_id,
+            ctx,
+        )
+        return self.evaluate(
+            ctx,
+            image_emb,
+            text_emb,
+            [dataset.images[i] for i in range(len(dataset))],
+            [dataset.texts[i] for i in range(len(dataset))],
+        )
 
     @staticmethod
     @torch.no_grad()
-    def embed(image_tower: torch.nn.Module, text_tower: torch.nn.Module, dataset: Dataset, pad_token_id: int,
-              ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        image_tower: torch.nn.Module,
+        text_tower: torch.nn.Module,
+        dataset: Dataset,
+        pad_token_id: int,
+        ctx: EvalContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(image_emb, text_emb)``, ``(num_pairs, E)`` each, in dataset order."""
-        loader = DataLoader(dataset, batch_size=ctx.batch_size, shuffle=False, num_workers=ctx.num_workers,
-                            collate_fn=PadCollate(pad_token_id))
+        loader = DataLoader(
+            dataset,
+            batch_size=ctx.batch_size,
+            shuffle=False,
+            num_workers=ctx.num_workers,
+            collate_fn=PadCollate(pad_token_id),
+        )
         images, texts = [], []
         for batch in tqdm(loader, desc="embedding pairs", disable=not ctx.progress):
             images.append(image_tower(batch["image"].to(ctx.device)).float().cpu())
-            texts.append(text_tower(batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device))
-                         .float().cpu())
+            texts.append(
+                text_tower(batch["input_ids"].to(ctx.device), batch["attention_mask"].to(ctx.device))
+                .float()
+                .cpu()
+            )
         return torch.cat(images), torch.cat(texts)
 
-    def evaluate(self, ctx: EvalContext, image_emb: torch.Tensor, text_emb: torch.Tensor,
-                 image_paths: Sequence[str], text_paths: Sequence[str]) -> EvalResult:
+    def evaluate(
+        self,
+        ctx: EvalContext,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        image_paths: Sequence[str],
+        text_paths: Sequence[str],
+    ) -> EvalResult:
         """Score the embeddings of the test pairs (row i of both belongs to pair i) and write the
         outputs: per-pair ranks CSV, metrics JSON, Markdown table, bar chart, W&B table."""
         out = Path(ctx.out_dir)
         flat = retrieval_metrics(image_emb, text_emb, self.sizes, self.recall_at)
         held = subset_sizes(image_emb.shape[0], self.sizes)
-        by_metric = {f"R@{k}": {f"{d} n={n}": flat[metric_name(d, k, n)] for n in held for d in DIRECTIONS}
-                     for k in self.recall_at}
+        by_metric = {
+            f"R@{k}": {f"{d} n={n}": flat[metric_name(d, k, n)] for n in held for d in DIRECTIONS}
+            for k in self.recall_at
+        }
         ranks = true_match_ranks(image_emb[: held[-1]] @ text_emb[: held[-1]].T)
         columns = [IMAGE_COLUMN, "Text Path", f"i2t rank (n={held[-1]})", f"t2i rank (n={held[-1]})"]
-        rows = [dict(zip(columns, (image_paths[i], text_paths[i], int(ranks["i2t"][i]), int(ranks["t2i"][i]))))
-                for i in range(held[-1])]
-        metrics = {"task": self.name, "model": ctx.model, "split": self.split, "num_pairs": int(image_emb.shape[0]),
-                   "subsets": held, "metrics": flat}
-        table = (f"## {self.title}\n\n" + metric_table(by_metric) +
-                 f"\n\nRecall in %, first N of {metrics['num_pairs']} {self.split} pairs; i2t: image query, text "
-                 "candidates; t2i: the reverse. Ties count against the query.")
+        rows = [
+            dict(zip(columns, (image_paths[i], text_paths[i], int(ranks["i2t"][i]), int(ranks["t2i"][i]))))
+            for i in range(held[-1])
+        ]
+        metrics = {
+            "task": self.name,
+            "model": ctx.model,
+            "split": self.split,
+            "num_pairs": int(image_emb.shape[0]),
+            "subsets": held,
+            "metrics": flat,
+        }
+        table = (
+            f"## {self.title}\n\n"
+            + metric_table(by_metric)
+            + f"\n\nRecall in %, first N of {metrics['num_pairs']} {self.split} pairs; i2t: image query, text "
+            "candidates; t2i: the reverse. Ties count against the query."
+        )
         files = {
             "predictions": write_scored_csv(out / f"predictions_{self.name}.csv", rows, columns),
             "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
@@ -365,7 +489,9 @@ class RetrievalTask:
             "table": out / f"metrics_{self.name}.md",
         }
         atomic_write_text(files["table"], table + "\n")
-        log_wandb_table(ctx.loggers, f"eval/{self.name}/ranks", rows, columns, flatten(flat, f"eval/{self.name}/"))
+        log_wandb_table(
+            ctx.loggers, f"eval/{self.name}/ranks", rows, columns, flatten(flat, f"eval/{self.name}/")
+        )
         return EvalResult(metrics, table, files)
 
 
@@ -382,18 +508,29 @@ class LeakageTask:
         data_dir = Path(ctx.data_dir)
 
         def captions(split: str) -> list[Item]:
-            return [Item(image, case_id(image), read_report(data_dir / text))
-                    for image, text in read_caption_split(data_dir, split)]
+            return [
+                Item(image, case_id(image), read_report(data_dir / text))
+                for image, text in read_caption_split(data_dir, split)
+            ]
 
         reports = {"captions": split_leakage(captions(self.train), captions(self.test))}
         if self.include_vqa and vqa_csv(data_dir, self.test).is_file():
+
             def vqa(split: str) -> list[Item]:
                 paths = read_csv_columns(vqa_csv(data_dir, split), [IMAGE_COLUMN])[IMAGE_COLUMN]
-                return [Item(f"{split} row {i + 1}: {paths[i]}", case_id(paths[i])) for i in range(len(paths))]
+                return [
+                    Item(f"{split} row {i + 1}: {paths[i]}", case_id(paths[i])) for i in range(len(paths))
+                ]
 
             reports["vqa"] = split_leakage(vqa(self.train), vqa(self.test))
-        metrics = {"task": self.name, "data_dir": str(data_dir), **{k: r.to_dict() for k, r in reports.items()}}
-        table = "\n\n".join(format_leakage(r, f"Leakage, {k}: {self.test} vs {self.train}") for k, r in reports.items())
+        metrics = {
+            "task": self.name,
+            "data_dir": str(data_dir),
+            **{k: r.to_dict() for k, r in reports.items()},
+        }
+        table = "\n\n".join(
+            format_leakage(r, f"Leakage, {k}: {self.test} vs {self.train}") for k, r in reports.items()
+        )
         out = Path(ctx.out_dir)
         files = {"metrics": write_metrics_json(out / "leakage.json", metrics), "table": out / "leakage.md"}
         atomic_write_text(files["table"], table + "\n")

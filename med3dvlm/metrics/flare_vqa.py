@@ -49,10 +49,29 @@ from typing import Any
 CSV_COLUMNS: tuple[str, ...] = ("case_id", "scope", "question_id", "question", "prediction")
 # pandas' default ``na_values`` (pandas 2.x and 3.x ``STR_NA_VALUES``): a cell exactly equal to
 # one of these (no stripping, quoted or not) is read as NaN.
-PANDAS_NA_VALUES: frozenset[str] = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
-    "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
-})
+PANDAS_NA_VALUES: frozenset[str] = frozenset(
+    {
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
 
 CaseRecord = Mapping[str, Any]
 _NUMBERING = re.compile(r"^\s*\d+\.\s*")

@@ -229,9 +229,13 @@ class GreenJudge:
         self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.clean_up_tokenization_spaces = True
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, local_files_only=True, trust_remote_code=False
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, local_files_only=True, trust_remote_code=False
+            )
+            .to(self.device)
+            .eval()
+        )
 
     @torch.inference_mode()
     def _answers(self, pairs: Sequence[tuple[str, str]]) -> list[str]:

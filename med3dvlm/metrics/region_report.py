@@ -32,16 +32,46 @@ from med3dvlm.metrics.text import mean, text_scores
 
 # The 19 region names of FLARE 2025 Task 5 findings (lower case, as the scorer compares them).
 FLARE_REGIONS: tuple[str, ...] = (
-    "liver", "biliary system", "spleen", "pancreas", "kidneys", "endocrine system", "lymphatic system",
-    "gastrointestinal tract", "abdominal cavity and peritoneum", "blood vessels", "musculoskeletal system",
-    "lungs and pleura", "respiratory tract", "heart", "mediastinum", "esophagus", "urinary system",
-    "breast tissue", "diaphragm",
+    "liver",
+    "biliary system",
+    "spleen",
+    "pancreas",
+    "kidneys",
+    "endocrine system",
+    "lymphatic system",
+    "gastrointestinal tract",
+    "abdominal cavity and peritoneum",
+    "blood vessels",
+    "musculoskeletal system",
+    "lungs and pleura",
+    "respiratory tract",
+    "heart",
+    "mediastinum",
+    "esophagus",
+    "urinary system",
+    "breast tissue",
+    "diaphragm",
 )
 # eval_report.py's categories, in its order: FLARE_REGIONS without "urinary system".
 EVAL_REPORT_REGIONS: tuple[str, ...] = (
-    "lymphatic system", "liver", "mediastinum", "respiratory tract", "abdominal cavity and peritoneum",
-    "blood vessels", "esophagus", "musculoskeletal system", "endocrine system", "lungs and pleura", "heart",
-    "gastrointestinal tract", "kidneys", "pancreas", "biliary system", "spleen", "breast tissue", "diaphragm",
+    "lymphatic system",
+    "liver",
+    "mediastinum",
+    "respiratory tract",
+    "abdominal cavity and peritoneum",
+    "blood vessels",
+    "esophagus",
+    "musculoskeletal system",
+    "endocrine system",
+    "lungs and pleura",
+    "heart",
+    "gastrointestinal tract",
+    "kidneys",
+    "pancreas",
+    "biliary system",
+    "spleen",
+    "breast tissue",
+    "diaphragm",
 )
 # Key = everything before the first ":", en dash (U+2013) or hyphen; a non-empty value must follow.
 _REGION_LINE = re.compile(r"([^:\u2013\-]+)[:\u2013\-]\s*(.+)")

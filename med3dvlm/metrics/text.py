@@ -74,8 +74,15 @@ def meteor(prediction: str, reference: str, nltk_data: str | os.PathLike | None 
     from med3dvlm.metrics.nltk_setup import use_nltk_data
 
     use_nltk_data(nltk_data)
-    return float(meteor_score([word_tokenize(reference.strip())], word_tokenize(prediction.strip()),
-                              alpha=0.9, beta=3.0, gamma=0.5))
+    return float(
+        meteor_score(
+            [word_tokenize(reference.strip())],
+            word_tokenize(prediction.strip()),
+            alpha=0.9,
+            beta=3.0,
+            gamma=0.5,
+        )
+    )
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:
@@ -140,15 +147,23 @@ class BERTScorer:
             break
         else:
             raise FileNotFoundError(
-                "no BERTScore model could be loaded offline (" + "; ".join(errors) + "); put roberta-large in "
+                "no BERTScore model could be loaded offline ("
+                + "; ".join(errors)
+                + "); put roberta-large in "
                 "a local folder and set metrics.bertscore.model, or set a fallback model"
             )
         if errors:
-            log.warning("BERTScore falls back to %s layer %d (%s): scores are not comparable with published ones",
-                        self.model_name, self.num_layers, errors[0])
+            log.warning(
+                "BERTScore falls back to %s layer %d (%s): scores are not comparable with published ones",
+                self.model_name,
+                self.num_layers,
+                errors[0],
+            )
         depth = self.model.config.num_hidden_layers
         if not 1 <= self.num_layers <= depth:
-            raise ValueError(f"BERTScore layer {self.num_layers} out of range: {self.model_name} has {depth} layers")
+            raise ValueError(
+                f"BERTScore layer {self.num_layers} out of range: {self.model_name} has {depth} layers"
+            )
         self.comparable = self.model_name.rstrip("/").endswith(PAPER_BERTSCORE_MODEL) and (
             self.num_layers == PAPER_BERTSCORE_LAYER
         )
@@ -165,7 +180,9 @@ class BERTScorer:
         text = text.strip()
         if text and self.prefix_space:
             text = " " + text
-        return self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_length)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_length)[
+            "input_ids"
+        ]
 
     @torch.no_grad()
     def _embed(self, texts: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -182,8 +199,16 @@ class BERTScorer:
             for row, seq in enumerate(ids):
                 input_ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
-            hidden = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                output_hidden_states=True).hidden_states[self.num_layers].float().cpu()
+            hidden = (
+                self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    output_hidden_states=True,
+                )
+                .hidden_states[self.num_layers]
+                .float()
+                .cpu()
+            )
             for row, (text, seq) in enumerate(zip(chunk, ids)):
                 emb = torch.nn.functional.normalize(hidden[row, : len(seq)], dim=-1)
                 weight = torch.tensor([0.0 if t in self.special_ids else 1.0 for t in seq])

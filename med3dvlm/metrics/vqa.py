@@ -16,7 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-QUESTION_TYPES: dict[str, str] = {"1": "Plane", "2": "Phase", "3": "Organ", "4": "Abnormality", "5": "Location"}
+QUESTION_TYPES: dict[str, str] = {
+    "1": "Plane",
+    "2": "Phase",
+    "3": "Organ",
+    "4": "Abnormality",
+    "5": "Location",
+}
 OVERALL = "Overall"
 CHOICE_LETTERS = ("A", "B", "C", "D")
 # A capital A-D standing alone (no letter or digit before it) and followed by ".", ")" or ":",

@@ -22,6 +22,7 @@ def plain_config(node: Mapping | DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
 
+
 def build_projector(
     projector: Mapping, vision_tower: nn.Module, input_size: Iterable[int], llm_dim: int
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -31,6 +32,7 @@ def build_projector(
     config.pop("_partial_", None)
     config.update(encoder_sizes(vision_tower, tuple(input_size)), llm_dim=llm_dim)
     return instantiate(config), config
+
 
 def build_vlm(
     vision_tower: nn.Module,
@@ -45,7 +47,7 @@ def build_vlm(
     tokenizer = llm.load_tokenizer()
     hidden = language_model.get_input_embeddings().weight.shape[1]
     proj, proj_config = build_projector(projector, vision_tower, input_size, hidden)
-    model = VisionLanguageModel(vision_tower, proj, language_model, tokenizer,
-                                reference_placement=reference_placement)
+    model = VisionLanguageModel(
+        vision_tower, proj, language_model, tokenizer, reference_placement=reference_placement
+    )
     return model, proj_config
-

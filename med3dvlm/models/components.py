@@ -53,7 +53,8 @@ def _check_plain(value: Any, source: str | os.PathLike, key: str) -> None:
         for name, item in value.items():
             if not isinstance(name, str) or name.startswith("_"):
                 raise UntrustedComponentError(
-                    f"{source}: {key}.{name} is not a plain setting (keys starting with '_' are refused)")
+                    f"{source}: {key}.{name} is not a plain setting (keys starting with '_' are refused)"
+                )
             _check_plain(item, source, f"{key}.{name}")
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
@@ -70,7 +71,8 @@ def component_class(node: Mapping[str, Any], source: str | os.PathLike, key: str
     if target not in COMPONENTS:
         raise UntrustedComponentError(
             f"{source}: {key}._target_ {target!r} is not a med3dvlm component; allowed: {sorted(COMPONENTS)} "
-            "(register your own class with med3dvlm.models.components.register_component)")
+            "(register your own class with med3dvlm.models.components.register_component)"
+        )
     _check_plain({k: v for k, v in node.items() if k != "_target_"}, source, key)
     return COMPONENTS[target]
 
@@ -81,5 +83,7 @@ def build_component(node: Mapping[str, Any], source: str | os.PathLike, key: str
     cls = component_class(node, source, key)
     retired = RETIRED_SETTINGS.get(node["_target_"], {})
     for name in retired.keys() & node.keys():
-        warnings.warn(f"{source}: {key}.{name} is no longer a setting ({retired[name]}); ignored", stacklevel=2)
+        warnings.warn(
+            f"{source}: {key}.{name} is no longer a setting ({retired[name]}); ignored", stacklevel=2
+        )
     return cls(**{k: v for k, v in node.items() if k != "_target_" and k not in retired})

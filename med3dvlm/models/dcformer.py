@@ -156,7 +156,9 @@ class DecompConv3d(nn.Module):
         output. Zero padding commutes with the map, so the borders are exact."""
         if self.along_h.norm.training:
             return sum(
-                b.norm(F.conv3d(x, _compose(b.conv.weight, matrix), b.conv.bias, b.conv.stride, b.conv.padding))
+                b.norm(
+                    F.conv3d(x, _compose(b.conv.weight, matrix), b.conv.bias, b.conv.stride, b.conv.padding)
+                )
                 for b in self.branches()
             )
         kernels, bias = self.folded()
@@ -433,7 +435,9 @@ class DCFormer(nn.Module):
         return outputs
 
 
-def _recompute_contexts(stage: nn.Module) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+def _recompute_contexts(
+    stage: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     return contextlib.nullcontext(), _statistics_kept(stage)
 
 
@@ -442,7 +446,9 @@ def _statistics_kept(module: nn.Module) -> Iterator[None]:
     """BatchNorm's running statistics stay as they are (the recomputed forward of a checkpointed
     stage must not count its batch twice): momentum 0 leaves them bitwise unchanged."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    saved = [
+        (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms
+    ]
     for m in norms:
         m.momentum = 0.0
     try:

@@ -40,7 +40,7 @@ def banded(weight: Tensor, length: int) -> Tensor:
     position of a short axis are left out."""
     half = weight.shape[1] // 2
     if half > length - 1:
-        weight, half = weight[:, half - (length - 1): half + length], length - 1
+        weight, half = weight[:, half - (length - 1) : half + length], length - 1
     padded = F.pad(weight, (length - 1 - half, length - weight.shape[1] + half))
     return padded.unfold(1, length, 1).flip(1)
 
@@ -61,7 +61,7 @@ def gather_taps(x: Tensor, k: int, stride: int) -> Tensor:
         index = [slice(None), slice(None)] + [slice(None, None, stride)] * 3
         index[2 + axis] = slice(None)
         pad = [0] * 6
-        pad[4 - 2 * axis: 6 - 2 * axis] = [k // 2, k // 2]
+        pad[4 - 2 * axis : 6 - 2 * axis] = [k // 2, k // 2]
         taps = F.pad(x[tuple(index)], pad).unfold(2 + axis, k, stride)
         columns.append(taps.permute(0, 2, 3, 4, 1, 5).flatten(4))
     return torch.cat(columns, dim=4)

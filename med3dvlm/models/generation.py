@@ -43,28 +43,45 @@ class GenerationSettings:
         return kwargs
 
 
-def _inputs(model: VisionLanguageModel, volume: np.ndarray | torch.Tensor, prompt: str) -> dict[str, torch.Tensor]:
+def _inputs(
+    model: VisionLanguageModel, volume: np.ndarray | torch.Tensor, prompt: str
+) -> dict[str, torch.Tensor]:
     param = next(model.vision_tower.parameters())
     image = torch.as_tensor(np.ascontiguousarray(volume) if isinstance(volume, np.ndarray) else volume)
     image = image.reshape(1, 1, *image.shape[-3:]).to(param.device, param.dtype)
     encoded = model.tokenizer([prompt], return_tensors="pt")
-    return {"images": image, "input_ids": encoded["input_ids"].to(param.device),
-            "attention_mask": encoded["attention_mask"].to(param.device)}
+    return {
+        "images": image,
+        "input_ids": encoded["input_ids"].to(param.device),
+        "attention_mask": encoded["attention_mask"].to(param.device),
+    }
 
 
 @torch.no_grad()
-def answer(model: VisionLanguageModel, volume: np.ndarray | torch.Tensor, prompt: str,
-           settings: GenerationSettings | None = None) -> str:
+def answer(
+    model: VisionLanguageModel,
+    volume: np.ndarray | torch.Tensor,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+) -> str:
     """The answer to ``prompt`` (image block + question, from :mod:`med3dvlm.data.prompts`) about one
     ``(D, H, W)`` volume of the model's input size."""
     inputs = _inputs(model, volume, prompt)
-    out = model.generate(inputs["images"], inputs["input_ids"], inputs["attention_mask"],
-                         **(settings or GenerationSettings()).kwargs())
+    out = model.generate(
+        inputs["images"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        **(settings or GenerationSettings()).kwargs(),
+    )
     return model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
-def stream_answer(model: VisionLanguageModel, volume: np.ndarray | torch.Tensor, prompt: str,
-                  settings: GenerationSettings | None = None) -> Iterator[str]:
+def stream_answer(
+    model: VisionLanguageModel,
+    volume: np.ndarray | torch.Tensor,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+) -> Iterator[str]:
     """:func:`answer` as it is decoded: the answer so far, each time a piece is added (greedy: the
     last one is :func:`answer`'s)."""
     from transformers import TextIteratorStreamer
@@ -76,8 +93,13 @@ def stream_answer(model: VisionLanguageModel, volume: np.ndarray | torch.Tensor,
     def generate() -> None:
         try:
             with torch.no_grad():
-                model.generate(inputs["images"], inputs["input_ids"], inputs["attention_mask"], streamer=streamer,
-                               **(settings or GenerationSettings()).kwargs())
+                model.generate(
+                    inputs["images"],
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
+                    streamer=streamer,
+                    **(settings or GenerationSettings()).kwargs(),
+                )
         except Exception as err:  # noqa: BLE001 (re-raised in the caller's thread)
             failure.append(err)
             streamer.end()
@@ -105,7 +127,9 @@ def distinct_rows(keys: Sequence[Any]) -> tuple[list[int], torch.Tensor]:
     return list(first.values()), torch.tensor([slot[key] for key in keys], dtype=torch.long)
 
 
-def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False) -> GenerateFn:
+def model_generate_fn(
+    model: VisionLanguageModel, settings: GenerationSettings, zero_images: bool = False
+) -> GenerateFn:
     """A batch -> decoded answers function for a VLM (batches must be left-padded).
 
     Questions about the same volume (M3D-VQA asks five per scan, in consecutive rows) share one
@@ -124,8 +148,13 @@ def model_generate_fn(model: VisionLanguageModel, settings: GenerationSettings, 
         if zero_images:
             images = torch.zeros_like(images)
         features = model.project(model.encode_images(images))[inverse.to(param.device)]
-        out = model.generate(None, batch["input_ids"].to(param.device), batch["attention_mask"].to(param.device),
-                             image_features=features, **kwargs)
+        out = model.generate(
+            None,
+            batch["input_ids"].to(param.device),
+            batch["attention_mask"].to(param.device),
+            image_features=features,
+            **kwargs,
+        )
         return [text.strip() for text in model.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     return generate

@@ -52,8 +52,10 @@ def _weights_file(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder / 'model.safetensors'}: the LLM's weights are missing{why}")
 
 
-def load_llm_folder(folder: str | os.PathLike, dtype: str | torch.dtype = "float32",
-                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_llm_folder(
+    folder: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The LLM and tokenizer of a saved folder, strictly: config, tokenizer files and safetensors
     weights present, every weight in the file and none unexpected (Hugging Face would initialise a
     missing one at random and only log it), shapes as the config says."""
@@ -69,14 +71,20 @@ def load_llm_folder(folder: str | os.PathLike, dtype: str | torch.dtype = "float
         llm, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    problems = [*(f"missing {k!r}" for k in sorted(info["missing_keys"])),
-                *(f"unexpected {k!r}" for k in sorted(info["unexpected_keys"])),
-                *(f"wrong shape {k!r}" for k in sorted(str(m) for m in info["mismatched_keys"])),
-                *info["error_msgs"]]
+    problems = [
+        *(f"missing {k!r}" for k in sorted(info["missing_keys"])),
+        *(f"unexpected {k!r}" for k in sorted(info["unexpected_keys"])),
+        *(f"wrong shape {k!r}" for k in sorted(str(m) for m in info["mismatched_keys"])),
+        *info["error_msgs"],
+    ]
     if problems:
-        raise ValueError(f"{weights}: does not fit the LLM its config.json describes: {'; '.join(problems[:5])}")
+        raise ValueError(
+            f"{weights}: does not fit the LLM its config.json describes: {'; '.join(problems[:5])}"
+        )
     rows = llm.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ValueError(f"{folder / 'tokenizer.json'}: {len(tokenizer)} tokens but the LLM's embedding matrix "
-                         f"has {rows} rows; the tokenizer belongs to another model")
+        raise ValueError(
+            f"{folder / 'tokenizer.json'}: {len(tokenizer)} tokens but the LLM's embedding matrix "
+            f"has {rows} rows; the tokenizer belongs to another model"
+        )
     return llm, tokenizer

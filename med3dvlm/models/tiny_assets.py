@@ -69,7 +69,9 @@ def wordpiece_vocab(texts: Iterable[str], vocab_size: int) -> dict[str, int]:
     chars = sorted({c for word in counts for c in word})
     tokens = [*BERT_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
     if len(tokens) > vocab_size:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(tokens)} special and character tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} is smaller than the {len(tokens)} special and character tokens"
+        )
     known = set(tokens)
     words = sorted((w for w in counts if w not in known), key=lambda w: (-counts[w], w))
     tokens += words[: vocab_size - len(tokens)]
@@ -85,11 +87,18 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, max_length: int) -> B
     tok.decoder = decoders.WordPiece()
     cls, sep = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return BertTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=max_length,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
     )
 
 

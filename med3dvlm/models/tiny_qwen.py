@@ -58,7 +58,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def tiny_qwen_config(
-    vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
 ) -> Qwen2Config:
     """A Qwen2 config at toy size (untied embeddings, like Qwen2.5-7B)."""
     return Qwen2Config(
@@ -93,7 +98,9 @@ def build_tiny_qwen(
     """
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer([*texts, ENGLISH_TEXT], vocab_size)
-    config = tiny_qwen_config(len(tokenizer), hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size)
+    config = tiny_qwen_config(
+        len(tokenizer), hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size
+    )
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = None

@@ -74,7 +74,10 @@ class FinetuneStage(VLMStage):
             check_input_size(self.pretrain_record.input_size, input_size, self.pretrain_export, "projector")
         self.model = model
         self.experiment = experiment
-        self.frozen_base_source = {"pretrain_export": str(self.pretrain_export), "llm": self.pretrain_record.llm}
+        self.frozen_base_source = {
+            "pretrain_export": str(self.pretrain_export),
+            "llm": self.pretrain_record.llm,
+        }
         add_lora(model, instantiate(lora))
         if train_vision_tower:
             model.vision_tower.requires_grad_(True)
@@ -84,25 +87,32 @@ class FinetuneStage(VLMStage):
             model.freeze_vision_tower()
         model.projector.requires_grad_(True)
         model.image_token_embedding.requires_grad_(True)
-        self.extra_trained = [name for name, on in (("input_embeddings", train_input_embeddings),
-                                                    ("lm_head", train_lm_head)) if on]
+        self.extra_trained = [
+            name
+            for name, on in (("input_embeddings", train_input_embeddings), ("lm_head", train_lm_head))
+            if on
+        ]
         for weight in self.extra_trained_weights().values():
             weight.requires_grad_(True)
         log.info("finetune: %d trainable parameters", self.trainable_parameter_count())
 
     def extra_trained_weights(self) -> dict[str, nn.Parameter]:
         """The fully trained embedding matrices, looked up now (sharding replaces the parameters)."""
-        weights = {"input_embeddings": lambda: self.model.llm.get_input_embeddings().weight,
-                   "lm_head": lambda: self.model.llm.get_output_embeddings().weight}
+        weights = {
+            "input_embeddings": lambda: self.model.llm.get_input_embeddings().weight,
+            "lm_head": lambda: self.model.llm.get_output_embeddings().weight,
+        }
         return {name: weights[name]() for name in self.extra_trained}
 
     def parent_record(self) -> ArtifactRecord:
         return self.pretrain_record
 
     def write_export(self, folder: Path) -> Path:
-        tensors = {VISION_TOWER_FILE: self.model.vision_tower.state_dict(),
-                   PROJECTOR_FILE: self.model.projector.state_dict(),
-                   IMAGE_TOKEN_FILE: {"embedding": self.model.image_token_embedding}}
+        tensors = {
+            VISION_TOWER_FILE: self.model.vision_tower.state_dict(),
+            PROJECTOR_FILE: self.model.projector.state_dict(),
+            IMAGE_TOKEN_FILE: {"embedding": self.model.image_token_embedding},
+        }
         if self.extra_trained:
             tensors["embeddings.safetensors"] = self.extra_trained_weights()
 
@@ -111,8 +121,17 @@ class FinetuneStage(VLMStage):
             self.model.tokenizer.save_pretrained(staging / "tokenizer")
 
         preprocessing, prompt_format = self.training_data()
-        record = replace(self.pretrain_record, kind=ADAPTER_HANDOFF.kind, experiment=self.experiment,
-                         preprocessing=preprocessing, prompt_format=prompt_format, stage="finetune",
-                         trained_embeddings=tuple(sorted(self.extra_trained)), files={}, extra={},
-                         parents=(parent("projector", self.pretrain_export),), created=time.time())
+        record = replace(
+            self.pretrain_record,
+            kind=ADAPTER_HANDOFF.kind,
+            experiment=self.experiment,
+            preprocessing=preprocessing,
+            prompt_format=prompt_format,
+            stage="finetune",
+            trained_embeddings=tuple(sorted(self.extra_trained)),
+            files={},
+            extra={},
+            parents=(parent("projector", self.pretrain_export),),
+            created=time.time(),
+        )
         return write_handoff(folder, record, tensors, adapter_and_tokenizer)

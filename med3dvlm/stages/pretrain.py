@@ -63,18 +63,24 @@ class PretrainStage(VLMStage):
         vision_tower, self.encoder_record = load_encoder_export(self.encoder_export)
         check_input_size(self.encoder_record.input_size, input_size, self.encoder_export, "encoder")
         self.llm_source = instantiate(llm)
-        self.model, self.projector_config = build_vlm(vision_tower, projector, self.llm_source, input_size,
-                                                      reference_placement)
+        self.model, self.projector_config = build_vlm(
+            vision_tower, projector, self.llm_source, input_size, reference_placement
+        )
         self.experiment = experiment
         self.input_size = [int(n) for n in input_size]
         self.model.freeze_vision_tower()
         self.model.llm.requires_grad_(False)
         self.model.projector.requires_grad_(True)
         self.model.image_token_embedding.requires_grad_(True)
-        self.frozen_base_source = {"encoder_export": str(self.encoder_export), "llm": self.llm_source.name_or_path}
+        self.frozen_base_source = {
+            "encoder_export": str(self.encoder_export),
+            "llm": self.llm_source.name_or_path,
+        }
         self.cache_encoder_features = cache_encoder_features
         self.feature_cache: dict[str, list[torch.Tensor]] = {}
-        log.info("pretrain: %d trainable parameters (projector + <im_patch> row)", self.trainable_parameter_count())
+        log.info(
+            "pretrain: %d trainable parameters (projector + <im_patch> row)", self.trainable_parameter_count()
+        )
 
     def encoder_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Encoder outputs for ``images``, computed once per distinct volume when caching."""
@@ -90,22 +96,33 @@ class PretrainStage(VLMStage):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         if not self.cache_encoder_features:
             return super().forward(batch)
-        out = self.model(batch["input_ids"], batch["attention_mask"],
-                         encoder_outputs=self.encoder_outputs(batch["image"]))
+        out = self.model(
+            batch["input_ids"], batch["attention_mask"], encoder_outputs=self.encoder_outputs(batch["image"])
+        )
         return self.lm_loss(out.logits, batch["labels"])
 
     def parent_record(self) -> ArtifactRecord:
         return self.encoder_record
 
     def write_export(self, folder: Path) -> Path:
-        tensors = {VISION_TOWER_FILE: self.model.vision_tower.state_dict(),
-                   PROJECTOR_FILE: self.model.projector.state_dict(),
-                   IMAGE_TOKEN_FILE: {"embedding": self.model.image_token_embedding}}
+        tensors = {
+            VISION_TOWER_FILE: self.model.vision_tower.state_dict(),
+            PROJECTOR_FILE: self.model.projector.state_dict(),
+            IMAGE_TOKEN_FILE: {"embedding": self.model.image_token_embedding},
+        }
         preprocessing, prompt_format = self.training_data()
         record = ArtifactRecord(
-            "projector_handoff", self.experiment, self.input_size, preprocessing,
+            "projector_handoff",
+            self.experiment,
+            self.input_size,
+            preprocessing,
             {"vision_tower": self.encoder_record.components["encoder"], "projector": self.projector_config},
-            prompt_format=prompt_format, image_token=self.model.image_token,
-            num_image_tokens=self.model.num_image_tokens, reference_placement=self.model.reference_placement,
-            llm=self.llm_source.name_or_path, stage="pretrain", parents=(parent("encoder", self.encoder_export),))
+            prompt_format=prompt_format,
+            image_token=self.model.image_token,
+            num_image_tokens=self.model.num_image_tokens,
+            reference_placement=self.model.reference_placement,
+            llm=self.llm_source.name_or_path,
+            stage="pretrain",
+            parents=(parent("encoder", self.encoder_export),),
+        )
         return write_handoff(folder, record, tensors)

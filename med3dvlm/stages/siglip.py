@@ -74,7 +74,9 @@ class SigLIPStage(TrainingStage):
         self.encoder_config = plain_config(encoder)
         text_config = plain_config(text_encoder)
         source = text_config["model_name_or_path"]
-        text_config["model_name_or_path"] = str(instantiate(source) if isinstance(source, Mapping) else source)
+        text_config["model_name_or_path"] = str(
+            instantiate(source) if isinstance(source, Mapping) else source
+        )
         self.image_tower = ImageTower(instantiate(self.encoder_config), embed_dim)
         self.text_tower = instantiate({**text_config, "embed_dim": embed_dim})
         self.tokenizer = AutoTokenizer.from_pretrained(text_config["model_name_or_path"])
@@ -137,8 +139,12 @@ class SigLIPStage(TrainingStage):
 
     def _eval_step(self, batch: Mapping[str, Any], prefix: str) -> None:
         image_emb, text_emb = self.embed(batch)
-        self.log(f"{prefix}/loss", self.loss(image_emb, text_emb), batch_size=image_emb.shape[0], sync_dist=True)
-        self._eval_outputs.append((sample_indices(batch).to(image_emb.device), image_emb.float(), text_emb.float()))
+        self.log(
+            f"{prefix}/loss", self.loss(image_emb, text_emb), batch_size=image_emb.shape[0], sync_dist=True
+        )
+        self._eval_outputs.append(
+            (sample_indices(batch).to(image_emb.device), image_emb.float(), text_emb.float())
+        )
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -215,12 +221,23 @@ class SigLIPStage(TrainingStage):
         towers = ("image_tower.encoder.", "text_tower.language_encoder.")
         heads = {k: v for k, v in self.state_dict().items() if not k.startswith(towers)}
         preprocessing, _ = self.training_data()
-        record = ArtifactRecord("encoder_export", self.experiment, self.input_size, preprocessing,
-                                {"encoder": self.encoder_config}, stage=STAGE, which=which,
-                                text_pooling=self.text_tower.pooling,
-                                extra={"global_step": int(self.global_step), **(extra or {})})
-        return write_encoder_export(folder, self.encoder, record,
-                                    siglip_files(self.text_tower.language_encoder, self.tokenizer, heads))
+        record = ArtifactRecord(
+            "encoder_export",
+            self.experiment,
+            self.input_size,
+            preprocessing,
+            {"encoder": self.encoder_config},
+            stage=STAGE,
+            which=which,
+            text_pooling=self.text_tower.pooling,
+            extra={"global_step": int(self.global_step), **(extra or {})},
+        )
+        return write_encoder_export(
+            folder,
+            self.encoder,
+            record,
+            siglip_files(self.text_tower.language_encoder, self.tokenizer, heads),
+        )
 
     # The RNG state travels in checkpoints through the RNGStateInCheckpoint callback (every stage).
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -230,4 +247,3 @@ class SigLIPStage(TrainingStage):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.best_score = checkpoint.get("siglip_best_score", float("-inf"))
-

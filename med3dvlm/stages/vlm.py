@@ -33,17 +33,23 @@ def warn_other_preprocessing(parent: ArtifactRecord, data: Preprocessing) -> Non
         before = parent.preprocessing.sources.get(name) or next(iter(parent.preprocessing.sources.values()))
         changed = before.differences(spec)
         if changed:
-            log.warning("the %s was trained on data prepared otherwise than this stage's source %r (%s); the "
-                        "export records this stage's preprocessing", parent.kind.replace("_", " "), name,
-                        "; ".join(changed))
+            log.warning(
+                "the %s was trained on data prepared otherwise than this stage's source %r (%s); the "
+                "export records this stage's preprocessing",
+                parent.kind.replace("_", " "),
+                name,
+                "; ".join(changed),
+            )
 
 
 def check_input_size(trained: Iterable[int], data: Iterable[int], source: str | Path, what: str) -> None:
     """A stage goes on from an export only at the volume size it was trained at: another size changes
     the token counts (the projector would not fit) and the statistics the encoder learnt."""
     if list(trained) != list(data):
-        raise ValueError(f"{source}: the {what} was trained on {list(trained)} volumes, the data is {list(data)} "
-                         f"(D, H, W); set data.spatial_size={list(trained)} with data prepared at that size")
+        raise ValueError(
+            f"{source}: the {what} was trained on {list(trained)} volumes, the data is {list(data)} "
+            f"(D, H, W); set data.spatial_size={list(trained)} with data prepared at that size"
+        )
 
 
 class VLMStage(TrainingStage):

@@ -45,7 +45,12 @@ class RetrievalExamples(L.Callback):
         self._examples = []
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.is_global_zero or len(self._examples) >= self.count:
@@ -99,8 +104,9 @@ class RNGStateInCheckpoint(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         state, self._pending = self._pending, None
         if state is None:
             return
@@ -119,8 +125,15 @@ class ClosedVQAValidation(L.Callback):
     Every process generates the same questions (FSDP needs all ranks in each forward); rank 0 logs.
     """
 
-    def __init__(self, size: int = 32, seed: int = 0, max_new_tokens: int = 8, batch_size: int = 8,
-                 examples: int = 4, key: str = "val/closed_examples") -> None:
+    def __init__(
+        self,
+        size: int = 32,
+        seed: int = 0,
+        max_new_tokens: int = 8,
+        batch_size: int = 8,
+        examples: int = 4,
+        key: str = "val/closed_examples",
+    ) -> None:
         if size < 0:
             raise ValueError(f"size must be >= 0 (0: off), got {size}")
         self.size, self.seed, self.examples, self.key = size, seed, examples, key
@@ -132,9 +145,16 @@ class ClosedVQAValidation(L.Callback):
         if self._subset is None:
             datamodule = trainer.datamodule
             model = pl_module.model
-            prompts = PromptBuilder(model.tokenizer, model.image_token, model.num_image_tokens, datamodule.max_length)
-            dataset = ClosedVQADataset(datamodule.data_dir, "validation", prompts,
-                                       VolumeReader(datamodule.spatial_size), prompt_only=True)
+            prompts = PromptBuilder(
+                model.tokenizer, model.image_token, model.num_image_tokens, datamodule.max_length
+            )
+            dataset = ClosedVQADataset(
+                datamodule.data_dir,
+                "validation",
+                prompts,
+                VolumeReader(datamodule.spatial_size),
+                prompt_only=True,
+            )
             count = min(self.size, len(dataset))
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
             self._subset = Subset(dataset, sorted(order[:count].tolist()))
@@ -148,14 +168,23 @@ class ClosedVQAValidation(L.Callback):
         generate = model_generate_fn(model, GenerationSettings(max_new_tokens=self.max_new_tokens))
         rows = []
         with torch.random.fork_rng():  # validation must not move the training's RNG
-            for batch in DataLoader(self.subset(trainer, pl_module), batch_size=self.batch_size, collate_fn=collate):
+            for batch in DataLoader(
+                self.subset(trainer, pl_module), batch_size=self.batch_size, collate_fn=collate
+            ):
                 for i, output in enumerate(generate(batch)):
-                    rows.append({"image": batch["image"][i], "question": batch["question"][i],
-                                 "answer": f"{batch['answer_choice'][i]}. {batch['answer'][i]}",
-                                 "letter": batch["answer_choice"][i], "type": batch["question_type"][i],
-                                 "output": output})
-        accuracy = closed_vqa_metrics([r["output"] for r in rows], [r["letter"] for r in rows],
-                                      [r["type"] for r in rows])["accuracy"]
+                    rows.append(
+                        {
+                            "image": batch["image"][i],
+                            "question": batch["question"][i],
+                            "answer": f"{batch['answer_choice'][i]}. {batch['answer'][i]}",
+                            "letter": batch["answer_choice"][i],
+                            "type": batch["question_type"][i],
+                            "output": output,
+                        }
+                    )
+        accuracy = closed_vqa_metrics(
+            [r["output"] for r in rows], [r["letter"] for r in rows], [r["type"] for r in rows]
+        )["accuracy"]
         pl_module.log("val/closed_accuracy", accuracy[OVERALL], sync_dist=False)
         for name, value in accuracy.items():
             if name != OVERALL:
@@ -168,8 +197,14 @@ class ClosedVQAValidation(L.Callback):
             return
         import wandb
 
-        data = [[*(wandb.Image(s) for s in mid_slices(r["image"])), r["question"], r["answer"], r["output"]]
-                for r in rows]
+        data = [
+            [*(wandb.Image(s) for s in mid_slices(r["image"])), r["question"], r["answer"], r["output"]]
+            for r in rows
+        ]
         for logger in loggers:
-            logger.log_table(key=self.key, columns=["axial", "coronal", "sagittal", "question", "answer", "generated"],
-                             data=data, step=trainer.global_step)
+            logger.log_table(
+                key=self.key,
+                columns=["axial", "coronal", "sagittal", "question", "answer", "generated"],
+                data=data,
+                step=trainer.global_step,
+            )

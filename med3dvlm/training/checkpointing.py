@@ -49,8 +49,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     its SHA-256 beside it: a process killed mid-write leaves the previous checkpoint and at most a
     ``.tmp-*`` leftover."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(path)
@@ -67,8 +68,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         super().remove_checkpoint(path)
         checksum_file(Path(path)).unlink(missing_ok=True)
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # Checkpoints hold tensors and plain values: never unpickle anything else, whatever the caller asks.
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
 
@@ -126,7 +128,9 @@ def _verify_checksum(path: Path) -> None:
         elif checksum_file(path).is_file():
             recorded = checksum_file(path).read_text(encoding="utf-8").split()[0]
             if file_sha256(path) != recorded:
-                raise ValueError(f"{path}: sha256 differs from the one recorded in {checksum_file(path).name}")
+                raise ValueError(
+                    f"{path}: sha256 differs from the one recorded in {checksum_file(path).name}"
+                )
     except (OSError, ValueError, IndexError) as error:  # json.JSONDecodeError is a ValueError
         raise CorruptCheckpoint(f"{path}: checksum check failed ({error})") from error
 
@@ -134,7 +138,9 @@ def _verify_checksum(path: Path) -> None:
 def write_shard_checksums(folder: str | os.PathLike) -> None:
     """Record the SHA-256 of every file of a finished shard folder (after ``meta.pt``)."""
     folder = Path(folder)
-    atomic_write_text(folder / SHARD_CHECKSUMS, json.dumps(folder_fingerprint(folder, skip={SHARD_CHECKSUMS})))
+    atomic_write_text(
+        folder / SHARD_CHECKSUMS, json.dumps(folder_fingerprint(folder, skip={SHARD_CHECKSUMS}))
+    )
 
 
 def _load(file: Path, checkpoint: Path) -> Any:
@@ -152,7 +158,9 @@ def _check_shards(folder: Path) -> None:
     except RefusedCheckpointData as error:
         raise CorruptCheckpoint(f"{folder}: .metadata refused: {error}") from error
     except Exception as error:
-        raise CorruptCheckpoint(f"{folder}: unreadable .metadata ({type(error).__name__}: {error})") from error
+        raise CorruptCheckpoint(
+            f"{folder}: unreadable .metadata ({type(error).__name__}: {error})"
+        ) from error
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -169,12 +177,20 @@ def candidates(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if not p.name.startswith(".tmp-")
-                  and ((p.is_file() and p.suffix == ".ckpt") or (p.is_dir() and _looks_sharded(p))))
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".tmp-")
+        and ((p.is_file() and p.suffix == ".ckpt") or (p.is_dir() and _looks_sharded(p)))
+    )
 
 
 def _looks_sharded(folder: Path) -> bool:
-    return (folder / ".metadata").exists() or (folder / _METADATA_FILENAME).exists() or any(folder.glob("*.distcp"))
+    return (
+        (folder / ".metadata").exists()
+        or (folder / _METADATA_FILENAME).exists()
+        or any(folder.glob("*.distcp"))
+    )
 
 
 def latest_valid_checkpoint(folder: str | os.PathLike) -> Path | None:
@@ -227,8 +243,9 @@ class StepCheckpoint(ModelCheckpoint):
     batch of an epoch only; this does it at every step that validates.
     """
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
         if due and not self._should_skip_saving_checkpoint(trainer):
             epoch_loop = trainer.fit_loop.epoch_loop

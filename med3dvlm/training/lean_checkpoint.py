@@ -92,7 +92,8 @@ class LeanCheckpoint:
             raise FrozenBaseMismatch(
                 f"the checkpoint was trained on another frozen base ({_describe(recorded)}) than the configured "
                 f"one ({_describe({'fingerprint': self.frozen_fingerprint(), **self.frozen_base_source})}): resume "
-                "with the encoder export and LLM the run was started with")
+                "with the encoder export and LLM the run was started with"
+            )
         if "state_dict" in checkpoint:  # a file; a shard folder's keys are checked by FSDP2Strategy
             check_lean_keys(set(checkpoint["state_dict"]), self.lean_keys(), "the checkpoint")
 

@@ -22,7 +22,14 @@ from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
 # Command-line hydra overrides that only mean something to the sweep itself.
-_SWEEP_ONLY = ("hydra.sweep", "hydra.sweeper", "hydra/sweeper", "hydra.launcher", "hydra/launcher", "hydra.mode")
+_SWEEP_ONLY = (
+    "hydra.sweep",
+    "hydra.sweeper",
+    "hydra/sweeper",
+    "hydra.launcher",
+    "hydra/launcher",
+    "hydra.mode",
+)
 
 
 def in_multirun() -> bool:

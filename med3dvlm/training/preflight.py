@@ -26,10 +26,13 @@ def check_training_inputs(cfg: DictConfig) -> None:
         raise FileNotFoundError(
             f"data.data_dir={data_dir}: no prepared dataset here ({caption_file(data_dir).name} missing). Prepare one with "
             f"`python -m med3dvlm.prepare source=<raw M3D folder or CSV> out={data_dir}`, or set data.data_dir "
-            "(make demo prepares data/demo/prepared)")
+            "(make demo prepares data/demo/prepared)"
+        )
     for key, stand_in in STAGE_MODELS.get(str(cfg.stage.name), ()):
         name = OmegaConf.select(cfg, key)
         problem = unreachable_model(name) if isinstance(name, str) else None
         if problem:
-            raise FileNotFoundError(f"{key}: {problem}. Put the model in a local folder and set {key}=<folder>, "
-                                    f"or train the offline stand-in with {stand_in}")
+            raise FileNotFoundError(
+                f"{key}: {problem}. Put the model in a local folder and set {key}=<folder>, "
+                f"or train the offline stand-in with {stand_in}"
+            )

@@ -143,8 +143,11 @@ def resumable(loader: DataLoader, seed: int) -> DataLoader:
     """``loader`` rebuilt as a :class:`ResumableDataLoader` with an epoch-seeded order (shuffled if
     ``loader`` shuffled). Loaders with a custom sampler, batch sampler or an iterable dataset are
     returned unchanged: their order is theirs to make resumable."""
-    if (isinstance(loader, ResumableDataLoader) or type(loader.sampler) not in (RandomSampler, SequentialSampler)
-            or type(loader.batch_sampler) is not BatchSampler):
+    if (
+        isinstance(loader, ResumableDataLoader)
+        or type(loader.sampler) not in (RandomSampler, SequentialSampler)
+        or type(loader.batch_sampler) is not BatchSampler
+    ):
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
     dataset = SeededSamples(loader.dataset, seed)
@@ -153,11 +156,19 @@ def resumable(loader: DataLoader, seed: int) -> DataLoader:
     # otherwise come from the global RNG and shift every random draw after an epoch boundary in an
     # uninterrupted run but not in one resumed there.
     return ResumableDataLoader(
-        dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+        dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
-        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, prefetch_factor=loader.prefetch_factor,
-        persistent_workers=loader.persistent_workers, multiprocessing_context=loader.multiprocessing_context,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+        multiprocessing_context=loader.multiprocessing_context,
     )
 
 

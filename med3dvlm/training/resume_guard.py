@@ -22,14 +22,18 @@ log = logging.getLogger(__name__)
 
 ORIGINAL_CONFIG = Path(".hydra") / "config.yaml"
 # Top-level keys a resume may change: where things go, how they are reported, resume bookkeeping.
-FREE_KEYS = frozenset({"resume", "ckpt_path", "resume_override", "paths", "logger", "callbacks", "tags", "test"})
+FREE_KEYS = frozenset(
+    {"resume", "ckpt_path", "resume_override", "paths", "logger", "callbacks", "tags", "test"}
+)
 
 
 class ChangedResumeConfig(ValueError):
     """``resume=`` with training settings other than the run's own."""
 
 
-def config_differences(original: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+def config_differences(
+    original: Mapping[str, Any], current: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
     """``key: old -> new`` for every leaf that differs between two plain config trees."""
     changes = []
     for key in sorted(set(original) | set(current), key=str):
@@ -66,9 +70,12 @@ def check_resume_config(cfg: DictConfig) -> None:
         return
     listing = "\n  ".join(changes)
     if cfg.get("resume_override"):
-        log.warning("resume_override=true: resuming with settings that differ from %s:\n  %s", recorded, listing)
+        log.warning(
+            "resume_override=true: resuming with settings that differ from %s:\n  %s", recorded, listing
+        )
         return
     raise ChangedResumeConfig(
         f"{recorded}: the resumed run's settings differ from the ones it was started with:\n  {listing}\n"
         "Resume with the original settings, or pass resume_override=true if the change is meant "
-        "(the original config stays in .hydra/, this resume's in .hydra/resume-<time>/).")
+        "(the original config stays in .hydra/, this resume's in .hydra/resume-<time>/)."
+    )

@@ -45,7 +45,9 @@ class MetricHistory(L.Callback):
         self.values = [(int(step), float(value)) for step, value in state_dict["values"]]
 
 
-def optimized_value(metrics: dict[str, float], history: MetricHistory, kind: str) -> tuple[float | None, str, int | None]:
+def optimized_value(
+    metrics: dict[str, float], history: MetricHistory, kind: str
+) -> tuple[float | None, str, int | None]:
     """``(value, what it is, its step)``: the best validation value when ``kind == "best"`` and there
     was one, else the last value the run logged."""
     if kind not in ("best", "last"):
@@ -57,19 +59,33 @@ def optimized_value(metrics: dict[str, float], history: MetricHistory, kind: str
 
 
 @rank_zero_only
-def write_summary(metrics: dict[str, float], output_dir: str | os.PathLike, loggers: list[Logger],
-                  optimized_metric: str | None = None, value: float | None = None, value_is: str = "last",
-                  step: int | None = None) -> None:
+def write_summary(
+    metrics: dict[str, float],
+    output_dir: str | os.PathLike,
+    loggers: list[Logger],
+    optimized_metric: str | None = None,
+    value: float | None = None,
+    value_is: str = "last",
+    step: int | None = None,
+) -> None:
     """Write the final metrics and the value a sweeper optimises (which metric, best or last, at which
     step) to the run folder and W&B."""
-    record = {"optimized_metric": optimized_metric, "value": value, "value_is": value_is, "step": step,
-              "metrics": dict(sorted(metrics.items()))}
+    record = {
+        "optimized_metric": optimized_metric,
+        "value": value,
+        "value_is": value_is,
+        "step": step,
+        "metrics": dict(sorted(metrics.items())),
+    }
     atomic_write_text(Path(output_dir) / SUMMARY_FILE, json.dumps(record, indent=2) + "\n")
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             logger.experiment.summary.update(metrics)
-            logger.log_table(key="final/metrics", columns=["metric", "value"],
-                             data=[[k, v] for k, v in sorted(metrics.items())])
+            logger.log_table(
+                key="final/metrics",
+                columns=["metric", "value"],
+                data=[[k, v] for k, v in sorted(metrics.items())],
+            )
 
 
 @rank_zero_only

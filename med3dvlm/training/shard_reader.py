@@ -27,8 +27,16 @@ from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-_METADATA_CLASSES = ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-                     "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+_METADATA_CLASSES = (
+    "Metadata",
+    "MetadataIndex",
+    "StorageMeta",
+    "TensorProperties",
+    "TensorStorageMetadata",
+    "BytesStorageMetadata",
+    "ChunkStorageMetadata",
+    "_MEM_FORMAT_ENCODING",
+)
 _ALLOWED: dict[tuple[str, str], Any] = {
     **{(dcp_metadata.__name__, name): getattr(dcp_metadata, name) for name in _METADATA_CLASSES},
     (_StorageInfo.__module__, "_StorageInfo"): _StorageInfo,
@@ -96,7 +104,9 @@ def read_metadata(folder: str | Path) -> dcp_metadata.Metadata:
     return SafeFileSystemReader(str(folder)).read_metadata()
 
 
-def _load(state: dict[str, Any], folder: str | Path, planner: DefaultLoadPlanner, whole: bool = False) -> None:
+def _load(
+    state: dict[str, Any], folder: str | Path, planner: DefaultLoadPlanner, whole: bool = False
+) -> None:
     reader = SafeFileSystemReader(str(folder))
     try:
         if whole:  # the public load() keeps only keys the caller's dict already has (here: none)

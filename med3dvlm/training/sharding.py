@@ -92,8 +92,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
     ) -> None:
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend)
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
         self.param_dtype = _dtype(param_dtype, "param_dtype")
         self.reduce_dtype = _dtype(reduce_dtype, "reduce_dtype")
         self.activation_checkpointing = activation_checkpointing
@@ -120,8 +122,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         state = get_optimizer_state_dict(self.model, optimizer, options=options)
         return positional_optimizer_state(state) if self.global_rank == 0 else {}
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any | None = None
+    ) -> None:
         super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(filepath))
         # The shards are complete once the collective save returns; the checksums go last, so a folder
@@ -129,7 +132,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._save_distributed_checkpoint and self.global_rank == 0:
             write_shard_checksums(path)
 
-    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: str | Path, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """A shard folder or one file, read as data (``med3dvlm.training.shard_reader``, ``weights_only=True``
         whatever ``weights_only`` says: checkpoints hold tensors and plain values only)."""
         path = Path(self.broadcast(checkpoint_path))
@@ -149,8 +154,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     def _load_shard_folder(self, path: Path) -> dict[str, Any]:
         # Lightning's own sharded load, with the safe reader: weights, then each optimiser's state,
         # then meta.pt (loops, schedulers, callbacks). A lean checkpoint holds the trained tensors only.
-        present = {key.removeprefix("state_dict.") for key in read_metadata(path).state_dict_metadata
-                   if key.startswith("state_dict.")}
+        present = {
+            key.removeprefix("state_dict.")
+            for key in read_metadata(path).state_dict_metadata
+            if key.startswith("state_dict.")
+        }
         module = self.lightning_module
         if isinstance(module, LeanCheckpoint):
             check_lean_keys(present, module.lean_keys(), f"{path}")
@@ -162,8 +170,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             key = f"optimizer_{index}"
             optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
             load_into(optimizer_state, path)
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
+            set_optimizer_state_dict(
+                self.model,
+                optimizer,
+                optim_state_dict=optimizer_state[key],
+                options=StateDictOptions(cpu_offload=True),
+            )
         return torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
 
     def compute_dtype(self) -> torch.dtype | None:
@@ -182,8 +194,9 @@ def owned_modules(unit: nn.Module, units: list[nn.Module]) -> list[nn.Module]:
     return owned
 
 
-def unit_precision(owned: list[nn.Module], compute_dtype: torch.dtype | None,
-                   reduce_dtype: torch.dtype | None) -> MixedPrecisionPolicy:
+def unit_precision(
+    owned: list[nn.Module], compute_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None
+) -> MixedPrecisionPolicy:
     """The mixed-precision policy of a unit that owns the modules ``owned``.
 
     Low precision everywhere except two kinds of unit, which keep float32 weights and inputs:
@@ -195,7 +208,9 @@ def unit_precision(owned: list[nn.Module], compute_dtype: torch.dtype | None,
         return MixedPrecisionPolicy()
     params = [p for m in owned for p in m.parameters(recurse=False)]
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in owned):
-        return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=compute_dtype)
+        return MixedPrecisionPolicy(
+            param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=compute_dtype
+        )
     if params and all(p.numel() == 1 for p in params):
         return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=reduce_dtype)
@@ -205,22 +220,28 @@ def positional_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
     """Optimiser state keyed by parameter name (torch.distributed.checkpoint's layout) -> PyTorch's
     own layout, parameters numbered in optimiser order (what ``Optimizer.load_state_dict`` takes)."""
     index: dict[str, int] = {}
-    groups = [{**group, "params": [index.setdefault(name, len(index)) for name in group["params"]]}
-              for group in state["param_groups"]]
+    groups = [
+        {**group, "params": [index.setdefault(name, len(index)) for name in group["params"]]}
+        for group in state["param_groups"]
+    ]
     unknown = sorted(set(state["state"]) - set(index))
     if unknown:
         raise ValueError(f"optimizer state for parameters in no parameter group: {unknown[:3]}")
     return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
 
 
-def named_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, Any]:
+def named_optimizer_state(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, module: nn.Module
+) -> dict[str, Any]:
     """The inverse of ``positional_optimizer_state`` for the live ``optimizer`` over ``module``."""
     name_of = {id(p): name for name, p in module.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     sizes = [len(group["params"]) for group in state["param_groups"]]
     if sum(sizes) != len(names) or len(sizes) != len(optimizer.param_groups):
-        raise ValueError(f"checkpoint optimizer state has parameter groups of sizes {sizes}, the optimizer "
-                         f"{[len(g['params']) for g in optimizer.param_groups]}")
+        raise ValueError(
+            f"checkpoint optimizer state has parameter groups of sizes {sizes}, the optimizer "
+            f"{[len(g['params']) for g in optimizer.param_groups]}"
+        )
     groups = [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]]
     return {"state": {names[i]: value for i, value in state["state"].items()}, "param_groups": groups}
 
@@ -233,8 +254,13 @@ def average_batchnorm_statistics(module: nn.Module) -> None:
     and evaluation would depend on the rank. The average of the running means is what one process
     on the global batch computes (the running variances are close to it).
     """
-    stats = [buffer for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             for buffer in (m.running_mean, m.running_var) if buffer is not None]
+    stats = [
+        buffer
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buffer in (m.running_mean, m.running_var)
+        if buffer is not None
+    ]
     if not stats or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return
     flat = torch.cat([buffer.flatten() for buffer in stats])
@@ -246,7 +272,12 @@ def average_batchnorm_statistics(module: nn.Module) -> None:
 
 def transformer_layers(module: nn.Module) -> list[nn.Module]:
     """The layers every Hugging Face model inside ``module`` declares unsplittable, outermost first."""
-    names = {name for m in module.modules() if isinstance(m, PreTrainedModel) for name in (m._no_split_modules or [])}
+    names = {
+        name
+        for m in module.modules()
+        if isinstance(m, PreTrainedModel)
+        for name in (m._no_split_modules or [])
+    }
     return [m for m in module.modules() if type(m).__name__ in names]
 
 
@@ -283,8 +314,10 @@ def shard_stage(stage: L.LightningModule) -> None:
     on_gpu = strategy.root_device.type != "cpu"
     if strategy.sync_batchnorm:
         if not on_gpu:
-            raise ValueError("trainer.strategy.sync_batchnorm=true needs GPUs (SyncBatchNorm); on CPU "
-                             "freeze BatchNorm instead (e.g. stage.module.freeze_bn=true)")
+            raise ValueError(
+                "trainer.strategy.sync_batchnorm=true needs GPUs (SyncBatchNorm); on CPU "
+                "freeze BatchNorm instead (e.g. stage.module.freeze_bn=true)"
+            )
         nn.SyncBatchNorm.convert_sync_batchnorm(stage)
     units, layers = shard_plan(stage)
     if strategy.activation_checkpointing:
@@ -337,7 +370,9 @@ def full_weights(module: nn.Module) -> Iterator[None]:
                 continue
             if id(param) not in full:
                 whole = param.detach().full_tensor().cpu()
-                full[id(param)] = nn.Parameter(whole, requires_grad=param.requires_grad) if rank_zero else param
+                full[id(param)] = (
+                    nn.Parameter(whole, requires_grad=param.requires_grad) if rank_zero else param
+                )
             if rank_zero:
                 swapped.append((owner, name, param))
                 owner._parameters[name] = full[id(param)]
@@ -354,14 +389,18 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (a sharded checkpoint is a directory)")
     if not (folder / _METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
-        raise ValueError(f"{folder}: not a sharded Lightning checkpoint (needs {_METADATA_FILENAME} and .metadata)")
+        raise ValueError(
+            f"{folder}: not a sharded Lightning checkpoint (needs {_METADATA_FILENAME} and .metadata)"
+        )
     check_checkpoint(folder)
     try:
         checkpoint = load_whole(folder)
     except RefusedCheckpointData as error:
         raise CorruptCheckpoint(f"{folder}: refused: {error}") from error
     checkpoint.update(torch.load(folder / _METADATA_FILENAME, map_location="cpu", weights_only=True))
-    optimizer_keys = sorted((k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:]))
+    optimizer_keys = sorted(
+        (k for k in checkpoint if re.fullmatch(r"optimizer_\d+", k)), key=lambda k: int(k[10:])
+    )
     checkpoint["optimizer_states"] = [positional_optimizer_state(checkpoint.pop(k)) for k in optimizer_keys]
     with atomic_path(out) as tmp:
         torch.save(checkpoint, tmp)

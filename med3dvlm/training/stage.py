@@ -57,7 +57,9 @@ class TrainingStage(LeanCheckpoint, ShardedStage, L.LightningModule):
         self._lean_init()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(param_groups(self, self.weight_decay, lr_by_prefix=self.lr_by_prefix))
+        optimizer = self.optimizer_factory(
+            param_groups(self, self.weight_decay, lr_by_prefix=self.lr_by_prefix)
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -87,7 +89,9 @@ class TrainingStage(LeanCheckpoint, ShardedStage, L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         preprocessing = getattr(datamodule, "preprocessing", None)
         if preprocessing is None:
-            log.warning("the training data records no preprocessing (no prepared folder): the export assumes M3D's")
+            log.warning(
+                "the training data records no preprocessing (no prepared folder): the export assumes M3D's"
+            )
             preprocessing = m3d_preprocessing(inferred=True)
         return preprocessing, getattr(datamodule, "prompt_format", "m3d")
 

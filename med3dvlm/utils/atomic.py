@@ -45,7 +45,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-
 @contextlib.contextmanager
 def atomic_folder(folder: str | os.PathLike, record: str | tuple[str, ...]) -> Iterator[Path]:
     """Yield an empty staging folder beside ``folder``; when the block succeeds it replaces ``folder``.
@@ -59,8 +58,10 @@ def atomic_folder(folder: str | os.PathLike, record: str | tuple[str, ...]) -> I
     folder = Path(folder)
     records = (record,) if isinstance(record, str) else record
     if folder.is_dir() and any(folder.iterdir()) and not any((folder / name).is_file() for name in records):
-        raise FileExistsError(f"{folder}: exists and is not a folder this writes (no {records[0]}); "
-                              "refusing to replace it: choose another destination or remove it")
+        raise FileExistsError(
+            f"{folder}: exists and is not a folder this writes (no {records[0]}); "
+            "refusing to replace it: choose another destination or remove it"
+        )
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=folder.parent))
     try:

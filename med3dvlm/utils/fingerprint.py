@@ -30,8 +30,12 @@ def folder_fingerprint(folder: str | os.PathLike, skip: Collection[str] = ()) ->
     return {rel: file_sha256(folder / rel) for rel in folder_files(folder) if rel not in skip}
 
 
-def verify_fingerprint(folder: str | os.PathLike, recorded: Mapping[str, str], record_file: str | os.PathLike,
-                       closed: Collection[str] = ()) -> None:
+def verify_fingerprint(
+    folder: str | os.PathLike,
+    recorded: Mapping[str, str],
+    record_file: str | os.PathLike,
+    closed: Collection[str] = (),
+) -> None:
     """Every file ``recorded`` lists must exist with its SHA-256; below each subfolder in ``closed``,
     a file the record does not list is an error too (something reads every file there)."""
     folder = Path(folder)
@@ -41,11 +45,18 @@ def verify_fingerprint(folder: str | os.PathLike, recorded: Mapping[str, str], r
             raise FileNotFoundError(f"{path}: listed in {record_file} but missing")
         actual = file_sha256(path)
         if actual != digest:
-            raise ValueError(f"{path}: sha256 {actual[:16]}... differs from the one recorded in {record_file} "
-                             f"({digest[:16]}...): the file changed since it was written")
+            raise ValueError(
+                f"{path}: sha256 {actual[:16]}... differs from the one recorded in {record_file} "
+                f"({digest[:16]}...): the file changed since it was written"
+            )
     for sub in closed:
-        extra = [rel for rel in folder_files(folder / sub) if f"{sub}/{rel}" not in recorded] \
-            if (folder / sub).is_dir() else []
+        extra = (
+            [rel for rel in folder_files(folder / sub) if f"{sub}/{rel}" not in recorded]
+            if (folder / sub).is_dir()
+            else []
+        )
         if extra:
-            raise ValueError(f"{folder / sub / extra[0]}: not listed in {record_file} (a file added since the "
-                             "folder was written)")
+            raise ValueError(
+                f"{folder / sub / extra[0]}: not listed in {record_file} (a file added since the "
+                "folder was written)"
+            )

@@ -53,10 +53,14 @@ def _views(scan: Scan | None, positions: tuple[float, float, float]) -> list[np.
     if scan is None:
         return [None] * 6
     order = scan.recipe.orientation
-    raw = [_enlarged(view(scan.raw, kind, p, raw_display_range(scan), order, scan.raw_spacing))
-           for kind, p in zip(VIEWS, positions, strict=True)]
-    seen = [_enlarged(view(scan.volume, kind, p, (0.0, 1.0), order, scan.spacing))
-            for kind, p in zip(VIEWS, positions, strict=True)]
+    raw = [
+        _enlarged(view(scan.raw, kind, p, raw_display_range(scan), order, scan.raw_spacing))
+        for kind, p in zip(VIEWS, positions, strict=True)
+    ]
+    seen = [
+        _enlarged(view(scan.volume, kind, p, (0.0, 1.0), order, scan.spacing))
+        for kind, p in zip(VIEWS, positions, strict=True)
+    ]
     return raw + seen
 
 
@@ -66,22 +70,35 @@ def _view_title(kind: str, where: str, orientation: str | None) -> str:
 
 
 def _describe(scan: Scan) -> str:
-    note = (" **Raw CT in Hounsfield units, min-max normalised: choose the window the model was trained with.**"
-            if scan.hu_unwindowed else "")
+    note = (
+        " **Raw CT in Hounsfield units, min-max normalised: choose the window the model was trained with.**"
+        if scan.hu_unwindowed
+        else ""
+    )
     order = scan.recipe.orientation or "as stored"
-    return (f"`{scan.name}`: {'×'.join(map(str, scan.raw.shape))} as read (D×H×W, voxel order {order}), "
-            f"{'×'.join(map(str, scan.volume.shape))} for the model, window {scan.window}.{note}")
+    return (
+        f"`{scan.name}`: {'×'.join(map(str, scan.raw.shape))} as read (D×H×W, voxel order {order}), "
+        f"{'×'.join(map(str, scan.volume.shape))} for the model, window {scan.window}.{note}"
+    )
 
 
 def _volumes(folder: Path | None) -> list[str]:
     if folder is None:
         return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                  and p.name.lower().endswith((".npy", ".nii.gz", ".nii")))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and p.name.lower().endswith((".npy", ".nii.gz", ".nii"))
+    )
 
 
-def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.PathLike | None = None,
-          window: str = "model", source: str | None = None) -> gr.Blocks:
+def build(
+    models: Models,
+    limits: Limits | None = None,
+    volumes_dir: str | os.PathLike | None = None,
+    window: str = "model",
+    source: str | None = None,
+) -> gr.Blocks:
     """The page (not yet served). ``window``: ``model`` (the window of the model's training data, its
     record), or another to try (a warning is logged); ``source``: which of the model's sources."""
     limits = limits or Limits()
@@ -98,9 +115,21 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
             return None, f"⚠ {err}", *_views(None, positions)
         return scan, _describe(scan), *_views(scan, positions)
 
-    def ask(model_name: str, scan: Scan | None, kind: str, question: str, a: str, b: str, c: str, d: str,
-            max_new_tokens: int, do_sample: bool, temperature: float, top_p: float,
-            repetition_penalty: float) -> Iterator[tuple[str, str, str]]:
+    def ask(
+        model_name: str,
+        scan: Scan | None,
+        kind: str,
+        question: str,
+        a: str,
+        b: str,
+        c: str,
+        d: str,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        repetition_penalty: float,
+    ) -> Iterator[tuple[str, str, str]]:
         if scan is None:
             yield "", "", "⚠ Upload a scan first."
             return
@@ -112,8 +141,9 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
         loaded = models.loaded(model_name)
         model = loaded.model
         prompt = prompt_for(model, kind, text, loaded.record.prompt_format)
-        settings = GenerationSettings(int(max_new_tokens), bool(do_sample), float(temperature), float(top_p),
-                                      float(repetition_penalty))
+        settings = GenerationSettings(
+            int(max_new_tokens), bool(do_sample), float(temperature), float(top_p), float(repetition_penalty)
+        )
         shown = shown_prompt(model, prompt)
         yield "", shown, "Generating…"
         answer = ""
@@ -126,23 +156,43 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
         scan_state = gr.State(None, time_to_live=SESSION_SECONDS)
         with gr.Row():
             model = gr.Dropdown(models.names(), value=models.names()[0], label="model")
-            window_box = gr.Dropdown(["model", "none", *WINDOWS], value=window,
-                                     label="CT window (model = its training data's; none = min-max)")
+            window_box = gr.Dropdown(
+                ["model", "none", *WINDOWS],
+                value=window,
+                label="CT window (model = its training data's; none = min-max)",
+            )
         with gr.Row():
-            upload = gr.File(label="scan: NIfTI, NRRD, MetaImage, a DICOM series as .zip, or a prepared .npy",
-                             file_types=list(UPLOAD_SUFFIXES), type="filepath", elem_id="upload")
-            picked = gr.Dropdown(_volumes(volumes), value=None, label="or a prepared volume", visible=volumes is not None)
+            upload = gr.File(
+                label="scan: NIfTI, NRRD, MetaImage, a DICOM series as .zip, or a prepared .npy",
+                file_types=list(UPLOAD_SUFFIXES),
+                type="filepath",
+                elem_id="upload",
+            )
+            picked = gr.Dropdown(
+                _volumes(volumes), value=None, label="or a prepared volume", visible=volumes is not None
+            )
         status = gr.Markdown(elem_id="status")
         sliders = [gr.Slider(0.0, 1.0, value=0.5, step=0.01, label=f"{kind} position") for kind in VIEWS]
         order = models.recipe(models.names()[0], "model", source).orientation
         with gr.Row():
-            raw_views = [gr.Image(label=_view_title(kind, "as read", order), type="numpy", interactive=False)
-                         for kind in VIEWS]
+            raw_views = [
+                gr.Image(label=_view_title(kind, "as read", order), type="numpy", interactive=False)
+                for kind in VIEWS
+            ]
         with gr.Row():
-            model_views = [gr.Image(label=_view_title(kind, "as the model receives it", order), type="numpy",
-                                    interactive=False) for kind in VIEWS]
-        kind = gr.Radio([("Question", "question"), ("Closed question (A–D)", "closed"), ("Report", "report")],
-                        value="question", label="ask")
+            model_views = [
+                gr.Image(
+                    label=_view_title(kind, "as the model receives it", order),
+                    type="numpy",
+                    interactive=False,
+                )
+                for kind in VIEWS
+            ]
+        kind = gr.Radio(
+            [("Question", "question"), ("Closed question (A–D)", "closed"), ("Report", "report")],
+            value="question",
+            label="ask",
+        )
         question = gr.Textbox(caption_question(), label="question (free or closed)", elem_id="question")
         with gr.Row():
             choices = [gr.Textbox(label=letter) for letter in "ABCD"]
@@ -156,7 +206,9 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
         progress = gr.Markdown(elem_id="progress")
         answer = gr.Textbox(label="answer", lines=6, interactive=False, elem_id="answer")
         with gr.Accordion("prompt sent", open=False):
-            prompt = gr.Textbox(label="prompt (the image block as a count)", interactive=False, elem_id="prompt")
+            prompt = gr.Textbox(
+                label="prompt (the image block as a count)", interactive=False, elem_id="prompt"
+            )
 
         loaded = [scan_state, status, *raw_views, *model_views]
         inputs = [model, upload, picked, window_box, *sliders]
@@ -164,17 +216,45 @@ def build(models: Models, limits: Limits | None = None, volumes_dir: str | os.Pa
             trigger(load, inputs, loaded)
         for slider in sliders:
             slider.release(lambda s, *p: _views(s, p), [scan_state, *sliders], [*raw_views, *model_views])
-        go.click(ask, [model, scan_state, kind, question, *choices, max_new_tokens, do_sample, temperature, top_p,
-                       repetition_penalty], [answer, prompt, progress], concurrency_limit=1, concurrency_id="answer")
+        go.click(
+            ask,
+            [
+                model,
+                scan_state,
+                kind,
+                question,
+                *choices,
+                max_new_tokens,
+                do_sample,
+                temperature,
+                top_p,
+                repetition_penalty,
+            ],
+            [answer, prompt, progress],
+            concurrency_limit=1,
+            concurrency_id="answer",
+        )
     return page
 
 
-def serve(page: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: int = 1024,
-          block: bool = True) -> gr.Blocks:
+def serve(
+    page: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: int = 1024, block: bool = True
+) -> gr.Blocks:
     """Serve ``page`` (no share link, no web fonts); ``block=False`` returns once it listens."""
-    theme = gr.themes.Default(font=("ui-sans-serif", "system-ui", "sans-serif"),
-                              font_mono=("ui-monospace", "monospace"))
+    theme = gr.themes.Default(
+        font=("ui-sans-serif", "system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace")
+    )
     page.queue(default_concurrency_limit=4, max_size=32)
-    page.launch(server_name=host, server_port=port, share=False, max_file_size=f"{max_upload_mb}mb", theme=theme,
-                ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, mcp_server=False)
+    page.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        max_file_size=f"{max_upload_mb}mb",
+        theme=theme,
+        ssr_mode=False,
+        show_error=True,
+        quiet=True,
+        prevent_thread_lock=not block,
+        mcp_server=False,
+    )
     return page

@@ -44,7 +44,9 @@ VIEWS: tuple[str, ...] = ("axial", "coronal", "sagittal")
 # Per view: the volume axis cut, then (rows' axis, top label), (columns' axis, left label), axes as
 # indices of (D, H, W); the labels are the radiological display convention.
 _VIEW_AXES: dict[str, tuple[int, tuple[int, str], tuple[int, str]]] = {
-    "axial": (0, (1, "A"), (2, "R")), "coronal": (1, (0, "S"), (2, "R")), "sagittal": (2, (0, "S"), (1, "A")),
+    "axial": (0, (1, "A"), (2, "R")),
+    "coronal": (1, (0, "S"), (2, "R")),
+    "sagittal": (2, (0, "S"), (1, "A")),
 }
 _OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
 ASK_KINDS: tuple[str, ...] = ("question", "closed", "report")
@@ -80,15 +82,25 @@ class Scan:
     @property
     def window(self) -> str:
         """How the page names the intensity mapping."""
-        return f"[{self.recipe.window[0]:g}, {self.recipe.window[1]:g}] HU" if self.recipe.window else "none (min-max)"
+        return (
+            f"[{self.recipe.window[0]:g}, {self.recipe.window[1]:g}] HU"
+            if self.recipe.window
+            else "none (min-max)"
+        )
 
 
 class Models:
     """The model folders the page offers, loaded on first use and kept; one lock per model, held for
     a whole answer, so two requests never run one model at once."""
 
-    def __init__(self, model: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
-                 device: str = "cpu", dtype: str = "float32", verify_files: bool = True) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        models_dir: str | os.PathLike | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        verify_files: bool = True,
+    ) -> None:
         folders: dict[str, Path] = {}
         if model is not None:
             folders[Path(model).name] = Path(model)
@@ -98,8 +110,10 @@ class Models:
                 raise FileNotFoundError(f"models_dir={root}: not a folder")
             folders |= {p.name: p for p in sorted(root.iterdir()) if p.is_dir() and is_model_folder(p)}
         if not folders:
-            raise FileNotFoundError(f"no model folder found (model={model}, models_dir={models_dir}); write one "
-                                    "with python -m med3dvlm.export or python -m med3dvlm.import_weights")
+            raise FileNotFoundError(
+                f"no model folder found (model={model}, models_dir={models_dir}); write one "
+                "with python -m med3dvlm.export or python -m med3dvlm.import_weights"
+            )
         self.folders = folders
         self.device, self.dtype, self.verify_files = device, dtype, verify_files
         self._loaded: dict[str, Pretrained] = {}
@@ -124,7 +138,9 @@ class Models:
         """The model ``name`` (loading it the first time)."""
         return self.loaded(name).model
 
-    def recipe(self, name: str, window: WindowSpec = "model", source: str | None = None) -> SourcePreprocessing:
+    def recipe(
+        self, name: str, window: WindowSpec = "model", source: str | None = None
+    ) -> SourcePreprocessing:
         """What an upload goes through for model ``name``: its record's recipe of ``source``, with
         ``window`` instead of its own unless ``"model"``."""
         preprocessing = self.loaded(name).record.preprocessing
@@ -145,34 +161,51 @@ def _extract_dicom_zip(path: Path, into: Path, limits: Limits) -> Path:
     with archive:
         members = [m for m in archive.infolist() if not m.is_dir()]
         if len(members) > limits.max_zip_files:
-            raise UploadError(f"{path.name}: {len(members)} files, more than the limit of {limits.max_zip_files}")
+            raise UploadError(
+                f"{path.name}: {len(members)} files, more than the limit of {limits.max_zip_files}"
+            )
         written = 0
         for member in members:
             target = (into / member.filename).resolve()
-            if not target.is_relative_to(into.resolve()) or (member.external_attr >> 16) & 0o170000 == 0o120000:
-                raise UploadError(f"{path.name}: member {member.filename!r} is a link or leaves the archive's folder")
+            if (
+                not target.is_relative_to(into.resolve())
+                or (member.external_attr >> 16) & 0o170000 == 0o120000
+            ):
+                raise UploadError(
+                    f"{path.name}: member {member.filename!r} is a link or leaves the archive's folder"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(member) as source, open(target, "wb") as out:
                 while chunk := source.read(1 << 20):
                     written += len(chunk)
                     if written > limits.max_zip_bytes:
-                        raise UploadError(f"{path.name}: more than {limits.max_zip_bytes >> 20} MiB uncompressed")
+                        raise UploadError(
+                            f"{path.name}: more than {limits.max_zip_bytes >> 20} MiB uncompressed"
+                        )
                     out.write(chunk)
     folders = {p.parent for p in into.rglob("*") if p.is_file()}
     if len(folders) != 1:
-        raise UploadError(f"{path.name}: expected one DICOM series (one folder of files), found {len(folders)} folders")
+        raise UploadError(
+            f"{path.name}: expected one DICOM series (one folder of files), found {len(folders)} folders"
+        )
     return folders.pop()
 
 
-def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], recipe: SourcePreprocessing,
-                limits: Limits | None = None) -> Scan:
+def read_upload(
+    path: str | os.PathLike,
+    input_size: tuple[int, int, int],
+    recipe: SourcePreprocessing,
+    limits: Limits | None = None,
+) -> Scan:
     """Read an uploaded file for a model of ``input_size``: a scan goes through ``recipe`` (the model's
     training data's preprocessing), a prepared volume is used as it is (it must have the model's size)."""
     path, limits = Path(path), limits or Limits()
     name = path.name
     if not name.lower().endswith(UPLOAD_SUFFIXES) and not path.is_dir():
-        raise UploadError(f"{name}: not a supported upload; use {scans.SUPPORTED}, a DICOM series as .zip, "
-                          "or a prepared .npy")
+        raise UploadError(
+            f"{name}: not a supported upload; use {scans.SUPPORTED}, a DICOM series as .zip, "
+            "or a prepared .npy"
+        )
     try:
         if name.lower().endswith(".zip"):
             with tempfile.TemporaryDirectory(prefix="med3dvlm-upload-") as tmp:
@@ -185,13 +218,26 @@ def read_upload(path: str | os.PathLike, input_size: tuple[int, int, int], recip
     except (ValueError, OSError, RuntimeError) as err:
         raise UploadError(str(err).replace(str(path.parent) + os.sep, "")) from err
     if prepared.already_prepared:
-        return Scan(name, prepared.raw, prepared.volume, SourcePreprocessing(orientation=recipe.orientation), False)
-    return Scan(name, prepared.raw, prepared.volume, recipe, prepared.hu_unwindowed, prepared.spacing,
-                model_spacing(prepared.raw, prepared.spacing, recipe, input_size))
+        return Scan(
+            name, prepared.raw, prepared.volume, SourcePreprocessing(orientation=recipe.orientation), False
+        )
+    return Scan(
+        name,
+        prepared.raw,
+        prepared.volume,
+        recipe,
+        prepared.hu_unwindowed,
+        prepared.spacing,
+        model_spacing(prepared.raw, prepared.spacing, recipe, input_size),
+    )
 
 
-def model_spacing(raw: np.ndarray, spacing: tuple[float, float, float], recipe: SourcePreprocessing,
-                  input_size: tuple[int, int, int]) -> tuple[float, float, float]:
+def model_spacing(
+    raw: np.ndarray,
+    spacing: tuple[float, float, float],
+    recipe: SourcePreprocessing,
+    input_size: tuple[int, int, int],
+) -> tuple[float, float, float]:
     """The voxel spacing (mm) of what the model receives: the extent of the region it sees (the
     foreground box when the recipe crops) over its input size."""
     extent = [n * s for n, s in zip(raw.shape, spacing)]
@@ -209,8 +255,14 @@ def view_labels(kind: str, orientation: str | None) -> tuple[str, str]:
     return top, left
 
 
-def view(volume: np.ndarray, kind: str, position: float, display: tuple[float, float] | None = None,
-         orientation: str | None = None, spacing: tuple[float, float, float] | None = None) -> np.ndarray:
+def view(
+    volume: np.ndarray,
+    kind: str,
+    position: float,
+    display: tuple[float, float] | None = None,
+    orientation: str | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> np.ndarray:
     """One orthogonal slice of ``(D, H, W)`` as 8-bit grey: ``kind`` axial / coronal / sagittal,
     ``position`` in [0, 1] along that axis, intensities mapped from ``display`` (default: the
     volume's range). With the volume's ``orientation`` (axis codes of (W, H, D)) the slice is turned
@@ -250,7 +302,9 @@ def raw_display_range(scan: Scan) -> tuple[float, float] | None:
     return scan.recipe.window
 
 
-def question_text(kind: str, question: str = "", choices: tuple[str, str, str, str] = ("", "", "", "")) -> str:
+def question_text(
+    kind: str, question: str = "", choices: tuple[str, str, str, str] = ("", "", "", "")
+) -> str:
     """The question of each kind as the benchmark asks it: a free question, a closed question with
     its four choices (``Choices: A. … D. …``), or the caption question (a report)."""
     if kind == "question":
@@ -269,8 +323,13 @@ def question_text(kind: str, question: str = "", choices: tuple[str, str, str, s
 def prompt_for(model: VisionLanguageModel, kind: str, text: str, prompt_format: str | None = "m3d") -> str:
     """The prompt sent to the model (:func:`med3dvlm.data.prompts.ask_prompt`) in its prompt format: the
     question, or a report asked as reports were trained."""
-    return ask_prompt(model.tokenizer, model.image_token, model.num_image_tokens,
-                      None if kind == "report" else text, prompt_format)
+    return ask_prompt(
+        model.tokenizer,
+        model.image_token,
+        model.num_image_tokens,
+        None if kind == "report" else text,
+        prompt_format,
+    )
 
 
 def shown_prompt(model: VisionLanguageModel, prompt: str) -> str:
@@ -279,8 +338,13 @@ def shown_prompt(model: VisionLanguageModel, prompt: str) -> str:
     return prompt.replace(block, f"{model.image_token} × {model.num_image_tokens}", 1)
 
 
-def stream_answer(model: VisionLanguageModel, lock: threading.Lock, volume: np.ndarray, prompt: str,
-                  settings: GenerationSettings | None = None) -> Iterator[str]:
+def stream_answer(
+    model: VisionLanguageModel,
+    lock: threading.Lock,
+    volume: np.ndarray,
+    prompt: str,
+    settings: GenerationSettings | None = None,
+) -> Iterator[str]:
     """The answer so far, each time a new piece is decoded; holds ``lock`` until the answer is done."""
     with lock:
         yield from stream_model_answer(model, volume, prompt, settings)

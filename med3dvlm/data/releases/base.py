@@ -72,7 +72,9 @@ class PrepareOptions:
     format: str = "nii.gz"
     npy_dtype: str = "uint8"
     spatial_size: tuple[int, int, int] = (128, 256, 256)
-    fractions: Mapping[str, float] = field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05})
+    fractions: Mapping[str, float] = field(
+        default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05}
+    )
     window: WindowSpec = None
     foreground_threshold: float = 0.0
     strict_split: bool = False
@@ -108,8 +110,10 @@ class Plan:
     hu_unwindowed: int = 0  # raw-HU scans min-maxed for want of a window
 
 
-Finish = Callable[[Path, Path, Plan, Mapping[str, Any], dict[str, list[dict[str, str]]], ErrorPolicy,
-                   PrepareOptions], dict[str, Any]]
+Finish = Callable[
+    [Path, Path, Plan, Mapping[str, Any], dict[str, list[dict[str, str]]], ErrorPolicy, PrepareOptions],
+    dict[str, Any],
+]
 
 
 @dataclass(frozen=True)

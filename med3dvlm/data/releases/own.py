@@ -36,17 +36,22 @@ OWN_COLUMNS: tuple[str, ...] = ("image", "report")
 def preprocessing(options: PrepareOptions) -> Preprocessing:
     """Your window (or min-max), reoriented to ``dataset.orientation``, cropped and resized as M3D."""
     window = window_range(options.window)
-    spec = SourcePreprocessing(window=window, scale="window" if window else "minmax",
-                               orientation=options.extra.get("orientation", OWN_ORIENTATION),
-                               foreground_threshold=options.foreground_threshold)
+    spec = SourcePreprocessing(
+        window=window,
+        scale="window" if window else "minmax",
+        orientation=options.extra.get("orientation", OWN_ORIENTATION),
+        foreground_threshold=options.foreground_threshold,
+    )
     return Preprocessing("own", {"own": spec})
 
 
 def _own_stems(images: Sequence[str]) -> list[str]:
     """Output stems for own volumes: the file (or DICOM folder) name without its scan suffix, made
     unique with a path hash where stems collide."""
-    stems = [re.sub(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", "", Path(image.rstrip("/")).name, flags=re.IGNORECASE)
-             for image in images]
+    stems = [
+        re.sub(r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$", "", Path(image.rstrip("/")).name, flags=re.IGNORECASE)
+        for image in images
+    ]
     counts = Counter(stems)
     return [
         stem if counts[stem] == 1 else f"{stem}_{hashlib.sha256(image.encode()).hexdigest()[:8]}"
@@ -81,7 +86,9 @@ def plan_own(csv_path: Path, options: PrepareOptions, policy: ErrorPolicy) -> Pl
             # Relative to the CSV's folder; absolute paths and paths outside that folder are fine.
             path = (Path(image) if Path(image).is_absolute() else csv_path.parent / image).resolve()
             if path in first_row:
-                raise DataError(csv_path, f"line {number}: {image!r} is the same file as line {first_row[path]}")
+                raise DataError(
+                    csv_path, f"line {number}: {image!r} is the same file as line {first_row[path]}"
+                )
             first_row[path] = number
             if not path.exists():
                 raise DataError(path, f"file not found (listed on {where})")

@@ -40,8 +40,16 @@ REPORT_FILE = "text.txt"
 IMAGE_COLUMN = "Image Path"
 """The VQA CSV column that names a row's volume."""
 VQA_COLUMNS: tuple[str, ...] = (
-    IMAGE_COLUMN, "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C",
-    "Choice D", "Answer", "Answer Choice",
+    IMAGE_COLUMN,
+    "Text",
+    "Question Type",
+    "Question",
+    "Choice A",
+    "Choice B",
+    "Choice C",
+    "Choice D",
+    "Answer",
+    "Answer Choice",
 )
 CORPUS_COLUMNS: tuple[str, ...] = ("Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer")
 """The VQA columns whose texts a tokenizer trained on a dataset sees (:func:`corpus_texts`)."""
@@ -92,15 +100,23 @@ def find_collections(cap_dir: Path) -> list[Path]:
             continue
         archives = sorted(folder.glob("*.zip"))
         if archives:
-            raise DataError(folder, f"holds {len(archives)} .zip archive(s) ({archives[0].name}, ...) and no case "
-                                    "folders: unpack them so that the case folders (<id>/text.txt) sit directly here")
+            raise DataError(
+                folder,
+                f"holds {len(archives)} .zip archive(s) ({archives[0].name}, ...) and no case "
+                "folders: unpack them so that the case folders (<id>/text.txt) sit directly here",
+            )
         nested = [child for child in children if any((g / REPORT_FILE).is_file() for g in subfolders(child))]
         if nested:
-            raise DataError(folder, f"its case folders sit one level too deep ({nested[0].name}/<id>/text.txt): "
-                                    f"move them up into {folder}")
+            raise DataError(
+                folder,
+                f"its case folders sit one level too deep ({nested[0].name}/<id>/text.txt): "
+                f"move them up into {folder}",
+            )
         log.warning("%s: no case folders (<id>/%s) inside; not a collection, ignored", folder, REPORT_FILE)
     if not found:
-        raise DataError(cap_dir, f"no collection folders (ct_case/, ct_quizze/, ... holding <id>/{REPORT_FILE})")
+        raise DataError(
+            cap_dir, f"no collection folders (ct_case/, ct_quizze/, ... holding <id>/{REPORT_FILE})"
+        )
     return found
 
 
@@ -146,8 +162,11 @@ def read_split_file(path: Path | None) -> SplitFile:
             image = entry.get("image") if isinstance(entry, dict) else None
             key = series_key(image) if isinstance(image, str) else None
             if key is None:
-                raise DataError(path, f"{name}[{i}] {entry!r} has no 'image' of the form "
-                                      "[M3D_Cap_npy/]<collection>/<case id>/<series>.npy")
+                raise DataError(
+                    path,
+                    f"{name}[{i}] {entry!r} has no 'image' of the form "
+                    "[M3D_Cap_npy/]<collection>/<case id>/<series>.npy",
+                )
             keys.append(key)
         lists[name] = keys
     return SplitFile(path, lists)

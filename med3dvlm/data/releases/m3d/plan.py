@@ -49,8 +49,10 @@ _DISCUSSION = re.compile(r"discussion\s*:", re.IGNORECASE)
 def preprocessing(options: PrepareOptions) -> Preprocessing:
     """M3D's slices are display-windowed 8-bit images: min-max, as the original; no CT window."""
     if options.window is not None:
-        raise ValueError("intensity.window applies to your own scans in Hounsfield units (a CSV source); M3D-Cap's "
-                         "slices are display-windowed 8-bit images and are min-maxed as the original does")
+        raise ValueError(
+            "intensity.window applies to your own scans in Hounsfield units (a CSV source); M3D-Cap's "
+            "slices are display-windowed 8-bit images and are min-maxed as the original does"
+        )
     recipe = m3d_preprocessing()
     spec = recipe.sources["m3d"]
     if options.foreground_threshold != spec.foreground_threshold:
@@ -106,7 +108,9 @@ def case_series(case_dir: Path) -> dict[str, Path]:
         if not folded.strip() or "/" in folded or folded in (".", ".."):
             raise DataError(folder, f"the series name folds to {folded!r}, which is no file name")
         if folded in series:
-            raise DataError(case_dir, f"series {series[folded].name!r} and {folder.name!r} both fold to {folded!r}")
+            raise DataError(
+                case_dir, f"series {series[folded].name!r} and {folder.name!r} both fold to {folded!r}"
+            )
         series[folded] = folder
     return series
 
@@ -143,9 +147,18 @@ def plan_m3d(raw_root: Path, options: PrepareOptions, policy: ErrorPolicy) -> M3
             for folded, series_dir in series.items():
                 key = keys[folded]
                 output = f"{CAP_DIR}/{key}{volume_suffix(options.format)}"
-                plan.jobs.append(VolumeJob(str(series_dir.resolve()), f"{CAP_DIR}/{case}/{series_dir.name}", "series",
-                                           output, "m3d"))
-                plan.split_of[output] = listed.get(key) or case_split.get(case) or hash_split(case, options.fractions)
+                plan.jobs.append(
+                    VolumeJob(
+                        str(series_dir.resolve()),
+                        f"{CAP_DIR}/{case}/{series_dir.name}",
+                        "series",
+                        output,
+                        "m3d",
+                    )
+                )
+                plan.split_of[output] = (
+                    listed.get(key) or case_split.get(case) or hash_split(case, options.fractions)
+                )
                 plan.text_of[output] = text_rel
                 plan.series_keys[key] = output
                 plan.group_of[output] = collection.name
@@ -153,8 +166,10 @@ def plan_m3d(raw_root: Path, options: PrepareOptions, policy: ErrorPolicy) -> M3
     for key in sorted(named - plan.found):
         missing = DataError(raw_root / CAP_DIR / key, f"in {SPLIT_FILE} but the series folder is missing")
         policy.handle(f"{CAP_DIR}/{key}", missing)
-    plan.listed = {name: [plan.series_keys[k] for k in keys if k in plan.series_keys]
-                   for name, keys in split_file.lists.items()}
+    plan.listed = {
+        name: [plan.series_keys[k] for k in keys if k in plan.series_keys]
+        for name, keys in split_file.lists.items()
+    }
     return plan
 
 
@@ -174,8 +189,9 @@ def _read_csv(source: Path) -> Table:
     return columns, rows
 
 
-def _point_at_prepared(source: Path, table: Table, prepared: Mapping[str, str], found: set[str],
-                       policy: ErrorPolicy) -> tuple[Table, dict[str, Any]]:
+def _point_at_prepared(
+    source: Path, table: Table, prepared: Mapping[str, str], found: set[str], policy: ErrorPolicy
+) -> tuple[Table, dict[str, Any]]:
     """The table with ``Image Path`` rewritten to the prepared volumes; rows about a series whose
     preparation failed (skipped) are dropped; rows naming no series of the raw tree are bad input."""
     columns, rows = table
@@ -190,18 +206,28 @@ def _point_at_prepared(source: Path, table: Table, prepared: Mapping[str, str], 
             unknown.append((number, row[IMAGE_COLUMN]))
     if unknown:
         line, image = unknown[0]
-        policy.handle(str(source), DataError(source, f"{len(unknown)} row(s) name no series of the raw tree "
-                                                     f"(first: line {line}, {image!r})"))
+        policy.handle(
+            str(source),
+            DataError(
+                source,
+                f"{len(unknown)} row(s) name no series of the raw tree (first: line {line}, {image!r})",
+            ),
+        )
         dropped.update(image for _, image in unknown)
-    report = {"rows": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
-              "dropped_images": sorted(dropped)}
+    report = {
+        "rows": len(rows),
+        "kept": len(kept),
+        "dropped": len(rows) - len(kept),
+        "dropped_images": sorted(dropped),
+    }
     if dropped:
         log.warning("%s: dropped %d rows whose volume was not prepared", source.name, len(rows) - len(kept))
     return (columns, kept), report
 
 
-def _hold_out_train_cases(tables: dict[str, Table], report: dict[str, dict[str, Any]], train_cases: set[str],
-                          vqa_dir: Path) -> None:
+def _hold_out_train_cases(
+    tables: dict[str, Table], report: dict[str, dict[str, Any]], train_cases: set[str], vqa_dir: Path
+) -> None:
     """Strict split: a test CSV row about a case of the caption train split (or of its train CSV)
     moves to that train CSV (``M3D_VQA[_yn]_test.csv``) or leaves the subset (``..._test5k.csv``)."""
     for name in sorted(tables):
@@ -219,15 +245,23 @@ def _hold_out_train_cases(tables: dict[str, Table], report: dict[str, dict[str, 
             report[name]["removed_as_train_cases"] = len(moved)
             continue
         if moved and train_name not in tables:
-            raise DataError(vqa_dir / train_name,
-                            f"file not found; strict_split must move {len(moved)} rows of {name} into it")
+            raise DataError(
+                vqa_dir / train_name,
+                f"file not found; strict_split must move {len(moved)} rows of {name} into it",
+            )
         if moved:
             tables[train_name] = (tables[train_name][0], train_rows + moved)
         report[name]["moved_to_train"] = len(moved)
 
 
-def rewrite_vqa_csvs(raw_root: Path, out: Path, plan: M3DPlan, prepared: Mapping[str, str], policy: ErrorPolicy,
-                     train_cases: set[str] | None = None) -> dict[str, dict[str, Any]]:
+def rewrite_vqa_csvs(
+    raw_root: Path,
+    out: Path,
+    plan: M3DPlan,
+    prepared: Mapping[str, str],
+    policy: ErrorPolicy,
+    train_cases: set[str] | None = None,
+) -> dict[str, dict[str, Any]]:
     """Every CSV of ``RAW/M3D-VQA`` copied with ``Image Path`` pointing at the prepared volumes.
 
     ``prepared`` maps series keys (``<collection>/<id>/<folded series>``) to prepared paths relative
@@ -237,7 +271,8 @@ def rewrite_vqa_csvs(raw_root: Path, out: Path, plan: M3DPlan, prepared: Mapping
     tables: dict[str, Table] = {}
     for source in vqa_csvs(raw_root / VQA_DIR):
         tables[source.name], report[source.name] = _point_at_prepared(
-            source, _read_csv(source), prepared, plan.found, policy)
+            source, _read_csv(source), prepared, plan.found, policy
+        )
     if train_cases is not None:
         _hold_out_train_cases(tables, report, train_cases, raw_root / VQA_DIR)
     for name, (columns, rows) in tables.items():
@@ -249,14 +284,25 @@ def rewrite_vqa_csvs(raw_root: Path, out: Path, plan: M3DPlan, prepared: Mapping
     return report
 
 
-def finish(raw_root: Path, out: Path, plan: M3DPlan, volumes: Mapping[str, Any],
-           split_lists: dict[str, list[dict[str, str]]], policy: ErrorPolicy, options: PrepareOptions) -> dict[str, Any]:
+def finish(
+    raw_root: Path,
+    out: Path,
+    plan: M3DPlan,
+    volumes: Mapping[str, Any],
+    split_lists: dict[str, list[dict[str, str]]],
+    policy: ErrorPolicy,
+    options: PrepareOptions,
+) -> dict[str, Any]:
     """Every VQA CSV rewritten to the prepared volumes; the manifest's ``vqa`` report and its counts."""
     prepared = {key: output for key, output in plan.series_keys.items() if output in volumes}
-    train_cases = {case_id(entry["image"]) for entry in split_lists["train"]} if options.strict_split else None
+    train_cases = (
+        {case_id(entry["image"]) for entry in split_lists["train"]} if options.strict_split else None
+    )
     vqa = rewrite_vqa_csvs(raw_root, out, plan, prepared, policy, train_cases)
-    counts = {"vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
-              "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values())}
+    counts = {
+        "vqa_rows_kept": sum(v["kept"] for v in vqa.values()),
+        "vqa_rows_dropped": sum(v["dropped"] for v in vqa.values()),
+    }
     if options.strict_split:
         counts["strict_split_vqa_rows_moved"] = sum(v.get("moved_to_train", 0) for v in vqa.values())
     return {"vqa": vqa, "counts": counts}

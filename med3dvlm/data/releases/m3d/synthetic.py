@@ -229,6 +229,7 @@ def _jitter(rng: np.random.Generator, values: tuple[float, ...], scale: float) -
 
 def anatomy(rng: np.random.Generator) -> dict[str, Ellipsoid]:
     """Organ ellipsoids with per-case jitter of position and size."""
+
     def ell(center, radii, shift=0.03, grow=0.08) -> Ellipsoid:
         scale = 1.0 + rng.uniform(-grow, grow)
         return Ellipsoid(_jitter(rng, center, shift), tuple(r * scale for r in radii))
@@ -254,8 +255,9 @@ def _axis_range(coords: np.ndarray, center: float, radius: float) -> slice:
     return slice(int(lo), int(hi))
 
 
-def paint(volume: np.ndarray, grid: tuple[np.ndarray, np.ndarray, np.ndarray], shape: Ellipsoid,
-          value: float) -> None:
+def paint(
+    volume: np.ndarray, grid: tuple[np.ndarray, np.ndarray, np.ndarray], shape: Ellipsoid, value: float
+) -> None:
     """Set the voxels of ``volume`` (z, y, x) inside ``shape`` to ``value``, touching only its bounding box."""
     reach = 1.0 + shape.irregular
     boxes = [_axis_range(c, m, r * reach) for c, m, r in zip(grid, shape.center, shape.radii)]
@@ -284,8 +286,11 @@ def _lesion(rng: np.random.Generator, organ: Ellipsoid, attrs: CaseAttributes) -
     long_r = attrs.size_mm[0] / 2 / MM_PER_UNIT
     short_r = attrs.size_mm[1] / 2 / MM_PER_UNIT
     irregular = 0.3 if attrs.abnormality.startswith("irregular") else 0.0
-    center = (organ.center[0] + dz, organ.center[1] + rng.uniform(-0.15, 0.15) * organ.radii[1],
-              organ.center[2] + dx)
+    center = (
+        organ.center[0] + dz,
+        organ.center[1] + rng.uniform(-0.15, 0.15) * organ.radii[1],
+        organ.center[2] + dx,
+    )
     return Ellipsoid(center, (short_r, short_r, long_r), irregular, float(rng.uniform(0, 2 * np.pi)))
 
 
@@ -301,7 +306,9 @@ def _lesion_value(attrs: CaseAttributes, organ_value: float) -> float:
 
 def plane_grid(plane: str, slices: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Normalised (z, y, x) sample coordinates: ``slices`` points on the stacking axis, ``size`` in-plane."""
-    n = {"axial": (slices, size, size), "coronal": (size, slices, size), "sagittal": (size, size, slices)}[plane]
+    n = {"axial": (slices, size, size), "coronal": (size, slices, size), "sagittal": (size, size, slices)}[
+        plane
+    ]
     return tuple(np.linspace(-1.0, 1.0, k, dtype=np.float32) for k in n)
 
 
@@ -335,12 +342,15 @@ def render_case(rng: np.random.Generator, attrs: CaseAttributes, slices: int, si
     paint(volume, grid, shapes["spleen"], enh["spleen"])
     liver = shapes["liver"]
     paint(volume, grid, liver, enh["liver"])
-    portal = Ellipsoid((liver.center[0] + 0.15, liver.center[1] + 0.05, liver.center[2] + 0.12),
-                       (0.05, 0.04, 0.16))
+    portal = Ellipsoid(
+        (liver.center[0] + 0.15, liver.center[1] + 0.05, liver.center[2] + 0.12), (0.05, 0.04, 0.16)
+    )
     paint(volume, grid, portal, enh["portal"])
     for offset in (-0.16, 0.0, 0.16):  # hepatic veins running craniocaudally
-        vein = Ellipsoid((liver.center[0] - 0.05, liver.center[1] + offset * 0.5, liver.center[2] + offset),
-                         (0.26, 0.022, 0.022))
+        vein = Ellipsoid(
+            (liver.center[0] - 0.05, liver.center[1] + offset * 0.5, liver.center[2] + offset),
+            (0.26, 0.022, 0.022),
+        )
         paint(volume, grid, vein, enh["portal"])
     for side in ("right kidney", "left kidney"):
         kidney = shapes[side]
@@ -348,8 +358,10 @@ def render_case(rng: np.random.Generator, attrs: CaseAttributes, slices: int, si
         medulla = Ellipsoid(kidney.center, tuple(r * 0.7 for r in kidney.radii))
         paint(volume, grid, medulla, enh["medulla"])
         medial = 1.0 if kidney.center[2] < 0 else -1.0
-        pelvis = Ellipsoid((kidney.center[0], kidney.center[1], kidney.center[2] + medial * 0.04),
-                           (kidney.radii[0] * 0.45, kidney.radii[1] * 0.35, kidney.radii[2] * 0.4))
+        pelvis = Ellipsoid(
+            (kidney.center[0], kidney.center[1], kidney.center[2] + medial * 0.04),
+            (kidney.radii[0] * 0.45, kidney.radii[1] * 0.35, kidney.radii[2] * 0.4),
+        )
         paint(volume, grid, pelvis, enh["pelvis"])
 
     host = shapes[attrs.organ]
@@ -360,7 +372,7 @@ def render_case(rng: np.random.Generator, attrs: CaseAttributes, slices: int, si
     start = int(rng.integers(0, bank.size - volume.size))
     sigma = np.float32(rng.uniform(0.012, 0.025))
     gain, bias = np.float32(255.0 * rng.uniform(0.95, 1.05)), np.float32(255.0 * rng.uniform(-0.03, 0.03))
-    volume += bank[start:start + volume.size].reshape(volume.shape) * sigma
+    volume += bank[start : start + volume.size].reshape(volume.shape) * sigma
     volume *= gain
     volume += bias + np.float32(0.5)
     np.clip(volume, 0, 255, out=volume)
@@ -385,73 +397,142 @@ def _location_phrase(rng: np.random.Generator, attrs: CaseAttributes) -> str:
     organ = attrs.organ
     if "kidney" in organ:
         pole = f"{vertical} pole"
-        return _pick(rng, [f"{pole} of the {organ}, {side} side", f"{side} aspect of the {pole} of the {organ}",
-                           f"{vertical} {side} part of the {organ}"])
+        return _pick(
+            rng,
+            [
+                f"{pole} of the {organ}, {side} side",
+                f"{side} aspect of the {pole} of the {organ}",
+                f"{vertical} {side} part of the {organ}",
+            ],
+        )
     upper = {"upper": ["upper", "superior", "cranial"], "lower": ["lower", "inferior", "caudal"]}[vertical]
-    return _pick(rng, [f"{_pick(rng, upper)} {side} portion of the {organ}",
-                       f"{side} {_pick(rng, upper)} aspect of the {organ}",
-                       f"{vertical} {side} part of the {organ}"])
+    return _pick(
+        rng,
+        [
+            f"{_pick(rng, upper)} {side} portion of the {organ}",
+            f"{side} {_pick(rng, upper)} aspect of the {organ}",
+            f"{vertical} {side} part of the {organ}",
+        ],
+    )
 
 
 def _lesion_words(rng: np.random.Generator, attrs: CaseAttributes) -> tuple[str, str]:
     """(noun phrase, characterisation sentence) of the lesion."""
     kind = attrs.abnormality
     if kind == "cyst":
-        noun = _pick(rng, ["simple cyst", "well-circumscribed cystic lesion", "round fluid-attenuation cyst",
-                           "thin-walled cyst"])
-        detail = _pick(rng, [f"It has water attenuation (about {attrs.attenuation_hu} HU) and no enhancing wall.",
-                             f"Fluid density of approximately {attrs.attenuation_hu} HU, no solid component.",
-                             "No internal septation or enhancement is seen."])
+        noun = _pick(
+            rng,
+            [
+                "simple cyst",
+                "well-circumscribed cystic lesion",
+                "round fluid-attenuation cyst",
+                "thin-walled cyst",
+            ],
+        )
+        detail = _pick(
+            rng,
+            [
+                f"It has water attenuation (about {attrs.attenuation_hu} HU) and no enhancing wall.",
+                f"Fluid density of approximately {attrs.attenuation_hu} HU, no solid component.",
+                "No internal septation or enhancement is seen.",
+            ],
+        )
         return noun, detail
     if kind == "calcified nodule":
-        noun = _pick(rng, ["calcified nodule", "dense calcification", "calcified granuloma", "punctate calcified focus"])
-        detail = _pick(rng, [f"Its density reaches about {attrs.attenuation_hu} HU.",
-                             "It is homogeneously calcified.", "Likely a benign calcification."])
+        noun = _pick(
+            rng,
+            ["calcified nodule", "dense calcification", "calcified granuloma", "punctate calcified focus"],
+        )
+        detail = _pick(
+            rng,
+            [
+                f"Its density reaches about {attrs.attenuation_hu} HU.",
+                "It is homogeneously calcified.",
+                "Likely a benign calcification.",
+            ],
+        )
         return noun, detail
     shape, density, _ = kind.split()
-    margin = {"round": ["well-defined", "smooth", "sharply marginated"],
-              "irregular": ["ill-defined", "lobulated", "irregular"]}[shape]
-    contrast = {"hypodense": ["hypodense", "low-attenuation", "hypoattenuating"],
-                "hyperdense": ["hyperdense", "hyperattenuating", "avidly enhancing"]}[density]
+    margin = {
+        "round": ["well-defined", "smooth", "sharply marginated"],
+        "irregular": ["ill-defined", "lobulated", "irregular"],
+    }[shape]
+    contrast = {
+        "hypodense": ["hypodense", "low-attenuation", "hypoattenuating"],
+        "hyperdense": ["hyperdense", "hyperattenuating", "avidly enhancing"],
+    }[density]
     noun = f"{_pick(rng, margin)} {_pick(rng, contrast)} {_pick(rng, ['mass', 'lesion', 'nodule', 'focal lesion'])}"
-    detail = _pick(rng, [f"Mean attenuation is about {attrs.attenuation_hu} HU.",
-                         f"The margins are {_pick(rng, margin)}.",
-                         f"It measures roughly {attrs.attenuation_hu} HU and appears {_pick(rng, margin)}."])
+    detail = _pick(
+        rng,
+        [
+            f"Mean attenuation is about {attrs.attenuation_hu} HU.",
+            f"The margins are {_pick(rng, margin)}.",
+            f"It measures roughly {attrs.attenuation_hu} HU and appears {_pick(rng, margin)}.",
+        ],
+    )
     return noun, detail
 
 
 _NORMAL_FINDINGS: dict[str, list[str]] = {
-    "liver": ["The liver is normal in size and attenuation.", "No other focal hepatic lesion.",
-              "The remaining liver parenchyma is homogeneous."],
+    "liver": [
+        "The liver is normal in size and attenuation.",
+        "No other focal hepatic lesion.",
+        "The remaining liver parenchyma is homogeneous.",
+    ],
     "spleen": ["The spleen is unremarkable.", "Spleen is normal in size.", "No splenic lesion is seen."],
     "left kidney": ["The left kidney is unremarkable.", "No left hydronephrosis."],
     "right kidney": ["The right kidney is unremarkable.", "No right hydronephrosis."],
-    "other": ["The pancreas is normal.", "No free intraperitoneal fluid.", "No enlarged lymph nodes.",
-              "The adrenal glands are normal.", "The abdominal aorta is of normal calibre.",
-              "Visualised bowel loops are unremarkable.", "No ascites.",
-              "Mild degenerative change of the lumbar spine.", "The gallbladder is unremarkable."],
+    "other": [
+        "The pancreas is normal.",
+        "No free intraperitoneal fluid.",
+        "No enlarged lymph nodes.",
+        "The adrenal glands are normal.",
+        "The abdominal aorta is of normal calibre.",
+        "Visualised bowel loops are unremarkable.",
+        "No ascites.",
+        "Mild degenerative change of the lumbar spine.",
+        "The gallbladder is unremarkable.",
+    ],
 }
 
 
 def _technique(rng: np.random.Generator, attrs: CaseAttributes) -> str:
     plane, phase = attrs.plane, attrs.phase
     if phase == "non-contrast":
-        return _pick(rng, [f"Non-contrast CT of the abdomen, {plane} images.",
-                           f"Unenhanced {plane} CT images of the abdomen.",
-                           f"{plane.capitalize()} non-contrast abdominal CT."])
-    return _pick(rng, [f"Contrast-enhanced CT in the {phase} phase, {plane} reconstruction.",
-                       f"{plane.capitalize()} CT images acquired in the {phase} phase.",
-                       f"Abdominal CT, {phase} phase, {plane} plane."])
+        return _pick(
+            rng,
+            [
+                f"Non-contrast CT of the abdomen, {plane} images.",
+                f"Unenhanced {plane} CT images of the abdomen.",
+                f"{plane.capitalize()} non-contrast abdominal CT.",
+            ],
+        )
+    return _pick(
+        rng,
+        [
+            f"Contrast-enhanced CT in the {phase} phase, {plane} reconstruction.",
+            f"{plane.capitalize()} CT images acquired in the {phase} phase.",
+            f"Abdominal CT, {phase} phase, {plane} plane.",
+        ],
+    )
 
 
 def _phase_observation(rng: np.random.Generator, phase: str) -> str:
     return {
         "non-contrast": _pick(rng, ["No intravenous contrast was given.", "Vessels are unopacified."]),
-        "arterial": _pick(rng, ["The aorta is densely opacified.", "Bright arterial opacification of the aorta."]),
-        "portal venous": _pick(rng, ["The portal and hepatic veins are well opacified.",
-                                     "Good portal venous enhancement."]),
-        "delayed": _pick(rng, ["Contrast is excreted into both renal collecting systems.",
-                               "Excreted contrast opacifies the renal pelves."]),
+        "arterial": _pick(
+            rng, ["The aorta is densely opacified.", "Bright arterial opacification of the aorta."]
+        ),
+        "portal venous": _pick(
+            rng, ["The portal and hepatic veins are well opacified.", "Good portal venous enhancement."]
+        ),
+        "delayed": _pick(
+            rng,
+            [
+                "Contrast is excreted into both renal collecting systems.",
+                "Excreted contrast opacifies the renal pelves.",
+            ],
+        ),
     }[phase]
 
 
@@ -462,12 +543,15 @@ def write_report(rng: np.random.Generator, attrs: CaseAttributes) -> tuple[str, 
     size = _pick(rng, [f"{a} x {b} mm", f"{a} mm", f"{a} by {b} mm", f"{a / 10:.1f} cm"])
     where = _location_phrase(rng, attrs)
     article = "An" if noun[0] in "aeiou" else "A"
-    lesion = _pick(rng, [
-        f"{article} {noun} measuring {size} is seen in the {where}.",
-        f"There is {article.lower()} {noun} in the {where}, measuring {size}.",
-        f"In the {where} there is {article.lower()} {noun} of {size}.",
-        f"{attrs.organ.capitalize()}: {noun} ({size}) in the {where}.",
-    ])
+    lesion = _pick(
+        rng,
+        [
+            f"{article} {noun} measuring {size} is seen in the {where}.",
+            f"There is {article.lower()} {noun} in the {where}, measuring {size}.",
+            f"In the {where} there is {article.lower()} {noun} of {size}.",
+            f"{attrs.organ.capitalize()}: {noun} ({size}) in the {where}.",
+        ],
+    )
     # The characterisation refers back to the lesion ("It ..."), so it always follows it.
     block = [lesion, detail] if rng.random() < 0.8 else [lesion]
     others = [s for organ, pool in _NORMAL_FINDINGS.items() if organ != attrs.organ for s in pool]
@@ -483,11 +567,23 @@ def write_report(rng: np.random.Generator, attrs: CaseAttributes) -> tuple[str, 
     findings = " ".join(ordered)
     report = f"study_findings: {findings}\n"
     if rng.random() < 0.4:
-        impression = _pick(rng, [f"{noun.capitalize()} of the {attrs.organ} ({a} mm).",
-                                 f"Findings consistent with a {attrs.abnormality} in the {attrs.organ}.",
-                                 f"{attrs.abnormality.capitalize()}, {attrs.organ}, {a} mm."])
-        advice = _pick(rng, ["Follow-up imaging is suggested.", "Correlate clinically.",
-                             "Consider MRI for further characterisation.", ""])
+        impression = _pick(
+            rng,
+            [
+                f"{noun.capitalize()} of the {attrs.organ} ({a} mm).",
+                f"Findings consistent with a {attrs.abnormality} in the {attrs.organ}.",
+                f"{attrs.abnormality.capitalize()}, {attrs.organ}, {a} mm.",
+            ],
+        )
+        advice = _pick(
+            rng,
+            [
+                "Follow-up imaging is suggested.",
+                "Correlate clinically.",
+                "Consider MRI for further characterisation.",
+                "",
+            ],
+        )
         report += f"discussion: {impression} {advice}".rstrip() + "\n"
     return report, findings
 
@@ -499,8 +595,13 @@ def write_report(rng: np.random.Generator, attrs: CaseAttributes) -> tuple[str, 
 def _answers(attrs: CaseAttributes) -> list[str]:
     """Answer text per question type 1..5."""
     vertical, side = attrs.location.split()
-    return [attrs.plane, f"{attrs.phase} phase", attrs.organ, attrs.abnormality,
-            f"{vertical} {side} part of the {attrs.organ}"]
+    return [
+        attrs.plane,
+        f"{attrs.phase} phase",
+        attrs.organ,
+        attrs.abnormality,
+        f"{vertical} {side} part of the {attrs.organ}",
+    ]
 
 
 def _choice_pool(qtype: int, attrs: CaseAttributes) -> list[str]:
@@ -521,21 +622,41 @@ def _wrong_choices(rng: np.random.Generator, qtype: int, attrs: CaseAttributes) 
 
 
 _QUESTIONS: list[list[str]] = [
-    ["In which plane is this CT image displayed?", "What is the imaging plane of this scan?",
-     "Which plane is this series reconstructed in?"],
-    ["In which contrast phase was this CT scan acquired?", "What is the phase of this CT scan?",
-     "Which enhancement phase does this image show?"],
-    ["Which organ contains the lesion?", "In which organ is the abnormality located?",
-     "Where is the abnormal finding, by organ?"],
-    ["What type of abnormality is seen in the {organ}?", "How would you describe the lesion in the {organ}?",
-     "What abnormality is present in this scan?"],
-    ["Where in the {organ} is the lesion located?", "Which part of the {organ} holds the abnormality?",
-     "What is the location of the lesion within the {organ}?"],
+    [
+        "In which plane is this CT image displayed?",
+        "What is the imaging plane of this scan?",
+        "Which plane is this series reconstructed in?",
+    ],
+    [
+        "In which contrast phase was this CT scan acquired?",
+        "What is the phase of this CT scan?",
+        "Which enhancement phase does this image show?",
+    ],
+    [
+        "Which organ contains the lesion?",
+        "In which organ is the abnormality located?",
+        "Where is the abnormal finding, by organ?",
+    ],
+    [
+        "What type of abnormality is seen in the {organ}?",
+        "How would you describe the lesion in the {organ}?",
+        "What abnormality is present in this scan?",
+    ],
+    [
+        "Where in the {organ} is the lesion located?",
+        "Which part of the {organ} holds the abnormality?",
+        "What is the location of the lesion within the {organ}?",
+    ],
 ]
 
 
-def closed_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path: str, text: str,
-                     choice_order: str = "shuffled") -> list[dict[str, str]]:
+def closed_questions(
+    rng: np.random.Generator,
+    attrs: CaseAttributes,
+    image_path: str,
+    text: str,
+    choice_order: str = "shuffled",
+) -> list[dict[str, str]]:
     """One multiple-choice row per question type.
 
     ``choice_order="shuffled"`` (M3D-VQA's way) puts the right answer at a random letter, so a model
@@ -552,16 +673,26 @@ def closed_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path
         if choice_order == "fixed":
             choices.sort(key=_choice_pool(qtype, attrs).index)
             letter = choices.index(answer)
-        rows.append({
-            IMAGE_COLUMN: image_path, "Text": text, "Question Type": str(qtype),
-            "Question": _pick(rng, _QUESTIONS[qtype - 1]).format(organ=attrs.organ),
-            "Choice A": choices[0], "Choice B": choices[1], "Choice C": choices[2], "Choice D": choices[3],
-            "Answer": answer, "Answer Choice": "ABCD"[letter],
-        })
+        rows.append(
+            {
+                IMAGE_COLUMN: image_path,
+                "Text": text,
+                "Question Type": str(qtype),
+                "Question": _pick(rng, _QUESTIONS[qtype - 1]).format(organ=attrs.organ),
+                "Choice A": choices[0],
+                "Choice B": choices[1],
+                "Choice C": choices[2],
+                "Choice D": choices[3],
+                "Answer": answer,
+                "Answer Choice": "ABCD"[letter],
+            }
+        )
     return rows
 
 
-def yes_no_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path: str, text: str) -> list[dict[str, str]]:
+def yes_no_questions(
+    rng: np.random.Generator, attrs: CaseAttributes, image_path: str, text: str
+) -> list[dict[str, str]]:
     """One yes/no row per question type, asking about the true value or a wrong one (50/50)."""
     rows = []
     for qtype, answer in enumerate(_answers(attrs), start=1):
@@ -574,11 +705,20 @@ def yes_no_questions(rng: np.random.Generator, attrs: CaseAttributes, image_path
             f"Is the abnormality {'an' if asked[0] in 'aeiou' else 'a'} {asked}?",
             f"Is the lesion in the {asked}?",
         ][qtype - 1]
-        rows.append({
-            IMAGE_COLUMN: image_path, "Text": text, "Question Type": str(qtype), "Question": question,
-            "Choice A": "", "Choice B": "", "Choice C": "", "Choice D": "",
-            "Answer": "Yes" if yes else "No", "Answer Choice": "",
-        })
+        rows.append(
+            {
+                IMAGE_COLUMN: image_path,
+                "Text": text,
+                "Question Type": str(qtype),
+                "Question": question,
+                "Choice A": "",
+                "Choice B": "",
+                "Choice C": "",
+                "Choice D": "",
+                "Answer": "Yes" if yes else "No",
+                "Answer Choice": "",
+            }
+        )
     return rows
 
 
@@ -670,16 +810,26 @@ def _write_case(index: int, out: Path, config: SyntheticConfig) -> CaseRecord:
     for name, volume in volumes.items():
         (staging / name).mkdir(parents=True)
         for k, plane in enumerate(volume):
-            Image.fromarray(plane, mode="L").save(staging / name / f"{k}.jpeg", format="JPEG",
-                                                  quality=config.jpeg_quality)
+            Image.fromarray(plane, mode="L").save(
+                staging / name / f"{k}.jpeg", format="JPEG", quality=config.jpeg_quality
+            )
     (staging / REPORT_FILE).write_text(report, encoding="utf-8")
     if defect:
         corrupt_case(staging, defect)
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    return CaseRecord(case_id(index), collection, [fold_series_name(name) for name in series], report, findings,
-                      attrs, closed, yes_no, defect)
+    return CaseRecord(
+        case_id(index),
+        collection,
+        [fold_series_name(name) for name in series],
+        report,
+        findings,
+        attrs,
+        closed,
+        yes_no,
+        defect,
+    )
 
 
 def split_cases(ids: list[str], fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
@@ -698,7 +848,7 @@ def split_cases(ids: list[str], fractions: dict[str, float], seed: int) -> dict[
         raise ValueError(f"split fractions {dict(fractions)} leave no room for {n} cases")
     splits, start = {}, 0
     for name in SPLITS:
-        splits[name] = sorted(order[start:start + counts[name]])
+        splits[name] = sorted(order[start : start + counts[name]])
         start += counts[name]
     return splits
 
@@ -722,9 +872,19 @@ def _remove_stale_cases(cap_dir: Path, keep: set[tuple[str, str]]) -> None:
                 shutil.rmtree(child)
 
 
-def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64, size: int = 128,
-             splits: dict[str, float] | None = None, workers: int | None = None, jpeg_quality: int = 95,
-             defect_rate: float = 0.0, lesion_scale: float = 1.0, choice_order: str = "shuffled") -> GenerationSummary:
+def generate(
+    out: str | os.PathLike,
+    cases: int,
+    seed: int = 0,
+    slices: int = 64,
+    size: int = 128,
+    splits: dict[str, float] | None = None,
+    workers: int | None = None,
+    jpeg_quality: int = 95,
+    defect_rate: float = 0.0,
+    lesion_scale: float = 1.0,
+    choice_order: str = "shuffled",
+) -> GenerationSummary:
     """Write ``cases`` synthetic cases in the raw M3D-Cap / M3D-VQA layout under ``out``.
 
     Same arguments -> same bytes, whatever ``workers`` is (``None``: all cores, ``0``/``1``: in
@@ -740,8 +900,15 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
         raise ValueError(f"choice_order must be one of {CHOICE_ORDERS}, got {choice_order!r}")
     start = time.perf_counter()
     out = Path(out)
-    config = SyntheticConfig(seed=seed, slices=slices, size=size, jpeg_quality=jpeg_quality,
-                             defect_rate=defect_rate, lesion_scale=lesion_scale, choice_order=choice_order)
+    config = SyntheticConfig(
+        seed=seed,
+        slices=slices,
+        size=size,
+        jpeg_quality=jpeg_quality,
+        defect_rate=defect_rate,
+        lesion_scale=lesion_scale,
+        choice_order=choice_order,
+    )
     cap_dir = out / CAP_DIR
     cap_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_cases(cap_dir, {(collection_of(i), case_id(i)) for i in range(cases)})
@@ -756,16 +923,28 @@ def generate(out: str | os.PathLike, cases: int, seed: int = 0, slices: int = 64
 
     by_id = {r.case_id: r for r in records}
     split_ids = split_cases(list(by_id), splits or {"train": 0.8, "validation": 0.1, "test": 0.1}, seed)
-    cap = {split: [{"image": release_path(by_id[i].collection, i, f"{series}.npy"),
-                    "text": release_path(by_id[i].collection, i, REPORT_FILE)} for i in ids for series in by_id[i].series]
-           for split, ids in split_ids.items()}
+    cap = {
+        split: [
+            {
+                "image": release_path(by_id[i].collection, i, f"{series}.npy"),
+                "text": release_path(by_id[i].collection, i, REPORT_FILE),
+            }
+            for i in ids
+            for series in by_id[i].series
+        ]
+        for split, ids in split_ids.items()
+    }
     cap["test100"] = cap["test"][:100]  # the release's subsets of the test list (test100, test500, test1k)
     atomic_write_text(cap_dir / SPLIT_FILE, json.dumps(cap, indent=1) + "\n")
     for name, ids in split_ids.items():
-        atomic_write_text(out / VQA_DIR / vqa_csv_name(name), _csv_text([r for i in ids for r in by_id[i].closed_rows]))
+        atomic_write_text(
+            out / VQA_DIR / vqa_csv_name(name), _csv_text([r for i in ids for r in by_id[i].closed_rows])
+        )
     test_rows = [r for i in split_ids["test"] for r in by_id[i].closed_rows]
     atomic_write_text(out / VQA_DIR / TEST5K_CSV, _csv_text(test_rows[:5000]))
-    atomic_write_text(out / VQA_DIR / vqa_csv_name("train", yes_no=True),
-                      _csv_text([r for i in split_ids["train"] for r in by_id[i].yes_no_rows]))
+    atomic_write_text(
+        out / VQA_DIR / vqa_csv_name("train", yes_no=True),
+        _csv_text([r for i in split_ids["train"] for r in by_id[i].yes_no_rows]),
+    )
     defects = {r.case_id: r.defect for r in records if r.defect}
     return GenerationSummary(out, cases, split_ids, defects, time.perf_counter() - start)
