@@ -8,6 +8,7 @@ One 2-process script (``run_worker``) runs every distributed fit, so the process
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import subprocess
@@ -419,13 +420,16 @@ def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
 # --- the presets through the CLI --------------------------------------------------------------------------
 
 
-def cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(
+    module: str, *args: str, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "WANDB_MODE": "disabled",
+        **(env or {}),
     }
     result = subprocess.run(
         [sys.executable, "-m", module, *args],
@@ -492,6 +496,47 @@ def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
     )
     resumed = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 4 and resumed["epoch"] == 1
+
+
+def test_a_new_encoder_in_one_file_and_one_yaml_trains_under_fsdp_with_its_shard_units(run, tmp_path):
+    """tests/extension: an encoder class that declares its shard units, and its YAML found through
+    hydra.searchpath, trained by stage 1 on 2 CPU processes: every unit it names is an FSDP unit."""
+    root, _, _ = run
+    extension = REPO / "tests" / "extension"
+    marker = tmp_path / "units"
+    cli(
+        "med3dvlm.train",
+        "experiment=demo",
+        "stage=siglip",
+        "encoder=tiny_cnn",
+        f"hydra.searchpath=[file://{extension / 'configs'}]",
+        "logger=none",
+        "trainer=fsdp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "test=false",
+        f"paths.data_dir={root}",
+        f"paths.log_dir={tmp_path}",
+        f"data.data_dir={root / 'demo' / 'prepared'}",
+        "data.batch_size=4",
+        "data.max_length=128",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(extension), "TINY_CNN_SHARD_MARKER": str(marker)},
+    )
+    for rank in (0, 1):
+        assert json.loads(Path(f"{marker}.{rank}").read_text()) == [
+            True,
+            True,
+            True,
+            True,
+        ]  # 3 stages + encoder
+    sys.path.insert(0, str(extension))
+    importlib.import_module("tiny_cnn")  # registers the class: only then may an artifact rebuild it
+    encoder, record = load_encoder_export(tmp_path / "run" / "export")
+    assert record.components["encoder"]["_target_"] == "tiny_cnn.TinyCNN" and len(encoder.stages) == 3
 
 
 def test_shard_plan_names_layers_encoder_stages_components_then_the_root(run):
