@@ -35,3 +35,18 @@ def reference_dir() -> Path:
     if missing:
         pytest.fail(f"reference vectors missing from {REFERENCE_DIR}: {missing}")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def nltk_data(tmp_path_factory) -> Path:
+    """The project's nltk_data folder (make nltk-data), else one assembled from Debian's WordNet, first
+    on NLTK's data path (METEOR)."""
+    from med3dvlm.metrics import nltk_setup
+
+    if not nltk_setup.missing_nltk_data(nltk_setup.default_nltk_data()):
+        return nltk_setup.use_nltk_data()
+    try:
+        folder = nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data"))
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(f"WordNet / punkt not installed (make nltk-data): {exc}")
+    return nltk_setup.use_nltk_data(folder)

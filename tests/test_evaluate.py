@@ -14,7 +14,6 @@ from torch.utils.data import Dataset
 
 from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.evaluation.tasks import ClosedVQATask, EvalContext, LeakageTask, OpenVQATask
-from med3dvlm.metrics import nltk_setup
 from med3dvlm.models.generation import GenerationSettings, distinct_rows, model_generate_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,16 +134,6 @@ def test_generation_settings_are_explicit():
     assert sampled == {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationSettings(max_new_tokens=0).kwargs()
-
-
-@pytest.fixture(scope="module")
-def nltk_data(tmp_path_factory) -> str:
-    if not nltk_setup.missing_nltk_data(nltk_setup.default_nltk_data()):
-        return str(nltk_setup.default_nltk_data())
-    try:
-        return str(nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data")))
-    except (FileNotFoundError, ImportError) as exc:
-        pytest.skip(f"WordNet / punkt not installed (make nltk-data): {exc}")
 
 
 def test_open_vqa_scores_per_type(tmp_path, nltk_data):

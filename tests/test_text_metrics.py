@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from med3dvlm.metrics import nltk_setup
 from med3dvlm.metrics.text import BERTScorer, bleu1, mean, meteor, rouge1, text_scores
-
-
-@pytest.fixture(scope="session")
-def nltk_data(tmp_path_factory) -> Path:
-    """The project's nltk_data folder, else one assembled from the installed Debian WordNet."""
-    if not nltk_setup.missing_nltk_data(nltk_setup.default_nltk_data()):
-        return nltk_setup.use_nltk_data()
-    try:
-        folder = nltk_setup.setup_nltk_data(tmp_path_factory.mktemp("nltk_data"))
-    except (FileNotFoundError, ImportError) as exc:
-        pytest.skip(f"WordNet / punkt not installed (make nltk-data): {exc}")
-    return nltk_setup.use_nltk_data(folder)
-
 
 # nltk's documented example (nltk.translate.meteor_score.meteor_score docstring).
 HYPOTHESIS1 = "It is a guide to action which ensures that the military always obeys the commands of the party"
