@@ -3,6 +3,7 @@ look, ask). See :mod:`med3dvlm.web.page` for what it serves and what it keeps of
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 
@@ -12,8 +13,18 @@ from omegaconf import DictConfig
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 
 
+def missing_extra() -> str | None:
+    """What to install when the page's library is missing (checked before anything loads)."""
+    if importlib.util.find_spec("gradio") is None:
+        return "the web page needs Gradio, the optional `app` extra: pip install -e '.[app]' in a checkout"
+    return None
+
+
 @hydra.main(config_path="configs", config_name="app", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    needed = missing_extra()
+    if needed:
+        raise SystemExit(f"python -m med3dvlm.app: {needed}")
     with tempfile.TemporaryDirectory(prefix="med3dvlm-app-") as uploads:
         os.environ["GRADIO_TEMP_DIR"] = uploads  # uploads land here, removed when the app stops
         from med3dvlm.web.page import build, serve

@@ -1,13 +1,20 @@
-"""``python -m med3dvlm.import_weights source=DIR kind=siglip|vlm [out=DIR]``: convert a released
-Med3DVLM checkpoint folder into our formats (see ``med3dvlm.artifacts.released``)."""
+"""``python -m med3dvlm.import_weights source=DIR kind=siglip|vlm|flare [out=DIR] [llm=...]``: convert a
+released Med3DVLM checkpoint folder into our formats (see ``med3dvlm.artifacts.released``)."""
 
 from __future__ import annotations
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
-from med3dvlm.artifacts.released import import_siglip, import_vlm
+from med3dvlm.artifacts.released import (
+    FLARE_PRETRAINED_DIR,
+    MODEL_DIR,
+    import_flare,
+    import_siglip,
+    import_vlm,
+)
 
 
 @hydra.main(config_path="configs", config_name="import_weights", version_base="1.3")
@@ -24,9 +31,19 @@ def main(cfg: DictConfig) -> None:
     elif cfg.kind == "vlm":
         projector = OmegaConf.to_container(cfg.projector, resolve=True)
         out = import_vlm(cfg.source, cfg.out, encoder, projector, cfg.reference_placement)
-        print(f"imported into {out}  (evaluate: python -m med3dvlm.evaluate model={out})")
+        print(f"imported into {out}  (evaluate: python -m med3dvlm.evaluate task=report model={out})")
+    elif cfg.kind == "flare":
+        projector = OmegaConf.to_container(cfg.projector, resolve=True)
+        llm = instantiate(cfg.llm).name_or_path
+        out = import_flare(cfg.source, cfg.out, encoder, projector, llm, cfg.reference_placement)
+        print(
+            f"imported into {out}: model folder {out / MODEL_DIR} "
+            f"(evaluate: python -m med3dvlm.evaluate task=report model={out / MODEL_DIR}), "
+            f"projector hand-off {out / FLARE_PRETRAINED_DIR} (finetune: python -m med3dvlm.train "
+            f"experiment=flare_finetune stage.module.pretrain_export={out / FLARE_PRETRAINED_DIR})"
+        )
     else:
-        raise ValueError(f"kind={cfg.kind!r}: expected siglip or vlm")
+        raise ValueError(f"kind={cfg.kind!r}: expected siglip, vlm or flare")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_vlm import INPUT_SIZE
-from helpers_vlm import finetuned as finetune_handoff
+from helpers.vlm import INPUT_SIZE
+from helpers.vlm import finetuned as finetune_handoff
 from test_scans import ct_volume, write_dicom_series, write_nifti
 
 from med3dvlm.artifacts.model_folder import is_model_folder, write_merged_model
@@ -53,6 +53,19 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(models_dir):
     return Models(models_dir=models_dir)
+
+
+def test_the_app_without_its_extra_says_what_to_install_before_loading_anything(monkeypatch, capsys):
+    import importlib.util
+
+    from med3dvlm import app
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gradio" else object())
+    monkeypatch.setattr("sys.argv", ["med3dvlm.app", "model=/nonexistent"])
+    with pytest.raises(
+        SystemExit, match=r"needs Gradio, the optional `app` extra: pip install -e '.\[app\]'"
+    ):
+        app.main()
 
 
 def test_models_dir_offers_only_model_folders(models, models_dir):

@@ -9,7 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers_data import CASES, IMAGE_TOKEN, SHAPE, make_prepared, make_tokenizer
+from helpers.data import CASES, IMAGE_TOKEN, SHAPE, make_prepared, make_tokenizer
 
 from med3dvlm.data.collate import PadCollate
 from med3dvlm.data.datamodule import M3DDataModule

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers_data import (
+from helpers.data import (
     CASES,
     IMAGE_TOKEN,
     SHAPE,
@@ -19,24 +19,16 @@ from helpers_data import (
     write_csv,
 )
 
-from med3dvlm.data.datasets import (
-    CaptionDataset,
-    ClosedVQADataset,
-    OpenVQADataset,
-    RetrievalDataset,
-    SkipLog,
-    VolumeReader,
-    YesNoVQADataset,
-)
+from med3dvlm.data.datasets import CaptionDataset, RetrievalDataset, SkipLog, VolumeReader
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.prompts import (
     CAPTION_QUESTIONS,
     IGNORE_INDEX,
     PromptBuilder,
     build_prompt,
-    generation_prompt,
     tokenize_example,
 )
+from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, YesNoVQADataset
 from med3dvlm.data.volume_io import to_float
 
 N_IMAGE = 4
@@ -146,7 +138,8 @@ def test_prompt_only_mode(tokenizer, prepared):
     assert "labels" not in sample
     expected = tokenizer(build_prompt(IMAGE_TOKEN, N_IMAGE, sample["question"]))["input_ids"]
     assert sample["input_ids"].tolist() == expected
-    assert generation_prompt(IMAGE_TOKEN, N_IMAGE, "Where?") == IMAGE_TOKEN * N_IMAGE + " Where?"
+    builder = PromptBuilder(tokenizer, IMAGE_TOKEN, N_IMAGE)
+    assert builder.vqa("Where?") == IMAGE_TOKEN * N_IMAGE + " Where?"
 
 
 def test_truncation_cuts_the_answer_never_the_image_block(tokenizer):

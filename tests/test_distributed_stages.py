@@ -19,10 +19,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers_siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
-from helpers_siglip import ResumableLoader, prepared_data, tiny_bert
-from helpers_siglip import stage as siglip_stage
-from helpers_vlm import INPUT_SIZE, finetune, lora, pretrain, tiny_llm
+from helpers.siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
+from helpers.siglip import ResumableLoader, prepared_data, tiny_bert
+from helpers.siglip import stage as siglip_stage
+from helpers.vlm import INPUT_SIZE, finetune, lora, pretrain, tiny_llm
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 

@@ -190,8 +190,8 @@ def test_leakage_task_on_prepared_layout(tmp_path):
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny exported VLM (untrained) and a prepared folder at its input size."""
-    from helpers_data import make_prepared
-    from helpers_vlm import (
+    from helpers.data import make_prepared
+    from helpers.vlm import (
         ENCODER_CONFIG,
         INPUT_SIZE,
         pretrain,

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from helpers_vlm import INPUT_SIZE
-from helpers_vlm import finetuned as finetune_handoff
+from helpers.vlm import INPUT_SIZE
+from helpers.vlm import finetuned as finetune_handoff
 
 from med3dvlm.artifacts.model_folder import load_pretrained, write_merged_model
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, pretrain
+from helpers.vlm import ENCODER_CONFIG, INPUT_SIZE, pretrain
 from test_scans import ct_volume, write_nifti
 
 from med3dvlm.artifacts.model_folder import save_pretrained

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_siglip import INPUT_SIZE, prepared_data, stage, tiny_bert
+from helpers.siglip import INPUT_SIZE, prepared_data, stage, tiny_bert
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 

@@ -77,7 +77,9 @@ def test_incomplete_folder_is_rebuilt(tmp_path):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text("{")  # a killed earlier build
     ensure_tiny_bert(tmp_path / "bert", lambda: CORPUS, **SIZES)
-    AutoModel.from_pretrained(tmp_path / "bert")
+    assert (tmp_path / "bert" / DONE_MARKER).is_file()
+    assert _digest(tmp_path / "bert") == _digest(build_tiny_bert(tmp_path / "again", CORPUS, **SIZES))
+    assert AutoModel.from_pretrained(tmp_path / "bert").config.hidden_size == SIZES["hidden_size"]
 
 
 def test_empty_corpus_is_an_error(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, encoder_export, tiny_llm
+from helpers.vlm import ENCODER_CONFIG, INPUT_SIZE, PROJECTOR_CONFIG, encoder, encoder_export, tiny_llm
 from safetensors.torch import load_file, save_file
 
 from med3dvlm.artifacts.encoder_export import load_encoder_export

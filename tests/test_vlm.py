@@ -138,7 +138,7 @@ def test_reference_placement_reproduces_original(tiny_qwen_dir, side):
     enc = batch(model, QUESTIONS, side)
     ids = enc["input_ids"]
     features = torch.randn(2, N_IMG, model.hidden_size)
-    embeds = model.embed(ids, features)
+    embeds = model.embed(ids, features, enc["attention_mask"])
     plain = model.llm.get_input_embeddings()(ids)
     for b in range(2):
         p = int((ids[b] == model.image_token_id).nonzero()[0])
@@ -146,6 +146,25 @@ def test_reference_placement_reproduces_original(tiny_qwen_dir, side):
         expected = torch.cat([plain[b, : p + 1], features[b], plain[b, p + 1 + N_IMG :]])
         torch.testing.assert_close(embeds[b], expected)
         assert ids[b, p + N_IMG] != model.image_token_id  # a text token was overwritten
+
+
+def test_reference_placement_writes_positions_1_to_n_wherever_the_image_block_is(tiny_qwen_dir):
+    """FLARE's VQA prompts carry the image block inside the user turn: the original still writes the
+    features over positions 1..N, over the text before the block, and the block's last tokens keep
+    the raw <im_patch> embedding."""
+    model = make_vlm(tiny_qwen_dir, reference_placement=True)
+    text = model.tokenizer(["Is it"], add_special_tokens=False)["input_ids"][0]
+    row = torch.tensor([[*text, *[model.image_token_id] * N_IMG, *text]])
+    features = torch.randn(1, N_IMG, model.hidden_size)
+    for pad in (0, 2):  # left padding moves the first real token
+        ids = torch.cat([torch.full((1, pad), model.tokenizer.pad_token_id), row], dim=1)
+        mask = (torch.arange(ids.shape[1]) >= pad).long()[None]
+        embeds = model.embed(ids, features, mask)[0, pad:]
+        plain = model.llm.get_input_embeddings()(row)[0]
+        raw = model.image_token_embedding.to(plain.dtype)
+        expected_block = [raw] * (len(text) - 1)  # the block's last len(text) - 1 tokens stay raw rows
+        expected = torch.cat([plain[:1], features[0], torch.stack(expected_block), plain[-len(text) :]])
+        torch.testing.assert_close(embeds, expected)
 
 
 def test_reference_placement_trains_the_row_default_does_not(tiny_qwen_dir):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers_vlm import (
+from helpers.vlm import (
     ENCODER_CONFIG,
     INPUT_SIZE,
     PROJECTOR_CONFIG,
@@ -287,7 +287,7 @@ def test_stage_2_and_3_checkpoints_hold_only_what_trains_and_resume_exactly(asse
 
 def test_stage_3_validates_by_generation_with_closed_vqa_accuracy_per_question_type(assets, tmp_path):
     import lightning as L
-    from helpers_data import make_prepared
+    from helpers.data import make_prepared
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 

@@ -12,7 +12,14 @@
 
 ``import_vlm`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B`` (the merged ``VLMQwenForCausalLM``) and writes a
 model folder (:mod:`med3dvlm.artifacts.model_folder`, so ``evaluate`` and ``infer`` take it), with
-the original's image-token placement on (``reference_placement``, stored in its config.json).
+the original's image-token placement on (``reference_placement``, stored in its record).
+
+``import_flare`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B-FLARE2025`` (the same merged layout, plus the
+stage-2 weights its finetune started from in ``pretrained/``) and writes
+
+    <out>/model/        the merged model as a model folder (FLARE's prompts and preprocessing)
+    <out>/pretrained/   a projector hand-off, what ``stage.module.pretrain_export`` takes
+    <out>/import.json   source, key counts and unused keys of both
 
 Strictness: every checkpoint key goes to exactly one module (by prefix) or is in ``UNUSED_KEYS``;
 every module key must be filled with the same shape. The first key that does not fit raises
@@ -33,12 +40,14 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from hydra.utils import instantiate
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
@@ -56,12 +65,19 @@ from med3dvlm.artifacts.encoder_export import (
     TEXT_ENCODER_DIR,
     write_encoder_export,
 )
+from med3dvlm.artifacts.handoff import IMAGE_TOKEN_FILE, PROJECTOR_FILE, VISION_TOWER_FILE, write_handoff
 from med3dvlm.artifacts.model_folder import save_pretrained
 from med3dvlm.artifacts.record import ArtifactRecord
 from med3dvlm.artifacts.tensors import save_tensors
 from med3dvlm.data.prepared import m3d_preprocessing
+from med3dvlm.data.releases.flare.recipe import flare_preprocessing
 from med3dvlm.models.build import build_projector
-from med3dvlm.models.reference_layout import ReferenceLayoutError, load_reference_state_dict
+from med3dvlm.models.reference_layout import (
+    ReferenceLayoutError,
+    convert_state_dict,
+    load_reference_state_dict,
+    rules_for,
+)
 from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
 from med3dvlm.utils.atomic import atomic_folder, atomic_write_text
 
@@ -77,6 +93,15 @@ SIGLIP_SCALARS = ("t_prime", "bias")
 IMPORT_FILE = "import.json"
 VLM_VISION_PREFIX = "model.vision_tower.vision_tower."
 VLM_PROJECTOR_PREFIX = "model.mm_projector."
+EMBEDDING_KEY = "model.embed_tokens.weight"
+FLARE_BASE_LLM = "Qwen/Qwen2.5-7B-Instruct"
+FLARE_EXPERIMENT = "imported-flare"
+FLARE_INPUT_SIZE = (128, 256, 256)
+"""(D, H, W) of FLARE's training volumes (``finetune_flare.py``'s default, which its script keeps)."""
+FLARE_PRETRAINED_DIR = "pretrained"
+FLARE_VISION_FILE = "vision_encoder.safetensors"
+FLARE_PROJECTOR_FILE = "mm_projector.safetensors"
+MODEL_DIR = "model"
 
 UNUSED_KEYS: tuple[re.Pattern[str], ...] = (
     # DistilBERT's position-id buffer (non-persistent today; older exports wrote it).
@@ -431,6 +456,57 @@ def original_projector_config(
     }
 
 
+def _vlm_config(source: Path) -> dict[str, Any]:
+    """The merged release's ``config.json``, checked to be the DCFormer ``VLMQwenForCausalLM`` we import."""
+    config = read_original_config(source, "vlm_qwen")
+    if _field(config, "vision_tower", source) != "dcformer":
+        raise ValueError(
+            f"{source / 'config.json'}: vision_tower {config['vision_tower']!r}; expected 'dcformer'"
+        )
+    return config
+
+
+def _merged_vlm(
+    source: Path,
+    config: Mapping[str, Any],
+    encoder_config: ExportConfig,
+    projector_node: Mapping[str, Any],
+    input_size: Sequence[int],
+    reference_placement: bool,
+    image_token: str,
+) -> tuple[VisionLanguageModel, dict[str, Any], dict[str, Any]]:
+    """The merged release's VLM (strict, float32), its projector's built config, and what import.json
+    records of it (image-token id, placement, key counts, unused keys)."""
+    state = to_float32(read_checkpoint(source))
+    groups, _, unused = split_state(
+        state,
+        {"vision": VLM_VISION_PREFIX, "projector": VLM_PROJECTOR_PREFIX, "llm": ("model.", "lm_head.")},
+        (),
+        "VLMQwenForCausalLM",
+    )
+    vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
+    llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
+    projector, proj_built = _released_projector(
+        projector_node,
+        config,
+        source,
+        vision_tower,
+        input_size,
+        llm.get_input_embeddings().weight.shape[1],
+        groups["projector"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    token_id = _image_token_id(tokenizer, image_token, llm.get_input_embeddings().weight.shape[0], source)
+    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token, reference_placement)
+    facts = {
+        "image_token_id": token_id,
+        "reference_placement": reference_placement,
+        "keys": {name: len(group) for name, group in groups.items()},
+        "unused_keys": unused,
+    }
+    return model, proj_built, facts
+
+
 def import_vlm(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -446,42 +522,23 @@ def import_vlm(
     placement, on for the released weights (they were trained with it).
     """
     source = Path(source)
-    config = read_original_config(source, "vlm_qwen")
-    if _field(config, "vision_tower", source) != "dcformer":
-        raise ValueError(
-            f"{source / 'config.json'}: vision_tower {config['vision_tower']!r}; expected 'dcformer'"
-        )
+    config = _vlm_config(source)
     input_size = original_input_size(_field(config, "input_size", source))
-    state = to_float32(read_checkpoint(source))
-    groups, _, unused = split_state(
-        state,
-        {"vision": VLM_VISION_PREFIX, "projector": VLM_PROJECTOR_PREFIX, "llm": ("model.", "lm_head.")},
-        (),
-        "VLMQwenForCausalLM",
-    )
-    vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
-    llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
-    projector, proj_built = _released_projector(
-        original_projector_config(projector_config, config, source),
-        config,
+    model, proj_built, facts = _merged_vlm(
         source,
-        vision_tower,
+        config,
+        encoder_config,
+        original_projector_config(projector_config, config, source),
         input_size,
-        llm.get_input_embeddings().weight.shape[1],
-        groups["projector"],
+        reference_placement,
+        image_token,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    token_id = _image_token_id(tokenizer, image_token, llm.get_input_embeddings().weight.shape[0], source)
-    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token, reference_placement)
     record = {
         "kind": "vlm",
         "source": str(source),
         "original_config": config,
         "created": time.time(),
-        "image_token_id": token_id,
-        "reference_placement": reference_placement,
-        "keys": {name: len(group) for name, group in groups.items()},
-        "unused_keys": unused,
+        **facts,
     }
     # The release was trained on M3D (its prompts, its preprocessing). import.json is written before the
     # folder's record, so the record's fingerprint covers it.
@@ -500,7 +557,7 @@ def import_vlm(
 
 
 def _released_projector(
-    node: dict[str, Any],
+    node: Mapping[str, Any],
     config: Mapping[str, Any],
     source: Path,
     vision_tower: nn.Module,
@@ -531,3 +588,189 @@ def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str, rows: 
             f"{source}: {image_token} has id {token_id} but the embedding matrix has {rows} rows"
         )
     return token_id
+
+
+# --- the FLARE 2025 release (merged VLM + the stage-2 weights its finetune started from) ---------------
+
+
+def flare_input_size(config: Mapping[str, Any], source: Path) -> tuple[int, int, int]:
+    """The FLARE release's volume size (D, H, W): its config's ``input_size`` as it stands (FLARE's
+    training resizes the data to it, unlike the M3D release's (H, W, D) encoder frame), else
+    :data:`FLARE_INPUT_SIZE`."""
+    size = [int(n) for n in config.get("input_size", FLARE_INPUT_SIZE)]
+    if len(size) != 3:
+        raise ValueError(f"{source / 'config.json'}: input_size {size}: expected three sizes")
+    depth, height, width = size
+    return depth, height, width
+
+
+def safetensors_shapes(path: Path) -> dict[str, Tensor]:
+    """The entries of the safetensors file ``path`` as meta tensors of their shapes, from its header
+    alone. Anything else is refused and never unpickled: the original wrote these files with
+    ``torch.save`` although it named them ``.safetensors``, and unpickling runs code."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; the FLARE release ships it")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            names = file.keys()  # a safe_open handle is not iterable
+            return {key: torch.empty(file.get_slice(key).get_shape(), device="meta") for key in names}
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path}: not a safetensors file ({error}); a torch pickle under this name is not loaded "
+            "(unpickling runs code): convert it to safetensors once, where you trust it"
+        ) from error
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Layout errors raised inside name ``path`` too (the key-level checks know only the key)."""
+    try:
+        yield
+    except ReferenceLayoutError as error:
+        raise ReferenceLayoutError(f"{path}: {error}") from error
+
+
+def _check_image_token_row(path: Path, shape: Sequence[int], llm: str) -> None:
+    """``model.embed_tokens.weight`` of ``path`` must hold the base tokenizer's rows (``llm``'s) plus
+    one, the ``<im_patch>`` row the original appended."""
+    if len(shape) != 2:
+        raise ReferenceLayoutError(
+            f"{path}: key {EMBEDDING_KEY!r}: shape {list(shape)}, expected (rows, hidden)"
+        )
+    base = AutoTokenizer.from_pretrained(llm)
+    if IMAGE_TOKEN in base.get_vocab():
+        raise ValueError(f"llm={llm}: its tokenizer already has {IMAGE_TOKEN}; pass the base LLM")
+    if shape[0] != len(base) + 1:
+        raise ReferenceLayoutError(
+            f"{path}: key {EMBEDDING_KEY!r} has {shape[0]} rows, but the tokenizer of llm={llm} has "
+            f"{len(base)} entries and {IMAGE_TOKEN} appended makes {len(base) + 1}; pass the base LLM "
+            "the release was trained on"
+        )
+
+
+def _read_into(module: nn.Module, path: Path, keys: Mapping[str, Tensor], prefix: str) -> None:
+    """Read ``keys`` (checked already) from the safetensors ``path`` into ``module``, as float32."""
+    with safe_open(str(path), framework="pt") as file:
+        state = to_float32({key: file.get_tensor(key) for key in keys})
+    with _naming(path):
+        load_reference_state_dict(module, state, prefix)
+    module.eval()
+
+
+def _flare_handoff(
+    folder: Path,
+    encoder_config: ExportConfig,
+    projector_node: Mapping[str, Any],
+    input_size: Sequence[int],
+    llm: str,
+    reference_placement: bool,
+) -> tuple[ArtifactRecord, dict[str, dict[str, Tensor]], dict[str, Any]]:
+    """The projector hand-off of the release's ``pretrained/`` files: its record, its tensors, and what
+    import.json records of it. Strict: every key and shape of both files is checked from their headers
+    before any tensor is read; of the embedding only the ``<im_patch>`` row is read."""
+    vision_path, projector_path = folder / FLARE_VISION_FILE, folder / FLARE_PROJECTOR_FILE
+    vision_header, projector_header = safetensors_shapes(vision_path), safetensors_shapes(projector_path)
+    with _naming(vision_path):
+        vision, _, vision_unused = split_state(vision_header, {"vision": "encoder."}, (), "vision_encoder")
+    with _naming(projector_path):
+        projector_keys, embedding, projector_unused = split_state(
+            projector_header, {"projector": VLM_PROJECTOR_PREFIX}, (EMBEDDING_KEY,), "mm_projector"
+        )
+    shape = tuple(embedding[EMBEDDING_KEY].shape)
+    _check_image_token_row(projector_path, shape, llm)
+    rows, hidden = shape
+    vision_tower = instantiate(dict(encoder_config))
+    projector, built = build_projector(projector_node, vision_tower, input_size, hidden)
+    parts = (
+        (vision_tower, vision_path, vision["vision"], ""),
+        (projector, projector_path, projector_keys["projector"], VLM_PROJECTOR_PREFIX),
+    )
+    for module, path, keys, prefix in parts:
+        with _naming(path):
+            convert_state_dict(keys, module, rules_for(module), prefix)
+    for part in parts:
+        _read_into(*part)
+    with safe_open(str(projector_path), framework="pt") as file:
+        row = file.get_slice(EMBEDDING_KEY)[rows - 1 : rows].reshape(hidden).float()
+    record = ArtifactRecord(
+        "projector_handoff",
+        FLARE_EXPERIMENT,
+        input_size,
+        flare_preprocessing(),
+        {"vision_tower": dict(encoder_config), "projector": built},
+        prompt_format="flare",
+        image_token=IMAGE_TOKEN,
+        num_image_tokens=int(projector.num_tokens),
+        reference_placement=reference_placement,
+        llm=llm,
+        stage="pretrain",
+        extra={"imported_from": str(folder)},
+    )
+    tensors = {
+        VISION_TOWER_FILE: vision_tower.state_dict(),
+        PROJECTOR_FILE: projector.state_dict(),
+        IMAGE_TOKEN_FILE: {"embedding": row},
+    }
+    facts = {
+        "source": str(folder),
+        "llm": llm,
+        "image_token_row": rows - 1,
+        "reference_placement": reference_placement,
+        "keys": {FLARE_VISION_FILE: len(vision["vision"]), FLARE_PROJECTOR_FILE: len(projector_header)},
+        # Of the embedding only the <im_patch> row is kept: the other rows are the base LLM's, which the
+        # original's finetune takes from the base LLM too.
+        "unused_keys": [*vision_unused, *projector_unused],
+    }
+    return record, tensors, facts
+
+
+def import_flare(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    encoder_config: ExportConfig,
+    projector_config: ExportConfig,
+    llm: str = FLARE_BASE_LLM,
+    reference_placement: bool = True,
+) -> Path:
+    """Convert the FLARE 2025 release folder into ``out/model`` (model folder), ``out/pretrained``
+    (projector hand-off) and ``out/import.json``, written whole or not at all; strict, float32.
+
+    Both record FLARE's prompt format and two-source preprocessing (what the release was trained on)
+    and the volume size of its config (:func:`flare_input_size`). The model folder keeps the
+    original's image placement (its weights were trained with it; ``load_pretrained`` can override
+    it); ``reference_placement`` is the placement a finetune from the hand-off continues with.
+    ``llm``: the base LLM the hand-off is rebuilt on (its tokenizer locates the ``<im_patch>`` row).
+    """
+    source = Path(source)
+    config = _vlm_config(source)
+    input_size = flare_input_size(config, source)
+    projector_node = original_projector_config(projector_config, config, source)
+    # The small pretrained/ files first: a wrong one fails before the 7B model is read.
+    handoff, handoff_tensors, handoff_facts = _flare_handoff(
+        source / FLARE_PRETRAINED_DIR, encoder_config, projector_node, input_size, llm, reference_placement
+    )
+    model, proj_built, model_facts = _merged_vlm(
+        source, config, encoder_config, projector_node, input_size, True, IMAGE_TOKEN
+    )
+    folder = ArtifactRecord(
+        "model_folder",
+        FLARE_EXPERIMENT,
+        input_size,
+        flare_preprocessing(),
+        {"vision_tower": dict(encoder_config), "projector": proj_built},
+        prompt_format="flare",
+        extra={"imported_from": str(source)},
+    )
+    record = {
+        "kind": "flare",
+        "source": str(source),
+        "original_config": config,
+        "created": time.time(),
+        MODEL_DIR: model_facts,
+        FLARE_PRETRAINED_DIR: handoff_facts,
+    }
+    with atomic_folder(out, IMPORT_FILE) as staging:
+        save_pretrained(model, staging / MODEL_DIR, folder)
+        write_handoff(staging / FLARE_PRETRAINED_DIR, handoff, handoff_tensors)
+        _write_json(staging / IMPORT_FILE, record)
+    return Path(out)

@@ -21,37 +21,35 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from med3dvlm.data.collate import PadCollate
-from med3dvlm.data.datasets import (
-    CaptionDataset,
-    ClosedVQADataset,
-    M3DDataset,
-    OnError,
-    OpenVQADataset,
-    RetrievalDataset,
-    SkipLog,
-    VolumeReader,
-    YesNoVQADataset,
-    vqa_csv,
-)
-from med3dvlm.data.prepared import dataset_preprocessing
+from med3dvlm.data.datasets import M3DDataset, OnError, RetrievalDataset, SkipLog, VolumeReader
+from med3dvlm.data.prepared import dataset_preprocessing, read_manifest
 from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.data.prompts import IGNORE_INDEX, PromptBuilder
+from med3dvlm.data.releases import RELEASES
+from med3dvlm.data.releases.base import Release
+from med3dvlm.data.releases.m3d.samples import vqa_csv
 from med3dvlm.data.transforms import Augmentation
 
 log = logging.getLogger(__name__)
 
-VLM_TASKS = {
-    "caption": CaptionDataset,
-    "closed_vqa": ClosedVQADataset,
-    "open_vqa": OpenVQADataset,
-    "yes_no_vqa": YesNoVQADataset,
-}
-MIXTURES: dict[str, tuple[str, ...]] = {
-    "retrieval": ("retrieval",),
-    "pretrain": ("caption", "closed_vqa", "open_vqa"),
-    "finetune": ("caption", "closed_vqa", "open_vqa", "yes_no_vqa"),
-    **{task: (task,) for task in VLM_TASKS},
-}
+STAGE_MIXTURES: tuple[str, ...] = ("retrieval", "pretrain", "finetune")
+
+
+def release_of(data_dir: str | os.PathLike) -> Release:
+    """The release a prepared folder holds (its manifest's ``dataset``; M3D for a folder without one)."""
+    manifest = read_manifest(data_dir) or {}
+    return RELEASES[str(manifest.get("dataset") or "m3d")]
+
+
+def mixture_tasks(release: Release, mixture: str) -> tuple[str, ...]:
+    """The tasks of ``mixture`` on ``release``'s data: a stage's mixture, or one task alone."""
+    if mixture in release.mixtures:
+        return release.mixtures[mixture]
+    if mixture in release.tasks or mixture == "retrieval":
+        return (mixture,)
+    raise ValueError(
+        f"mixture {mixture!r}: {release.name} data has {sorted({*release.mixtures, *release.tasks})}"
+    )
 
 
 def load_tokenizer(
@@ -96,8 +94,8 @@ class M3DDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if mixture not in MIXTURES:
-            raise ValueError(f"unknown mixture {mixture!r}; choose one of {sorted(MIXTURES)}")
+        if mixture not in (*STAGE_MIXTURES, *(t for r in RELEASES.values() for t in r.tasks)):
+            raise ValueError(f"unknown mixture {mixture!r}")
         if spatial_size is not None and len(spatial_size) != 3:
             raise ValueError(f"spatial_size must be (D, H, W), got {spatial_size}")
         self.data_dir = data_dir
@@ -126,7 +124,7 @@ class M3DDataModule(L.LightningDataModule):
     @property
     def prompt_format(self) -> str:
         """How this data's prompts are written (recorded in the VLM stages' exports)."""
-        return "m3d"
+        return release_of(self.data_dir).prompt_format
 
     @property
     def retrieval(self) -> bool:
@@ -147,7 +145,8 @@ class M3DDataModule(L.LightningDataModule):
         volumes = VolumeReader(self.spatial_size, self.augmentation if train else None)
         common = {"on_error": self.on_error, "skip_log": self.skip_log, "limit": self.subsets[split]}
         parts: list[M3DDataset] = []
-        for task in MIXTURES[self.mixture]:
+        release = release_of(self.data_dir)
+        for task in mixture_tasks(release, self.mixture):
             if (
                 task == "yes_no_vqa"
                 and split != "train"
@@ -166,9 +165,16 @@ class M3DDataModule(L.LightningDataModule):
                     RetrievalDataset(self.data_dir, split, self.tokenizer, volumes, self.max_length, **common)
                 )
                 continue
-            prompts = PromptBuilder(self.tokenizer, self.image_token, self.num_image_tokens, self.max_length)
-            extra = {"random_question": train} if task == "caption" else {}
-            parts.append(VLM_TASKS[task](self.data_dir, split, prompts, volumes, **common, **extra))
+            prompts = PromptBuilder(
+                self.tokenizer,
+                self.image_token,
+                self.num_image_tokens,
+                self.max_length,
+                release.prompt_format,
+            )
+            cls = release.tasks[task]
+            extra = {"random_question": train} if cls.varies_question else {}
+            parts.append(cls(self.data_dir, split, prompts, volumes, **common, **extra))
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,8 +1,9 @@
-"""Datasets over the prepared M3D layout that ``python -m med3dvlm.prepare`` writes.
+"""Datasets over a folder ``python -m med3dvlm.prepare`` wrote: the machinery every dataset's samples
+share, the captions (report generation) and the image-report pairs (retrieval) every release has.
+Each release adds its own samples (M3D's VQA CSVs: ``releases.m3d.samples``; FLARE's question chains).
 
-VLM datasets (caption, closed / open / yes-no VQA) return the image, ``input_ids`` and ``labels``
-from the prompt builder plus the raw strings evaluation needs; the retrieval dataset returns the
-image and the tokenised report. Bad data raises :class:`DataError` naming the file; with
+VLM datasets return the image, ``input_ids`` and ``labels`` from the prompt builder plus the raw
+strings evaluation needs; the retrieval dataset returns the image and the tokenised report. Bad data raises :class:`DataError` naming the file; with
 ``on_error="skip"`` a failing sample is counted, logged, listed in a file and replaced by the next
 valid sample (index order, wrapping), never by a random one.
 """
@@ -28,13 +29,9 @@ from med3dvlm.data.errors import DataError
 from med3dvlm.data.prepared import SPLITS, caption_file
 from med3dvlm.data.prompts import (
     CAPTION_SEPARATOR,
-    VQA_SEPARATOR,
     PromptBuilder,
     caption_question,
-    closed_answer,
-    closed_question,
 )
-from med3dvlm.data.releases.m3d.layout import IMAGE_COLUMN, VQA_DIR, vqa_csv_name
 from med3dvlm.data.transforms import Augmentation, to_image_tensor
 from med3dvlm.data.volume_io import read_volume_raw, to_float, validate_volume
 
@@ -43,14 +40,7 @@ log = logging.getLogger(__name__)
 OnError = Literal["fail", "skip"]
 
 
-def vqa_csv(data_dir: str | os.PathLike, split: str, yes_no: bool = False, name: str | None = None) -> Path:
-    """Path of a prepared VQA CSV: the split's (``M3D-VQA/M3D_VQA[_yn]_{train,val,test}.csv``) or,
-    with ``name``, any CSV of the release (``M3D_VQA_test5k.csv``)."""
-    _check_split(split)
-    return Path(data_dir) / VQA_DIR / (name or vqa_csv_name(split, yes_no))
-
-
-def _check_split(split: str) -> None:
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
@@ -96,7 +86,7 @@ def read_caption_split(
     data_dir: str | os.PathLike, split: str, limit: int | None = None
 ) -> list[tuple[str, str]]:
     """``(image, text)`` relative paths of a split of ``M3D_Cap.json``."""
-    _check_split(split)
+    check_split(split)
     path = caption_file(data_dir)
     if not path.is_file():
         raise DataError(path, "file not found")
@@ -168,7 +158,7 @@ class M3DDataset(Dataset):
         on_error: OnError = "fail",
         skip_log: SkipLog | None = None,
     ) -> None:
-        _check_split(split)
+        check_split(split)
         if on_error not in ("fail", "skip"):
             raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
         self.data_dir = Path(data_dir)
@@ -230,7 +220,10 @@ class M3DDataset(Dataset):
 
 class VLMDataset(M3DDataset):
     """Image + prompt + answer samples for the VLM stages; ``prompt_only`` leaves the answer out of
-    ``input_ids`` (generation) and drops ``labels``."""
+    ``input_ids`` (generation) and drops ``labels``. A subclass with ``varies_question`` takes
+    ``random_question`` (its question is drawn per sample in training)."""
+
+    varies_question = False
 
     def __init__(
         self,
@@ -257,9 +250,13 @@ class VLMDataset(M3DDataset):
         """Where the text of sample ``index`` comes from (named in errors)."""
         raise NotImplementedError
 
+    def prompt(self, question: str, separator: str) -> str:
+        """The whole prompt of a sample whose :meth:`text` is ``question`` (M3D's layout)."""
+        return self.prompts.prompt(question, separator)
+
     def load(self, index: int) -> dict[str, Any]:
         question, separator, answer, choice, qtype = self.text(index)
-        prompt = self.prompts.prompt(question, separator)
+        prompt = self.prompt(question, separator)
         try:
             tokens = self.prompts.tokenize(prompt, None if self.prompt_only else answer)
         except ValueError as exc:
@@ -285,6 +282,7 @@ class CaptionDataset(VLMDataset):
     ``random_question``, else the first) and the report as the answer."""
 
     task = "caption"
+    varies_question = True
 
     def __init__(
         self,
@@ -317,77 +315,6 @@ class CaptionDataset(VLMDataset):
         report = read_report(self.resolve(self.texts[index]))
         question = caption_question(self.rng() if self.random_question else None)
         return question, CAPTION_SEPARATOR, report, "", ""
-
-
-class _VQADataset(VLMDataset):
-    """A VQA CSV of the prepared folder: the split's, or ``csv`` (a file name in ``M3D-VQA/``)."""
-
-    columns: tuple[str, ...] = (IMAGE_COLUMN, "Question", "Answer", "Question Type")
-    yes_no = False
-
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        split: str,
-        prompts: PromptBuilder,
-        volumes: VolumeReader,
-        on_error: OnError = "fail",
-        skip_log: SkipLog | None = None,
-        prompt_only: bool = False,
-        limit: int | None = None,
-        csv: str | None = None,
-    ) -> None:
-        super().__init__(data_dir, split, prompts, volumes, on_error, skip_log, prompt_only)
-        self.csv = vqa_csv(data_dir, split, self.yes_no, csv)
-        self.rows = read_csv_columns(self.csv, self.columns, limit)
-
-    def __len__(self) -> int:
-        return len(self.rows[IMAGE_COLUMN])
-
-    def image_path(self, index: int) -> str:
-        return self.rows[IMAGE_COLUMN][index]
-
-    def source(self, index: int) -> str:
-        return f"{self.csv} (data row {index + 1})"
-
-    def text(self, index: int) -> tuple[str, str, str, str, str]:
-        row = {c: self.rows[c][index] for c in self.columns}
-        return row["Question"], VQA_SEPARATOR, row["Answer"], "", row["Question Type"]
-
-
-class OpenVQADataset(_VQADataset):
-    """M3D-VQA open-ended: the question, the answer text."""
-
-    task = "open_vqa"
-
-
-class YesNoVQADataset(_VQADataset):
-    """M3D-VQA yes/no CSVs: the question, ``Yes``/``No``."""
-
-    task = "yes_no_vqa"
-    yes_no = True
-
-    def text(self, index: int) -> tuple[str, str, str, str, str]:
-        question, separator, answer, choice, qtype = super().text(index)
-        if answer not in ("Yes", "No"):
-            raise DataError(self.source(index), f"yes/no answer must be 'Yes' or 'No', got {answer!r}")
-        return question, separator, answer, choice, qtype
-
-
-class ClosedVQADataset(_VQADataset):
-    """M3D-VQA multiple choice: ``question Choices: A. .. D. ..``, answer ``"<letter>. <text>"``."""
-
-    task = "closed_vqa"
-    columns = _VQADataset.columns + ("Choice A", "Choice B", "Choice C", "Choice D", "Answer Choice")
-
-    def text(self, index: int) -> tuple[str, str, str, str, str]:
-        row = {c: self.rows[c][index] for c in self.columns}
-        letter = row["Answer Choice"].strip()
-        if letter not in ("A", "B", "C", "D"):
-            raise DataError(self.source(index), f"Answer Choice must be A-D, got {letter!r}")
-        choices = [row[f"Choice {c}"] for c in "ABCD"]
-        question = closed_question(row["Question"], choices)
-        return question, VQA_SEPARATOR, closed_answer(letter, row["Answer"]), letter, row["Question Type"]
 
 
 class RetrievalDataset(M3DDataset):

@@ -153,7 +153,7 @@ def _read(
     if job.kind == "series":
         stacked = stack_series(job.source, max_voxels)
         return stacked.volume, stacked.dropped, {}
-    scan = load_scan(job.source, max_voxels, spec.orientation, spec.first_frame)
+    scan = load_scan(job.source, max_voxels, None if job.stored_order else spec.orientation, spec.first_frame)
     array = scan.array
     if job.rescale is not None:
         slope, intercept = job.rescale
@@ -417,18 +417,22 @@ def _split_lists(
     volumes: Mapping[str, Any],
     strict_split: bool,
 ) -> tuple[dict[str, list[dict[str, str]]], dict[str, Any] | None]:
-    """The prepared caption split file (``M3D_Cap.json`` for M3D): every list of the split file in its order (subsets such as
-    ``test1k`` included) with the prepared paths, then the volumes it does not list, by split. With
-    ``strict_split``, what moved (and the subset entries of moved volumes leave their subsets)."""
+    """The prepared caption split file (``M3D_Cap.json`` for M3D): every list the release names, in
+    its order (subsets such as ``test1k`` included), then the volumes it does not list, by split; a
+    volume without a report text is in none. With ``strict_split``, what moved (and the subset entries
+    of moved volumes leave their subsets)."""
 
     def entry(output: str) -> dict[str, str]:
         return {"image": output, "text": plan.text_of[output]}
 
+    def captioned(outputs: list[str]) -> list[dict[str, str]]:
+        return [entry(o) for o in outputs if o in volumes and o in plan.text_of]
+
     lists: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
-    lists.update({name: [entry(o) for o in outputs if o in volumes] for name, outputs in plan.listed.items()})
+    lists.update({name: captioned(outputs) for name, outputs in plan.listed.items()})
     in_splits = {o for name in SPLITS for o in plan.listed.get(name, [])}
     for output in volumes:
-        if output not in in_splits:
+        if output not in in_splits and output in plan.text_of:
             lists[plan.split_of[output]].append(entry(output))
     if not strict_split:
         return lists, None
@@ -586,7 +590,7 @@ def _manifest(
         "spatial_size": list(settings.spatial_size),
         "source": str(source.resolve()),
         "settings": settings.fingerprint(),
-        "preprocessing": settings.preprocessing.to_dict(),
+        "preprocessing": settings.preprocessing.with_orientations(plan.orientations).to_dict(),
         "caption_file": chosen.caption_file,
         "split_source": plan.split_source,
         "volumes": volumes,
@@ -603,7 +607,7 @@ def _manifest(
 
 
 def _settings(request: PrepareOptions, chosen: Release) -> Settings:
-    """The checked settings every volume is prepared with."""
+    """The checked settings every volume is prepared with: the release's recipe and the prepare settings."""
     if request.format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {request.format!r}")
     if request.npy_dtype not in ("uint8", "float16"):

@@ -272,6 +272,15 @@ class Preprocessing:
             )
         return replace(spec, window=chosen, scale="window" if chosen else "minmax")
 
+    def with_orientations(self, orientations: Mapping[str, str]) -> Preprocessing:
+        """The recipes with the voxel order each source's files store, for sources read in it
+        (orientation ``None``): the order a new scan is reoriented to."""
+        sources = {
+            name: replace(spec, orientation=orientations.get(name)) if spec.orientation is None else spec
+            for name, spec in self.sources.items()
+        }
+        return replace(self, sources=sources)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,

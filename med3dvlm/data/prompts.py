@@ -115,11 +115,6 @@ def build_prompt(
     return image_token * num_image_tokens + separator + question
 
 
-def generation_prompt(image_token: str, num_image_tokens: int, question: str) -> str:
-    """The prompt for answering a free question about an image (the VQA format)."""
-    return build_prompt(image_token, num_image_tokens, question, VQA_SEPARATOR)
-
-
 def ask_prompt(
     tokenizer: PreTrainedTokenizerBase,
     image_token: str,
@@ -130,13 +125,8 @@ def ask_prompt(
     """The prompt a user's question is asked with (``infer``, the web page) in ``prompt_format``: the
     VQA prompt, or with ``question=None`` the report prompt (M3D: the first caption question, as
     captions were trained)."""
-    if check_prompt_format(prompt_format) == "flare":
-        if question is None:
-            return flare_report_prompt(tokenizer, image_token, num_image_tokens)
-        return flare_vqa_prompt(tokenizer, image_token, num_image_tokens, question)
-    if question is None:
-        return build_prompt(image_token, num_image_tokens, caption_question(), CAPTION_SEPARATOR)
-    return generation_prompt(image_token, num_image_tokens, question)
+    prompts = PromptBuilder(tokenizer, image_token, num_image_tokens, prompt_format=prompt_format)
+    return prompts.report() if question is None else prompts.vqa(question)
 
 
 @dataclass(frozen=True)
@@ -200,7 +190,21 @@ class PromptBuilder:
     prompt_format: str | None = "m3d"
 
     def prompt(self, question: str, separator: str = VQA_SEPARATOR) -> str:
+        """The M3D layout: the image block, ``separator``, the question."""
         return build_prompt(self.image_token, self.num_image_tokens, question, separator)
+
+    def report(self, rng: np.random.Generator | None = None) -> str:
+        """The prompt a report is asked with in this format (M3D: a caption question, random with
+        ``rng``, else the first)."""
+        if check_prompt_format(self.prompt_format) == "flare":
+            return flare_report_prompt(self.tokenizer, self.image_token, self.num_image_tokens)
+        return self.prompt(caption_question(rng), CAPTION_SEPARATOR)
+
+    def vqa(self, question: str) -> str:
+        """The prompt a question is asked with in this format."""
+        if check_prompt_format(self.prompt_format) == "flare":
+            return flare_vqa_prompt(self.tokenizer, self.image_token, self.num_image_tokens, question)
+        return self.prompt(question, VQA_SEPARATOR)
 
     def tokenize(self, prompt: str, answer: str | None) -> TokenizedExample:
         return tokenize_example(

@@ -18,20 +18,18 @@ from tqdm import tqdm
 from med3dvlm.data.collate import PadCollate
 from med3dvlm.data.datasets import (
     CaptionDataset,
-    ClosedVQADataset,
-    OpenVQADataset,
     RetrievalDataset,
     VolumeReader,
     read_caption_split,
     read_csv_columns,
     read_report,
-    vqa_csv,
 )
 from med3dvlm.data.leakage import Item, case_id, format_leakage, split_leakage
 from med3dvlm.data.prepared import dataset_preprocessing
 from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.data.releases.m3d.layout import IMAGE_COLUMN
+from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, vqa_csv
 from med3dvlm.evaluation.outputs import (
     bar_chart,
     flatten,

@@ -6,11 +6,12 @@ scatter), so left and right padding both work. The ``<im_patch>`` embedding is h
 one-row parameter so that a stage can train that row alone without optimiser state for the whole
 embedding matrix; ``sync_image_token_row`` writes it back into the LLM before saving.
 
-``reference_placement=True`` reproduces the released Med3DVLM model's placement (see
+``reference_placement=True`` reproduces the released Med3DVLM models' placement (see
 ``tests/data/reference/checkpoint_layouts.md`` (iv)): the original assumes a BOS token at position 0,
-which Qwen2.5 does not have, so the raw ``<im_patch>`` embedding stays at the first image
-position, the features fill the N positions after it and the first text token after the image
-block is overwritten. Use it only to score weights trained that way.
+which Qwen2.5 does not have, and writes the features over positions 1..N of the sequence. With M3D's
+prompts (image block first) the raw ``<im_patch>`` embedding stays at the first image position and
+the first text token after the block is overwritten; with FLARE's VQA prompts the features overwrite
+the system turn. Use it only to score or continue weights trained that way.
 """
 
 from __future__ import annotations
@@ -114,8 +115,12 @@ class VisionLanguageModel(nn.Module):
             )
         return features
 
-    def image_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Boolean mask of the positions the image features go to, checked per sample."""
+    def image_positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Boolean mask of the positions the image features go to, checked per sample: the image
+        tokens, or with ``reference_placement`` the ``num_image_tokens`` positions after each
+        sample's first real token (``attention_mask`` tells where left padding ends)."""
         is_image = input_ids == self.image_token_id
         counts = is_image.sum(dim=1)
         bad = (counts != self.num_image_tokens).nonzero().flatten().tolist()
@@ -126,22 +131,31 @@ class VisionLanguageModel(nn.Module):
             )
         if not self.reference_placement:
             return is_image
-        # Reference placement: the image block must be contiguous; features go one position later.
-        first = is_image.int().argmax(dim=1)
-        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
-        block = (idx >= first[:, None]) & (idx < first[:, None] + self.num_image_tokens)
-        if not torch.equal(block, is_image):
-            raise ValueError(f"reference placement needs one contiguous block of {self.image_token} tokens")
+        # The original writes the features over positions 1..N of its (unpadded) sequence, assuming a
+        # BOS at position 0, wherever the image tokens are: M3D's block starts the prompt, so the
+        # features sit one later than its tokens; FLARE's VQA prompt carries the block inside the
+        # user turn, so the features overwrite the system turn. Its released weights need exactly this.
+        first = (
+            attention_mask.long().argmax(dim=1) if attention_mask is not None else torch.zeros_like(counts)
+        )
         if int((first + self.num_image_tokens).max()) >= input_ids.shape[1]:
-            raise ValueError("reference placement needs at least one token after the image block")
-        return torch.roll(is_image, shifts=1, dims=1)
+            raise ValueError(
+                "reference placement needs at least one token after the first image-feature block"
+            )
+        idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (idx > first[:, None]) & (idx <= first[:, None] + self.num_image_tokens)
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        image_features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Input embeddings with ``image_features (B,N,hidden)`` spliced in at the image positions."""
         is_image_token = (input_ids == self.image_token_id).unsqueeze(-1)
         embeds = self.llm.get_input_embeddings()(input_ids)
         embeds = torch.where(is_image_token, self.image_token_embedding.to(embeds.dtype), embeds)
-        targets = self.image_positions(input_ids).unsqueeze(-1)
+        targets = self.image_positions(input_ids, attention_mask).unsqueeze(-1)
         return embeds.masked_scatter(targets, image_features.to(embeds.dtype))
 
     @staticmethod
@@ -163,7 +177,7 @@ class VisionLanguageModel(nn.Module):
             if images is None:
                 raise ValueError("forward needs images or encoder_outputs")
             encoder_outputs = self.encode_images(images)
-        embeds = self.embed(input_ids, self.project(encoder_outputs))
+        embeds = self.embed(input_ids, self.project(encoder_outputs), attention_mask)
         return self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -192,7 +206,7 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("generate needs left-padded prompts (a sample ends with padding)")
         if image_features is None:
             image_features = self.project(self.encode_images(images))
-        embeds = self.embed(input_ids, image_features)
+        embeds = self.embed(input_ids, image_features, attention_mask)
         gen_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         gen_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kwargs)

@@ -12,8 +12,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
 from med3dvlm.data.collate import PadCollate
-from med3dvlm.data.datasets import ClosedVQADataset, VolumeReader
+from med3dvlm.data.datasets import VolumeReader
 from med3dvlm.data.prompts import PromptBuilder
+from med3dvlm.data.releases.m3d.samples import ClosedVQADataset
 from med3dvlm.metrics.vqa import OVERALL, closed_vqa_metrics
 from med3dvlm.models.generation import GenerationSettings, model_generate_fn
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from med3dvlm.data.releases import m3d, own
+from med3dvlm.data.releases import flare, m3d, own
 from med3dvlm.data.releases.base import Release
 
-RELEASES: dict[str, Release] = {release.name: release for release in (m3d.RELEASE, own.RELEASE)}
+RELEASES: dict[str, Release] = {
+    release.name: release for release in (m3d.RELEASE, own.RELEASE, flare.RELEASE)
+}
 
 
 def release(name: str | None, source: str | Path | None = None) -> Release:

@@ -92,6 +92,7 @@ class VolumeJob:
     source_name: str  # the key of its recipe in Preprocessing.sources
     rescale: tuple[float, float] | None = None  # (slope, intercept) to apply to the stored values
     spacing: tuple[float, float, float] | None = None  # (D, H, W) mm where the header's is not to be trusted
+    stored_order: bool = False  # read in the file's own voxel order, whatever the recipe's orientation
 
 
 @dataclass
@@ -108,6 +109,7 @@ class Plan:
     case_of: Callable[[str], str] = str  # output -> the case (patient) whose volumes share a split
     duplicates: list[list[str]] = field(default_factory=list)  # sources with identical bytes
     hu_unwindowed: int = 0  # raw-HU scans min-maxed for want of a window
+    orientations: dict[str, str] = field(default_factory=dict)  # source -> the voxel order its files store
 
 
 Finish = Callable[
@@ -123,6 +125,8 @@ class Release:
     name: str
     summary: str
     preprocessing: Callable[[PrepareOptions], Preprocessing]
+    """The recipe of each source (a source read in its files' own order has orientation ``None``: the
+    order they store, found while planning, is recorded in the manifest)."""
     plan: Callable[[Path, PrepareOptions, ErrorPolicy], Plan]
     finish: Finish | None = None
     """Outputs written once the volumes exist; returns what the manifest adds (``{key: value}``)."""
@@ -132,3 +136,9 @@ class Release:
     """The ``dataset.*`` settings it reads."""
     corpus: Callable[[Path], list[str]] | None = None
     """Every text of a prepared folder a tokenizer trained on it should know (default: its reports)."""
+    prompt_format: str = "m3d"
+    """How prompts on this data are written (``data.prompts.PROMPT_FORMATS``)."""
+    tasks: Mapping[str, type] = field(default_factory=dict)
+    """The sample datasets of the VLM stages by task name (``data.datasets.VLMDataset`` subclasses)."""
+    mixtures: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Which tasks each stage's mixture (``retrieval``, ``pretrain``, ``finetune``) trains on."""

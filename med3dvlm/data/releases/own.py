@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from med3dvlm.data.datasets import CaptionDataset
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.prepared import OWN_ORIENTATION
 from med3dvlm.data.preprocess import Preprocessing, SourcePreprocessing, window_range
@@ -144,4 +145,6 @@ RELEASE = Release(
     preprocessing=preprocessing,
     plan=plan_own,
     options=("orientation",),
+    tasks={"caption": CaptionDataset},
+    mixtures={"retrieval": ("retrieval",), "pretrain": ("caption",), "finetune": ("caption",)},
 )

@@ -2,9 +2,11 @@
 release lays them out (:mod:`.layout`), planned by :mod:`.plan`; :mod:`.synthetic` writes a
 miniature of the same layout."""
 
+from med3dvlm.data.datasets import CaptionDataset
 from med3dvlm.data.releases.base import Release
 from med3dvlm.data.releases.m3d.layout import corpus_texts
 from med3dvlm.data.releases.m3d.plan import finish, plan_m3d, preprocessing
+from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, YesNoVQADataset
 
 RELEASE = Release(
     name="m3d",
@@ -13,4 +15,15 @@ RELEASE = Release(
     plan=plan_m3d,
     finish=finish,
     corpus=corpus_texts,
+    tasks={
+        "caption": CaptionDataset,
+        "closed_vqa": ClosedVQADataset,
+        "open_vqa": OpenVQADataset,
+        "yes_no_vqa": YesNoVQADataset,
+    },
+    mixtures={
+        "retrieval": ("retrieval",),
+        "pretrain": ("caption", "closed_vqa", "open_vqa"),
+        "finetune": ("caption", "closed_vqa", "open_vqa", "yes_no_vqa"),
+    },
 )

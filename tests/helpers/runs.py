@@ -1,4 +1,4 @@
-"""Callbacks the run tests inject through the CLI (``+callbacks.NAME._target_=helpers_runs.X``)."""
+"""Callbacks the run tests inject through the CLI (``+callbacks.NAME._target_=helpers.runs.X``)."""
 
 from __future__ import annotations
 
