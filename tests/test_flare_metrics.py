@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from med3dvlm.data.releases.flare.layout import serialise_findings
 from med3dvlm.metrics import nltk_setup
 from med3dvlm.metrics.flare_vqa import (
     CSV_COLUMNS,
@@ -36,7 +37,6 @@ from med3dvlm.metrics.region_report import (
     region_pairs,
     region_text_scores,
     score_case,
-    serialise_findings,
     summary_means,
 )
 from med3dvlm.metrics.text import meteor

@@ -1,7 +1,7 @@
 """Region-structured FLARE 2025 reports: parsing, judge pairs and the two GREEN aggregations.
 
 A FLARE report is one ``"{region}: {text}"`` line per anatomical region (the target text the
-original trains on, :func:`serialise_findings`). The original scores a generated report region
+original trains on, ``data.releases.flare.layout.serialise_findings``). The original scores a generated report region
 by region (Med3DVLM's ``generate_green_score.py``):
 
 - both reports are parsed with :func:`parse_regions`;
@@ -106,11 +106,6 @@ def parse_regions(text: str | Mapping[str, str]) -> dict[str, str]:
         if match:
             regions[match.group(1).strip().lower()] = match.group(2).strip()
     return regions
-
-
-def serialise_findings(findings: Mapping[str, str]) -> str:
-    """``"{region}: {text}"`` lines in the mapping's order, joined with ``"\\n"`` (no trailing newline)."""
-    return "\n".join(f"{region}: {text}" for region, text in findings.items())
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ examples, generation-based closed-VQA validation of the VLM stages."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -12,11 +13,14 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
 from med3dvlm.data.collate import PadCollate
+from med3dvlm.data.datamodule import release_of
 from med3dvlm.data.datasets import VolumeReader
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.data.releases.m3d.samples import ClosedVQADataset
 from med3dvlm.metrics.vqa import OVERALL, closed_vqa_metrics
 from med3dvlm.models.generation import GenerationSettings, model_generate_fn
+
+log = logging.getLogger(__name__)
 
 
 def mid_slices(volume: torch.Tensor) -> list[np.ndarray]:
@@ -140,6 +144,7 @@ class ClosedVQAValidation(L.Callback):
         self.size, self.seed, self.examples, self.key = size, seed, examples, key
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self._subset: Subset | None = None
+        self._skipped = False
 
     def subset(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Subset:
         """The seeded subset of the validation closed questions (chosen once)."""
@@ -163,6 +168,11 @@ class ClosedVQAValidation(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.size == 0:
+            return
+        if "closed_vqa" not in release_of(trainer.datamodule.data_dir).tasks:
+            if not self._skipped:
+                log.info("validation by generation: this dataset has no closed questions; not measured")
+                self._skipped = True
             return
         model = pl_module.model
         collate = PadCollate(model.tokenizer.pad_token_id, padding_side="left")

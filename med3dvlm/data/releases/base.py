@@ -142,3 +142,7 @@ class Release:
     """The sample datasets of the VLM stages by task name (``data.datasets.VLMDataset`` subclasses)."""
     mixtures: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Which tasks each stage's mixture (``retrieval``, ``pretrain``, ``finetune``) trains on."""
+    synthetic: Callable[..., Any] | None = None
+    """Writes a miniature release of this layout: ``(out, cases, seed, slices, size, workers, **options)``."""
+    synthetic_options: Sequence[str] = ()
+    """The settings of ``python -m med3dvlm.synthetic`` its miniature takes beyond those."""

@@ -5,7 +5,8 @@ writes a miniature of the same layout."""
 
 from med3dvlm.data.releases.base import Release
 from med3dvlm.data.releases.flare.plan import finish, plan_flare, preprocessing
-from med3dvlm.data.releases.flare.samples import FlareReportDataset, FlareVQADataset
+from med3dvlm.data.releases.flare.samples import FlareReportDataset, FlareVQADataset, corpus_texts
+from med3dvlm.data.releases.flare.synthetic import generate
 
 RELEASE = Release(
     name="flare",
@@ -15,10 +16,12 @@ RELEASE = Release(
     finish=finish,
     caption_file="FLARE.json",
     prompt_format="flare",
+    corpus=corpus_texts,
     tasks={"flare_report": FlareReportDataset, "flare_vqa": FlareVQADataset},
     mixtures={
         "retrieval": ("retrieval",),
         "pretrain": ("flare_report", "flare_vqa"),
         "finetune": ("flare_report", "flare_vqa"),
     },
+    synthetic=generate,
 )

@@ -24,7 +24,7 @@ import numpy as np
 from med3dvlm.data.datasets import OnError, SkipLog, StringColumn, VLMDataset, VolumeReader
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.prepared import read_manifest
-from med3dvlm.data.prompts import PromptBuilder
+from med3dvlm.data.prompts import FLARE_REPORT_SYSTEM, FLARE_REPORT_USER, FLARE_VQA_SYSTEM, PromptBuilder
 from med3dvlm.data.releases.flare.layout import serialise_findings
 from med3dvlm.data.releases.flare.plan import PREFIX
 
@@ -162,3 +162,17 @@ class FlareVQADataset(_FlareDataset):
             return question, "", answer, "", GLOBAL
         question, answer = chain_text(chain(questions, root))
         return question, "", answer, str(root["id"]), CHAIN
+
+
+def corpus_texts(root: os.PathLike | str) -> list[str]:
+    """Every report, question, choice and answer text of a prepared FLARE folder, and the prompts'
+    words (for the demo's tokenizers), deduplicated in a fixed order."""
+    texts: dict[str, None] = dict.fromkeys([FLARE_REPORT_SYSTEM, FLARE_REPORT_USER, FLARE_VQA_SYSTEM])
+    for case in [case for split in ("train", "validation") for case in read_cases(root, split)]:
+        texts[serialise_findings(case.get("findings") or {})] = None
+        for question in case.get("global_vqa", []):
+            texts.update(dict.fromkeys(global_text({"global_vqa": [question]})))
+        questions = case.get("local_vqa", [])
+        for root_question in roots(questions):
+            texts.update(dict.fromkeys(chain_text(chain(questions, root_question))))
+    return [text for text in texts if text]

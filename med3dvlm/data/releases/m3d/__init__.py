@@ -7,6 +7,7 @@ from med3dvlm.data.releases.base import Release
 from med3dvlm.data.releases.m3d.layout import corpus_texts
 from med3dvlm.data.releases.m3d.plan import finish, plan_m3d, preprocessing
 from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, YesNoVQADataset
+from med3dvlm.data.releases.m3d.synthetic import generate
 
 RELEASE = Release(
     name="m3d",
@@ -26,4 +27,6 @@ RELEASE = Release(
         "pretrain": ("caption", "closed_vqa", "open_vqa"),
         "finetune": ("caption", "closed_vqa", "open_vqa", "yes_no_vqa"),
     },
+    synthetic=generate,
+    synthetic_options=("splits", "jpeg_quality", "defect_rate", "lesion_scale", "choice_order"),
 )
