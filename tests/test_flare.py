@@ -6,14 +6,12 @@ local judge)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers.commands import run_command
 from skimage.transform import resize
 
 from med3dvlm.artifacts.record import read_record
@@ -120,27 +118,6 @@ def test_a_record_that_does_not_fit_names_the_file_the_record_and_the_key(releas
         prepare_dataset(release, tmp_path / "out", window="lung", dataset="flare")
 
 
-def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
-
-
 def _pretrain_handoff(work: Path, data: Path) -> None:
     """Stage 2's hand-off in place of stages 1-2 (their runs are tested on M3D): an encoder export of
     DCFormer-nano and an untrained projector on the tiny Qwen flare_demo builds from the data."""
@@ -197,7 +174,7 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
     flare_report (region scores; GREEN with a tiny local judge, resumed without asking it again)."""
     work = tmp_path
     data = work / "data" / "flare_demo" / "prepared"
-    _run(
+    run_command(
         "med3dvlm.prepare",
         "dataset=flare",
         f"source={release}",
@@ -210,7 +187,7 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
         cwd=work,
     )
     _pretrain_handoff(work, data)
-    _run(
+    run_command(
         "med3dvlm.train",
         "stage=finetune",
         "experiment=flare_demo",
@@ -226,7 +203,7 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
     handoff = read_record(work / "outputs" / "finetune" / "export")
     assert handoff.prompt_format == "flare" and set(handoff.preprocessing.sources) == {"abdomen", "chest"}
     model = work / "model"
-    _run(
+    run_command(
         "med3dvlm.export",
         "experiment_name=flare_demo",
         f"out={model}",
@@ -237,7 +214,7 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
 
     evaluation = ["context.batch_size=8", "context.progress=false", f"model={model}", f"data_dir={data}"]
     vqa = work / "outputs" / "vqa"
-    _run(
+    run_command(
         "med3dvlm.evaluate",
         "task=flare_vqa",
         "task.global_tokens=6",
@@ -252,7 +229,7 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
     assert header == "case_id,scope,question_id,question,prediction"
     # the same file scored without a model gives the same numbers
     rescored = work / "outputs" / "rescored"
-    _run(
+    run_command(
         "med3dvlm.evaluate",
         "task=flare_vqa",
         f"task.predictions={vqa / 'predictions.csv'}",
@@ -281,11 +258,11 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
         *evaluation,
         f"hydra.run.dir={report}",
     )
-    _run(*args, cwd=work)
+    run_command(*args, cwd=work)
     metrics = json.loads((report / "metrics_flare_report.json").read_text())
     assert set(metrics["region_text"]["means"]) == {"bleu", "rouge1", "meteor"}
     assert {"summary", "all_cases"} <= set(metrics["green"])
     judged = (report / "green_judgements.csv").read_text()
-    rerun = _run(*args, cwd=work)
+    rerun = run_command(*args, cwd=work)
     assert (report / "green_judgements.csv").read_text() == judged  # nothing asked twice
     assert "GREEN judged 0 region pairs" in rerun.stdout + rerun.stderr

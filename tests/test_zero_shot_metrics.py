@@ -21,11 +21,11 @@ from sklearn.metrics import (
 )
 from sklearn.preprocessing import StandardScaler
 
+from med3dvlm.data.releases.ctrate.layout import CTRATE_LABELS
 from med3dvlm.metrics import ctclip_retrieval
 from med3dvlm.metrics.ctclip_retrieval import own_positions, report_to_volume_recall
 from med3dvlm.metrics.linear_probe import linear_probe
 from med3dvlm.metrics.zero_shot import (
-    CTRATE_LABELS,
     SINGLE_CLASS_THRESHOLD,
     THRESHOLD_GRID,
     bootstrap_intervals,

@@ -50,6 +50,7 @@ from med3dvlm.data.prepared import MANIFEST_FILE, SPLITS
 from med3dvlm.data.preprocess import (
     Preprocessing,
     WindowSpec,
+    air_level,
     looks_like_hu,
     preprocess_volume,
     spatial_size_tuple,
@@ -188,6 +189,7 @@ def prepare_volume(
         "source_fingerprint": fingerprint,
         "raw_shape": list(raw.shape),
         **({"stored_axes": notes["stored_axes"]} if notes.get("stored_axes") else {}),
+        **({"air_level": air_level(raw)} if spec.window is not None and job.kind == "scan" else {}),
     }
     if dropped:
         entry["dropped_slices"] = list(dropped)

@@ -304,6 +304,40 @@ def looks_like_hu(volume: np.ndarray) -> bool:
     return float(np.min(volume)) < -500 and float(np.max(volume)) > 200
 
 
+def air_level(volume: np.ndarray, stride: int = 4) -> float:
+    """The 1st percentile of every ``stride``-th voxel along each axis, leaving out the minimum's voxels.
+
+    A chest CT in HU has air (outside the body, airways, lungs near -900) at about -1000, so this lies
+    within [-1100, -800]; shifted by an intercept applied twice or not at all it moves by 1024. The
+    value a scanner writes outside its field of view (one value, the minimum) is left out.
+    """
+    sample = np.asarray(volume[(slice(None, None, stride),) * volume.ndim])
+    above = sample[sample > sample.min()]
+    return float(np.percentile(above if above.size else sample, 1))
+
+
+def air_share(volume: np.ndarray, stride: int = 4) -> float:
+    """The share of voxels (every ``stride``-th along each axis) within 100 HU of air's -1000.
+
+    A CT in Hounsfield units holds air around the body and in the lungs; a scan with almost none is
+    not HU as stored (shifted by an intercept applied twice or not at all) or not CT.
+    """
+    sample = np.asarray(volume[(slice(None, None, stride),) * volume.ndim])
+    return float(np.count_nonzero((sample >= -1100) & (sample <= -900))) / max(sample.size, 1)
+
+
+CT_AIR_SHARE = 1e-3
+"""The least :func:`air_share` of a CT in Hounsfield units (air around the body, in lungs and bowel)."""
+
+
+def looks_like_ct(volume: np.ndarray) -> bool:
+    """Intensities of a CT in Hounsfield units: air near -1000 HU (at least ``CT_AIR_SHARE`` of the
+    voxels) and tissue or bone above 200 HU. An MRI (arbitrary units, background near 0) or a CT stored
+    without its rescale has no air at -1000, and a CT window makes nonsense of it: under the soft-tissue
+    window an MRI's background becomes 0.4 and the foreground crop keeps everything."""
+    return air_share(volume) >= CT_AIR_SHARE and float(np.max(volume)) > 200
+
+
 def _finite(volume: np.ndarray, source: str | os.PathLike) -> np.ndarray:
     volume = np.asarray(volume, dtype=np.float32)
     if volume.size == 0:
@@ -423,6 +457,7 @@ class PreparedScan:
     hu_unwindowed: bool  # raw CT in HU min-maxed for want of a window
     already_prepared: bool = False  # a volume prepare wrote, used as it is
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # of ``raw``, mm, (D, H, W)
+    unlike_ct: bool = False  # a CT window applied to intensities that do not look like CT
 
 
 def prepare_scan(
@@ -436,7 +471,11 @@ def prepare_scan(
     scan = load_scan(path, max_voxels, spec.orientation, spec.first_frame)
     volume = preprocess_volume(scan.array, spatial_size, spec, path, scan.spacing)
     return PreparedScan(
-        scan.array, volume, spec.window is None and looks_like_hu(scan.array), spacing=scan.spacing
+        scan.array,
+        volume,
+        spec.window is None and looks_like_hu(scan.array),
+        spacing=scan.spacing,
+        unlike_ct=spec.window is not None and not looks_like_ct(scan.array),
     )
 
 
@@ -452,7 +491,8 @@ def model_input(
     A volume ``prepare`` wrote (``.npy``, or a NIfTI with its header mark) is read as it is and must
     have the model's size; any other scan (``data.scans``: NIfTI, NRRD, MetaImage, a DICOM folder; up
     to ``max_voxels``) goes through exactly ``prepare``'s steps (:func:`prepare_scan`). A raw-HU scan
-    without a window is min-maxed, with a warning naming the setting.
+    without a window is min-maxed, and a scan that does not look like CT gets a CT window, each with a
+    warning naming the setting.
     """
     if is_prepared(path):
         volume = read_volume(path, shape=tuple(input_size))
@@ -464,5 +504,15 @@ def model_input(
             "window: it was min-max normalised, which squeezes soft tissue into a sliver of [0, 1]; pass "
             "the window the training data was prepared with (e.g. intensity.window=soft_tissue)",
             path,
+        )
+    if scan.unlike_ct:
+        log.warning(
+            "%s does not look like CT in Hounsfield units (%.2g%% of its voxels near air's -1000, maximum "
+            "%g): the CT window [%g, %g] HU maps it to intensities unlike the model's training data; for "
+            "an MRI or another non-CT scan pass intensity.window=none (min-max)",
+            path,
+            100 * air_share(scan.raw),
+            float(np.max(scan.raw)),
+            *spec.window,
         )
     return scan

@@ -39,6 +39,7 @@ from med3dvlm.evaluation.outputs import (
     write_scored_csv,
 )
 from med3dvlm.evaluation.runner import generate_predictions
+from med3dvlm.metrics.ctclip_retrieval import report_to_volume_recall
 from med3dvlm.metrics.retrieval import (
     DIRECTIONS,
     RECALL_AT,
@@ -376,11 +377,16 @@ class RetrievalTask:
     title = "Image-text retrieval"
 
     def __init__(
-        self, split: str = "test", sizes: Sequence[int] = SUBSET_SIZES, recall_at: Sequence[int] = RECALL_AT
+        self,
+        split: str = "test",
+        sizes: Sequence[int] = SUBSET_SIZES,
+        recall_at: Sequence[int] = RECALL_AT,
+        ctclip_recall_at: Sequence[int] = (),
     ) -> None:
         self.split = split
         self.sizes = tuple(int(n) for n in sizes)
         self.recall_at = tuple(int(k) for k in recall_at)
+        self.ctclip_recall_at = tuple(int(k) for k in ctclip_recall_at)
 
     def run(self, ctx: EvalContext) -> EvalResult:
         from med3dvlm.artifacts.encoder_export import load_siglip_export
@@ -399,7 +405,7 @@ class RetrievalTask:
             towers.tokenizer,
             VolumeReader(towers.record.input_size),
             max_length,
-            limit=max(self.sizes),
+            limit=None if self.ctclip_recall_at else max(self.sizes),
         )
         image_emb, text_emb = self.embed(
             towers.image_tower.to(ctx.device),
@@ -466,13 +472,18 @@ class RetrievalTask:
             dict(zip(columns, (image_paths[i], text_paths[i], int(ranks["i2t"][i]), int(ranks["t2i"][i]))))
             for i in range(held[-1])
         ]
+        ctclip = (
+            report_to_volume_recall(text_emb, image_emb, self.ctclip_recall_at)
+            if self.ctclip_recall_at
+            else {}
+        )
         metrics = {
             "task": self.name,
             "model": ctx.model,
             "split": self.split,
             "num_pairs": int(image_emb.shape[0]),
             "subsets": held,
-            "metrics": flat,
+            "metrics": {**flat, **{f"ctclip_report_to_volume/R@{k}": v for k, v in ctclip.items()}},
         }
         table = (
             f"## {self.title}\n\n"
@@ -480,6 +491,12 @@ class RetrievalTask:
             + f"\n\nRecall in %, first N of {metrics['num_pairs']} {self.split} pairs; i2t: image query, text "
             "candidates; t2i: the reverse. Ties count against the query."
         )
+        if ctclip:
+            table += (
+                "\n\n"
+                + metric_table({f"R@{k}": {"report -> volume": v} for k, v in ctclip.items()})
+                + f"\n\nCT-CLIP's report-to-volume recall in %, all {metrics['num_pairs']} pairs."
+            )
         files = {
             "predictions": write_scored_csv(out / f"predictions_{self.name}.csv", rows, columns),
             "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
@@ -488,7 +505,11 @@ class RetrievalTask:
         }
         atomic_write_text(files["table"], table + "\n")
         log_wandb_table(
-            ctx.loggers, f"eval/{self.name}/ranks", rows, columns, flatten(flat, f"eval/{self.name}/")
+            ctx.loggers,
+            f"eval/{self.name}/ranks",
+            rows,
+            columns,
+            flatten(metrics["metrics"], f"eval/{self.name}/"),
         )
         return EvalResult(metrics, table, files)
 

@@ -28,28 +28,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-# The 18 binary columns of CT-RATE's multi_abnormality_labels CSVs, in column order (CT-CLIP's
-# zero_shot.py list; bootstrap_values.py names index 1 'Calcification', a column name only).
-CTRATE_LABELS: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
 # CT-CLIP's grid: 0, 1/99, ..., 1 (both ends included).
 THRESHOLD_GRID: np.ndarray = np.linspace(0, 1, 100)
 # The threshold for a label with one class only, where no ROC point exists (see corner_threshold).
@@ -195,7 +173,7 @@ def _label_matrix(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray, np.n
 def zero_shot_metrics(
     labels: ArrayLike,
     probs: ArrayLike,
-    names: Sequence[str] = CTRATE_LABELS,
+    names: Sequence[str],
     thresholds: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Per-label :func:`label_metrics` and their means, for ``(N, L)`` labels and P(present).
@@ -221,7 +199,7 @@ def zero_shot_metrics(
 
 
 def zero_shot_scores(
-    labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, names: Sequence[str] = CTRATE_LABELS
+    labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, names: Sequence[str]
 ) -> dict[str, float]:
     """:func:`zero_shot_metrics` at fixed thresholds, flat: ``"<name>/<score>"`` and ``"mean/<score>"``.
 

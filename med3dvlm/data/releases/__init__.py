@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from med3dvlm.data.releases import flare, m3d, own
+from med3dvlm.data.releases import ctrate, flare, m3d, own
 from med3dvlm.data.releases.base import Release
 
 RELEASES: dict[str, Release] = {
-    release.name: release for release in (m3d.RELEASE, own.RELEASE, flare.RELEASE)
+    release.name: release for release in (m3d.RELEASE, own.RELEASE, flare.RELEASE, ctrate.RELEASE)
 }
 
 

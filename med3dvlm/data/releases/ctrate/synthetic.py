@@ -65,49 +65,22 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from med3dvlm.metrics.zero_shot import CTRATE_LABELS
+from med3dvlm.data.releases.ctrate.layout import (
+    CSV_SPLIT,
+    CTRATE_LABELS,
+    DATASET_DIR,
+    LABEL_COLUMNS,
+    METADATA_COLUMNS,
+    NOT_GIVEN,
+    RADGENOME_COLUMNS,
+    RADGENOME_DIR,
+    REPORT_COLUMNS,
+    SPLITS,
+    VERSIONS,
+    VOLUME_DIRS,
+)
 from med3dvlm.utils.atomic import atomic_path, atomic_write_text
 
-VERSIONS: tuple[str, ...] = ("v1", "v2")
-SPLITS: tuple[str, ...] = ("train", "valid")
-# Volume folders per version and split; the fixed (v2) upload adds "_fixed".
-VOLUME_DIRS: dict[str, dict[str, str]] = {
-    "v1": {"train": "train", "valid": "valid"},
-    "v2": {"train": "train_fixed", "valid": "valid_fixed"},
-}
-# Reports, metadata and RadGenome spell the validation split out; the label files do not.
-CSV_SPLIT: dict[str, str] = {"train": "train", "valid": "validation"}
-DATASET_DIR = "dataset"
-RADGENOME_DIR = "radgenome"
-REPORT_COLUMNS: tuple[str, ...] = (
-    "VolumeName",
-    "ClinicalInformation_EN",
-    "Technique_EN",
-    "Findings_EN",
-    "Impressions_EN",
-)
-METADATA_COLUMNS: tuple[str, ...] = (
-    "VolumeName", "Manufacturer", "SeriesDescription", "ManufacturerModelName", "PatientSex",
-    "PatientAge", "ReconstructionDiameter", "DistanceSourceToDetector", "DistanceSourceToPatient",
-    "GantryDetectorTilt", "TableHeight", "RotationDirection", "ExposureTime", "XRayTubeCurrent",
-    "Exposure", "FilterType", "GeneratorPower", "FocalSpots", "ConvolutionKernel", "PatientPosition",
-    "RevolutionTime", "SingleCollimationWidth", "TotalCollimationWidth", "TableSpeed",
-    "TableFeedPerRotation", "SpiralPitchFactor", "DataCollectionCenterPatient",
-    "ReconstructionTargetCenterPatient", "ExposureModulationType", "CTDIvol", "ImagePositionPatient",
-    "ImageOrientationPatient", "SliceLocation", "SamplesPerPixel", "PhotometricInterpretation", "Rows",
-    "Columns", "XYSpacing", "RescaleIntercept", "RescaleSlope", "RescaleType", "NumberofSlices",
-    "ZSpacing", "StudyDate",
-)  # fmt: skip
-LABEL_COLUMNS: tuple[str, ...] = ("VolumeName", *CTRATE_LABELS)
-RADGENOME_COLUMNS: dict[str, tuple[str, ...]] = {
-    "region_report": ("Volumename", "Anatomy", "Sentence"),
-    "vqa_abnormality": ("Volumename", "Anatomy", "Abnormality"),
-    "vqa_location": ("Volumename", "Anatomy", "Abnormality"),
-    "vqa_presence": ("Volumename", "Anatomy", "Finding", "Presence"),
-    "vqa_size": ("Volumename", "Anatomy", "Abnormality", "Size"),
-    "case_disorders": ("Volumename", "Disorders"),
-}
-NOT_GIVEN = "Not given."
 RESCALE_INTERCEPT, RESCALE_SLOPE = -1024, 1
 CALIBRATION_HU = 40
 LEARNABLE: tuple[str, ...] = (

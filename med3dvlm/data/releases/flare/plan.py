@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +29,13 @@ from med3dvlm.data.releases.flare.layout import (
     source_of,
 )
 from med3dvlm.data.releases.flare.recipe import flare_preprocessing
-from med3dvlm.data.scans import axis_codes
+from med3dvlm.data.scans import stored_orientation
 from med3dvlm.data.volume_io import volume_suffix
 from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 PREFIX = "FLARE"
-HEADERS_SAMPLED = 64
 """Files whose header is read per source, to learn the voxel order the source stores."""
 
 
@@ -66,19 +64,6 @@ def _stem(case_id: str) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
-
-
-def _stored_orientation(paths: list[Path]) -> str | None:
-    """The voxel order most of ``paths`` store (read from their headers), or ``None``."""
-    import nibabel as nib
-
-    found: Counter[str] = Counter()
-    for path in paths[:HEADERS_SAMPLED]:
-        try:
-            found[axis_codes(nib.load(str(path)).affine)] += 1
-        except Exception as exc:  # noqa: BLE001 (nibabel raises many types; preparing it reports the file)
-            log.debug("%s: header unreadable (%s); its voxel order is not counted", path, exc)
-    return found.most_common(1)[0][0] if found else None
 
 
 def plan_flare(root: Path, options: PrepareOptions, policy: ErrorPolicy) -> FlarePlan:
@@ -140,7 +125,7 @@ def plan_flare(root: Path, options: PrepareOptions, policy: ErrorPolicy) -> Flar
                 }
             )
     plan.listed = lists
-    plan.orientations = {s: o for s, paths in sources.items() if (o := _stored_orientation(paths))}
+    plan.orientations = {s: o for s, paths in sources.items() if (o := stored_orientation(paths))}
     return plan
 
 
