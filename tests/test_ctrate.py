@@ -207,6 +207,24 @@ def test_our_resampled_windowed_volume_is_ctclips_up_to_the_crop(release):
     np.testing.assert_allclose(ours, (theirs.transpose(2, 1, 0) + 1) / 2, atol=5e-6)
 
 
+def test_stage_3_mixes_reports_with_radgenome_when_the_folder_has_it(release, tmp_path):
+    from helpers.data import make_tokenizer
+
+    from med3dvlm.data.datamodule import M3DDataModule
+
+    def tasks(out: Path) -> dict[str, int]:
+        datamodule = M3DDataModule(out, "finetune", make_tokenizer(), num_image_tokens=4, spatial_size=None)
+        dataset = datamodule.build("train", train=True)
+        parts = getattr(dataset, "datasets", [dataset])
+        return {part.task: len(part) for part in parts}
+
+    _prepare(release.out, tmp_path / "plain")
+    assert set(tasks(tmp_path / "plain")) == {"caption"}
+    _prepare(release.out, tmp_path / "radgenome", radgenome=str(release.out / "radgenome"))
+    mixed = tasks(tmp_path / "radgenome")
+    assert set(mixed) == {"caption", "radgenome_vqa", "radgenome_region"} and min(mixed.values()) > 0
+
+
 def test_radgenome_scores_per_row_and_per_kind():
     from med3dvlm.evaluation.ctrate import RadGenomeVQATask
     from med3dvlm.evaluation.tasks import EvalContext

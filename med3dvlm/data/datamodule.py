@@ -22,12 +22,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from med3dvlm.data.collate import PadCollate
 from med3dvlm.data.datasets import M3DDataset, OnError, RetrievalDataset, SkipLog, VolumeReader
+from med3dvlm.data.errors import DataError
 from med3dvlm.data.prepared import dataset_preprocessing, read_manifest
 from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.data.prompts import IGNORE_INDEX, PromptBuilder
 from med3dvlm.data.releases import RELEASES
 from med3dvlm.data.releases.base import Release
-from med3dvlm.data.releases.m3d.samples import vqa_csv
 from med3dvlm.data.transforms import Augmentation
 
 log = logging.getLogger(__name__)
@@ -147,17 +147,10 @@ class M3DDataModule(L.LightningDataModule):
         parts: list[M3DDataset] = []
         release = release_of(self.data_dir)
         for task in mixture_tasks(release, self.mixture):
-            if (
-                task == "yes_no_vqa"
-                and split != "train"
-                and not vqa_csv(self.data_dir, split, yes_no=True).is_file()
-            ):
-                # M3D-VQA releases yes/no questions for training only (M3D_VQA_yn_train.csv).
+            absent = release.tasks[task].absence(self.data_dir, split) if task in release.tasks else None
+            if absent:
                 log.info(
-                    "no %s: the %s mixture of split %r has no yes/no questions",
-                    vqa_csv(self.data_dir, split, yes_no=True).name,
-                    self.mixture,
-                    split,
+                    "the %s mixture of split %r has no %s samples: %s", self.mixture, split, task, absent
                 )
                 continue
             if task == "retrieval":
@@ -175,6 +168,8 @@ class M3DDataModule(L.LightningDataModule):
             cls = release.tasks[task]
             extra = {"random_question": train} if cls.varies_question else {}
             parts.append(cls(self.data_dir, split, prompts, volumes, **common, **extra))
+        if not parts:
+            raise DataError(self.data_dir, f"the {self.mixture} mixture has no samples in split {split!r}")
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def setup(self, stage: str | None = None) -> None:

@@ -225,6 +225,12 @@ class VLMDataset(M3DDataset):
 
     varies_question = False
 
+    @classmethod
+    def absence(cls, data_dir: str | os.PathLike, split: str) -> str | None:
+        """Why a prepared folder has no samples of this task in ``split`` by design (a mixture then
+        leaves the task out), or ``None``."""
+        return None
+
     def __init__(
         self,
         data_dir: str | os.PathLike,

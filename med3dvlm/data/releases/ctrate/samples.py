@@ -75,6 +75,12 @@ def vqa_text(kind: str, row: dict[str, str]) -> tuple[str, str]:
 class _RadGenomeDataset(VLMDataset):
     """``(image, question, answer, kind)`` items of a prepared folder's split, prompts as M3D's VQA."""
 
+    @classmethod
+    def absence(cls, data_dir: str | os.PathLike, split: str) -> str | None:
+        if not (Path(data_dir) / RADGENOME).is_dir():
+            return "prepared without RadGenome-ChestCT (prepare dataset=ctrate radgenome=<radgenome_files folder>)"
+        return None
+
     def __init__(
         self,
         data_dir: str | os.PathLike,

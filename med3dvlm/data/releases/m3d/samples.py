@@ -73,6 +73,13 @@ class YesNoVQADataset(_VQADataset):
     task = "yes_no_vqa"
     yes_no = True
 
+    @classmethod
+    def absence(cls, data_dir: str | os.PathLike, split: str) -> str | None:
+        path = vqa_csv(data_dir, split, yes_no=True)
+        if split != "train" and not path.is_file():
+            return f"no {path.name}: M3D-VQA releases yes/no questions for training only"
+        return None
+
     def text(self, index: int) -> tuple[str, str, str, str, str]:
         question, separator, answer, choice, qtype = super().text(index)
         if answer not in ("Yes", "No"):
