@@ -1,5 +1,6 @@
 """The benchmark's measuring tools: interleaved pairs and their ratio, the table's original columns
-only when the original ran here, the peak-memory probe, and loading the original's files."""
+only when the original ran here, the peak-memory probe, loading the original's files, and the import
+section on a tiny release."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config
 
 from med3dvlm import benchmarks
+from med3dvlm.artifacts.model_folder import load_pretrained
+from med3dvlm.artifacts.released import read_checkpoint
 from med3dvlm.benchmarks import BenchRow, bench_table, paired_seconds
 from med3dvlm.benchmarks.original import load_original
 from med3dvlm.benchmarks.peak_memory import step_peak_mib
+from med3dvlm.benchmarks.release_import import ReleaseShape, measure_import
 
 
 def test_pairs_are_interleaved_and_the_ratio_is_the_median_of_pairs(monkeypatch):
@@ -94,3 +100,31 @@ def test_a_missing_dependency_of_the_original_is_named(tmp_path):
     checkout = _checkout(tmp_path, "import not_installed_anywhere\n")
     with pytest.raises(ModuleNotFoundError, match="pip install not_installed_anywhere"):
         load_original(checkout)
+
+
+def test_the_import_section_measures_a_tiny_release(tmp_path):
+    llm = Qwen2Config(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    shape = ReleaseShape(llm, "dcformer_nano", (64, 128, 128), (24, 16), (8, 16), shard_size="100KB")
+    rows = {row.name.split(": ")[-1]: row for row in measure_import(shape, tmp_path)}
+    assert rows["peak resident memory"].unit == "GiB" and 0.1 < rows["peak resident memory"].value < 8
+    assert rows["wall time"].value > 0 and rows["release read"].value > 0
+    assert "2 decoder layers" in rows["peak resident memory"].note
+    # The release is sharded as Hugging Face shards, and its import holds its values as float32.
+    assert (tmp_path / "release" / "model.safetensors.index.json").is_file()
+    release = read_checkpoint(tmp_path / "release")
+    model = load_pretrained(tmp_path / "imported").model
+    assert torch.equal(model.llm.lm_head.weight, release["lm_head.weight"].float())
+    assert torch.equal(
+        model.projector.high[1].channel_norm.bias, release["model.mm_projector.high_mixer.1.ln2.bias"].float()
+    )
+    assert load_file(str(tmp_path / "imported" / "llm" / "model.safetensors"))["model.norm.weight"].dtype == (
+        torch.float32
+    )

@@ -79,6 +79,7 @@ def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "model" / "record.json").is_file()
+    assert "Not evaluated" in (tmp_path / "model" / "README.md").read_text()  # its model card
     missing = run_module(
         [
             "med3dvlm.export",

@@ -1,6 +1,8 @@
 """Importing the released checkpoints: tiny checkpoints in the original layout (DCFormer nano and
 the small Mixer from the reference vectors, a tiny DistilBERT and Qwen2) go through the importer and
-reproduce the reference outputs; bad keys fail naming the key."""
+reproduce the reference outputs; bad keys fail naming the key. The merged VLM is streamed: its folder is
+byte for byte the one an import holding the whole model in memory writes, and a bad key, shape or dtype
+is named from the headers before any tensor is read."""
 
 from __future__ import annotations
 
@@ -8,23 +10,29 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import DistilBertConfig, DistilBertModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel, Qwen2Config, Qwen2ForCausalLM
 
+from med3dvlm.artifacts import model_folder, released
 from med3dvlm.artifacts.encoder_export import load_encoder_export
-from med3dvlm.artifacts.model_folder import load_pretrained
-from med3dvlm.artifacts.released import import_siglip, import_vlm, read_checkpoint
-from med3dvlm.models.reference_layout import ReferenceLayoutError
+from med3dvlm.artifacts.model_folder import load_pretrained, save_pretrained
+from med3dvlm.artifacts.released import import_siglip, import_vlm, qwen2_config, read_checkpoint, to_float32
+from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.models.projectors import MixerProjector
+from med3dvlm.models.reference_layout import ReferenceLayoutError, to_reference_state_dict
 from med3dvlm.models.tiny_qwen import train_tokenizer
 from med3dvlm.models.towers import TextTower
-from med3dvlm.models.vlm import IMAGE_TOKEN
+from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
+from med3dvlm.utils.fingerprint import folder_files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NANO = {"_target_": "med3dvlm.models.dcformer.DCFormer", "variant": "nano", "stem": "reference"}
@@ -214,8 +222,11 @@ def qwen_config(vocab: int) -> Qwen2Config:
     )
 
 
-def write_vlm(folder: Path, refs: dict, drop: str | None = None) -> tuple[Path, dict]:
-    """The merged VLM at tiny sizes, sharded safetensors with an index, tokenizer with <im_patch>."""
+def write_vlm(
+    folder: Path, refs: dict, drop: str | None = None, change: dict[str, torch.Tensor] | None = None
+) -> tuple[Path, dict]:
+    """The merged VLM at tiny sizes, sharded safetensors with an index, tokenizer with <im_patch>;
+    ``drop`` leaves a key out, ``change`` replaces keys (new ones go to the LLM's shard)."""
     folder.mkdir(parents=True)
     tokenizer = train_tokenizer(["describe the findings of this scan", "no abnormality"], 280)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -229,6 +240,11 @@ def write_vlm(folder: Path, refs: dict, drop: str | None = None) -> tuple[Path, 
         },
         "model-00002-of-00002.safetensors": {k: v.bfloat16() for k, v in llm.state_dict().items()},
     }
+    for key, value in (change or {}).items():
+        shard = next(
+            (shard for shard in shards.values() if key in shard), shards["model-00002-of-00002.safetensors"]
+        )
+        shard[key] = value
     weight_map = {}
     for name, shard in shards.items():
         shard.pop(drop, None)
@@ -308,6 +324,119 @@ def test_vlm_missing_key_is_named(tmp_path, refs, drop, named):
     source, _ = write_vlm(tmp_path / "release", refs, drop=drop)
     with pytest.raises(ReferenceLayoutError, match=re.escape(named)):
         import_vlm(source, tmp_path / "out", NANO, MIXER)
+
+
+def in_memory_import(source: Path, streamed: Path, out: Path) -> Path:
+    """The import as it was before streaming: the release's LLM held whole in memory as float32 and
+    written by its own ``save_pretrained``, beside the streamed import's vision tower, projector, record
+    and import.json."""
+    state = to_float32(read_checkpoint(source))
+    llm = Qwen2ForCausalLM(qwen2_config(json.loads((source / "config.json").read_text())))
+    vision_or_projector = ("model.vision_tower.", "model.mm_projector.")
+    llm.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith(vision_or_projector)}, strict=True
+    )
+    imported = load_pretrained(streamed)
+    model = VisionLanguageModel(
+        imported.model.vision_tower,
+        imported.model.projector,
+        llm.eval(),
+        AutoTokenizer.from_pretrained(source),
+        reference_placement=True,
+    )
+    return save_pretrained(
+        model,
+        out,
+        replace(imported.record, files={}),
+        write_files=lambda staging: shutil.copy(streamed / "import.json", staging),
+    )
+
+
+def test_streamed_import_is_the_in_memory_import_byte_for_byte(tmp_path, refs, monkeypatch):
+    for module in (model_folder, released):
+        monkeypatch.setattr(module, "LLM_SHARD_SIZE", "100KB")  # several llm/ shards and their index
+    source, _ = write_vlm(tmp_path / "release", refs)
+    streamed = import_vlm(source, tmp_path / "streamed", NANO, MIXER)
+    expected = in_memory_import(source, streamed, tmp_path / "in_memory")
+    files = folder_files(streamed)
+    assert files == folder_files(expected)
+    assert "llm/model.safetensors.index.json" in files and sum(f.startswith("llm/model-") for f in files) > 2
+    for name in files:  # weights, configs, tokenizer, record.json (every file's SHA-256) and import.json
+        assert (streamed / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+LLM_SHARD = "model-00002-of-00002.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        (
+            "model.layers.0.mlp.up_proj.weight",
+            torch.zeros(128, 257),
+            f"{LLM_SHARD}: key {{}}: shape [128, 257]",
+        ),
+        (
+            "model.norm.weight",
+            torch.zeros(256, dtype=torch.int64),
+            f"{LLM_SHARD}: key {{}}: dtype torch.int64",
+        ),
+        ("model.layers.1.mlp.up_proj.weight", torch.zeros(128, 256), f"{LLM_SHARD}: key {{}} does not exist"),
+        ("lm_head.weight", None, "model.safetensors.index.json: the checkpoint has no key {}"),
+        (
+            "model.mm_projector.high_mixer.1.ln2.bias",
+            torch.zeros(3),
+            "model.safetensors.index.json: key {}: shape [3]",
+        ),
+        (
+            "model.vision_tower.vision_tower.encoder.s4.0.scale",
+            torch.zeros(3),
+            "index.json: key {}: shape [3]",
+        ),
+    ],
+)
+def test_a_bad_release_is_named_before_any_tensor_is_read(tmp_path, refs, monkeypatch, key, value, named):
+    if value is None:
+        source, _ = write_vlm(tmp_path / "release", refs, drop=key)
+    else:
+        source, _ = write_vlm(tmp_path / "release", refs, change={key: value})
+
+    def unread(*args):
+        raise AssertionError("a tensor was read before every key, shape and dtype was checked")
+
+    monkeypatch.setattr(released, "read_tensor", unread)
+    monkeypatch.setattr(released, "read_pieces", unread)
+    with pytest.raises(ReferenceLayoutError, match=re.escape(named.format(repr(key)))):
+        import_vlm(source, tmp_path / "out", NANO, MIXER)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_failure_while_copying_leaves_no_folder(tmp_path, refs, monkeypatch):
+    source, _ = write_vlm(tmp_path / "release", refs)
+
+    def failing(path, entry):
+        raise OSError(f"{path}: input/output error")
+
+    monkeypatch.setattr(released, "read_pieces", failing)
+    with pytest.raises(OSError, match="input/output error"):
+        import_vlm(source, tmp_path / "out", NANO, MIXER)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_original_layout_round_trip(refs):
+    """Our modules' state dicts under the original's names are the reference checkpoints' keys."""
+    nano = DCFormer(variant="nano", stem="reference")
+    assert to_reference_state_dict(nano).keys() == refs["nano"]["state_dict"].keys()
+    config = refs["mixer"]["config"]
+    mixer = MixerProjector(
+        encoder_channels=[config["low_input_size"][1], config["high_input_size"][1]],
+        encoder_tokens=[config["low_input_size"][0], config["high_input_size"][0]],
+        llm_dim=config["output_dim"],
+        low_tokens=config["low_output_size"],
+        high_tokens=config["high_output_size"],
+    )
+    original = to_reference_state_dict(mixer, "model.mm_projector.")
+    assert original.keys() == {f"model.mm_projector.{k}" for k in refs["mixer"]["state_dict"]}
 
 
 def test_read_checkpoint_bin_and_unlisted_shard_key(tmp_path):

@@ -45,6 +45,7 @@ SIGLIP_EXPORT = ArtifactKind(
     "siglip export",
     "encoder_export",
     "python -m med3dvlm.train stage=siglip",
+    "python -m med3dvlm.train stage=pretrain",
     "stage.module.encoder_export",
     {"stage": "siglip", "which": "final"},
 )
@@ -53,6 +54,7 @@ SIGLIP_BEST_EXPORT = ArtifactKind(
     "best siglip export",
     "encoder_export",
     "python -m med3dvlm.train stage=siglip",
+    "python -m med3dvlm.train stage=pretrain",
     "stage.module.encoder_export",
     {"stage": "siglip", "which": "best"},
 )

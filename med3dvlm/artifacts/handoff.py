@@ -37,10 +37,15 @@ PROJECTOR_HANDOFF = ArtifactKind(
     "projector hand-off",
     "projector_handoff",
     "python -m med3dvlm.train stage=pretrain",
+    "python -m med3dvlm.train stage=finetune",
     "stage.module.pretrain_export",
 )
 ADAPTER_HANDOFF = ArtifactKind(
-    "adapter hand-off", "adapter_handoff", "python -m med3dvlm.train stage=finetune", "source"
+    "adapter hand-off",
+    "adapter_handoff",
+    "python -m med3dvlm.train stage=finetune",
+    "python -m med3dvlm.export",
+    "source",
 )
 IMAGE_TOKEN_FILE = "image_token.safetensors"
 VISION_TOWER_FILE = "vision_tower.safetensors"
@@ -92,7 +97,8 @@ def _vision_tower(
         if not found:
             raise FileNotFoundError(
                 f"{folder}: a hand-off of an older version, which holds no encoder; the encoder "
-                f"export it names ({named}) is not there: pass its place (encoder_export=), "
+                f"export it names ({named}) is not there (a path relative to where stage 2 ran): run "
+                "from that folder, give load_pretrain_handoff its place (encoder_export argument), "
                 "or run stage 2 again"
             )
         weights = found[0]
@@ -104,7 +110,7 @@ def _llm(record: ArtifactRecord, llm: LanguageModel | None, dtype: str) -> Langu
     if llm is not None:
         return llm
     if not record.llm:
-        raise ValueError("the hand-off records no base LLM; pass llm=")
+        raise ValueError("the hand-off records no base LLM; give the loader one (its llm argument)")
     return LanguageModel(record.llm, dtype=dtype)
 
 

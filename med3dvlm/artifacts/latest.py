@@ -33,8 +33,10 @@ class ArtifactKind:
     """The record's ``kind``."""
     produced_by: str
     """The command that writes it."""
+    read_by: str
+    """The command that reads it (where :attr:`setting` goes)."""
     setting: str
-    """The setting that names one explicitly."""
+    """The setting of :attr:`read_by` that names one explicitly."""
     identity: Mapping[str, Any] = field(default_factory=dict)
     """Further record fields every folder of this kind has, with these values."""
 
@@ -77,7 +79,7 @@ def resolve(
     if found is None:
         raise FileNotFoundError(
             f"no completed {kind.name} of experiment {experiment!r} under {root or work_root() / 'outputs'}; "
-            f"run `{kind.produced_by}` first or pass {kind.setting}=PATH"
+            f"run `{kind.produced_by}` first or pass `{kind.setting}=PATH`"
         )
     log.info("using the latest %s of experiment %r: %s", kind.name, experiment, found)
     return found

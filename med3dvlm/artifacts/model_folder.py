@@ -5,7 +5,9 @@ Layout: ``llm/`` (the LLM with the trained ``<im_patch>`` row merged in, and its
 Face folder), ``vision_tower.safetensors``, ``projector.safetensors``, and the record (``record.json``,
 written last: the component configs that rebuild them, the input size, the image token, the
 preprocessing and prompt format of the training data, its parents, and the SHA-256 of every other
-file). The folder is built beside its place and renamed into it.
+file). The folder is built beside its place and renamed into it. ``export`` adds its model card
+(``README.md``, :mod:`med3dvlm.artifacts.model_card`), which no loader reads. A folder pushed to the
+Hugging Face Hub and fetched into the local cache loads by its Hub id (:mod:`med3dvlm.artifacts.hub`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from med3dvlm.artifacts.handoff import load_finetune_handoff
+from med3dvlm.artifacts.hub import cached_model_folder
 from med3dvlm.artifacts.record import (
     ArtifactRecord,
     RecordError,
@@ -37,6 +42,8 @@ from med3dvlm.models.vlm import VisionLanguageModel
 log = logging.getLogger(__name__)
 
 LLM_DIR = "llm"
+LLM_SHARD_SIZE = "5GB"
+"""Largest file of ``llm/``'s weights (Hugging Face's own default, 50GB, puts a 7B float32 LLM in one file)."""
 
 
 @dataclass
@@ -57,19 +64,46 @@ def save_pretrained(
     ``model_folder``; its image-token fields are taken from the model). ``write_files(staging folder)``
     adds files (the importer's record of its source), which the fingerprint then covers."""
     model.sync_image_token_row()
+    return write_model_folder(
+        path,
+        record,
+        lambda folder: model.llm.save_pretrained(folder, max_shard_size=LLM_SHARD_SIZE),
+        model.tokenizer,
+        model.vision_tower,
+        model.projector,
+        model.image_token,
+        model.reference_placement,
+        write_files,
+    )
+
+
+def write_model_folder(
+    path: str | os.PathLike,
+    record: ArtifactRecord,
+    write_llm: Callable[[Path], None],
+    tokenizer: PreTrainedTokenizerBase,
+    vision_tower: nn.Module,
+    projector: nn.Module,
+    image_token: str,
+    reference_placement: bool,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the model folder ``path`` from its parts: ``write_llm(folder)`` writes the LLM's config and
+    weights into ``llm/`` (the model's ``save_pretrained``, or an importer streaming a release into it),
+    the tokenizer goes beside them; ``record`` as in :func:`save_pretrained`."""
     record = replace(
         record,
         kind="model_folder",
-        image_token=model.image_token,
-        num_image_tokens=model.num_image_tokens,
-        reference_placement=model.reference_placement,
+        image_token=image_token,
+        num_image_tokens=int(projector.num_tokens),
+        reference_placement=reference_placement,
     )
 
     def files(staging: Path) -> None:
-        model.llm.save_pretrained(staging / LLM_DIR)
-        model.tokenizer.save_pretrained(staging / LLM_DIR)
-        save_tensors(staging / "vision_tower.safetensors", model.vision_tower.state_dict())
-        save_tensors(staging / "projector.safetensors", model.projector.state_dict())
+        write_llm(staging / LLM_DIR)
+        tokenizer.save_pretrained(staging / LLM_DIR)
+        save_tensors(staging / "vision_tower.safetensors", vision_tower.state_dict())
+        save_tensors(staging / "projector.safetensors", projector.state_dict())
         if write_files is not None:
             write_files(staging)
 
@@ -91,7 +125,7 @@ def load_pretrained(
     verify_files: bool = True,
 ) -> Pretrained:
     """Rebuild a VLM written by ``save_pretrained`` / ``python -m med3dvlm.export`` (eval mode), with its
-    record.
+    record. ``path``: the folder, or the Hub id (``org/name``) of one in the local Hugging Face cache.
 
     Strict: the vision tower and projector are our own components (``med3dvlm.models.components``),
     every weight file fits its module exactly, and the LLM folder is complete and consistent with its
@@ -99,7 +133,7 @@ def load_pretrained(
     ``verify_files`` checks each file's SHA-256 against the record first (off: skip hashing a very
     large folder; everything else is still checked).
     """
-    path = Path(path)
+    path = cached_model_folder(path)
     record = read_record(path, "model_folder", verify_files=verify_files)
     source = record_file(path)
     vision_tower = build_component(record.components["vision_tower"], source, "vision_tower")

@@ -2,7 +2,8 @@
 
 ``import_siglip`` reads ``MagicXin/DCFormer_SigLIP`` (the stage-1 ``DEC_CLIP`` model) and writes
 
-    <out>/encoder/           the encoder export stage 2 consumes (``stage.encoder_export=<out>/encoder``)
+    <out>/encoder/           the encoder export stage 2 consumes
+                             (``stage.module.encoder_export=<out>/encoder``)
     <out>/text_encoder/      the text encoder + tokenizer as a Hugging Face folder
                              (``text_encoder.model_name_or_path=<out>/text_encoder``)
     <out>/siglip_heads.safetensors   the rest, under the SigLIP stage's attribute names:
@@ -12,7 +13,11 @@
 
 ``import_vlm`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B`` (the merged ``VLMQwenForCausalLM``) and writes a
 model folder (:mod:`med3dvlm.artifacts.model_folder`, so ``evaluate`` and ``infer`` take it), with
-the original's image-token placement on (``reference_placement``, stored in its record).
+the original's image-token placement on (``reference_placement``, stored in its record). The merged
+release is streamed: its safetensors headers are checked first (every key, shape and dtype), then its
+LLM is copied tensor by tensor, a bounded piece at a time, into the folder's sharded ``llm/``, so a 7B
+import needs about 1 GiB of memory (``python -m med3dvlm.bench --only import``); the files are those an
+import that held the whole model in memory would write, byte for byte.
 
 ``import_flare`` reads ``MagicXin/Med3DVLM-Qwen-2.5-7B-FLARE2025`` (the same merged layout, plus the
 stage-2 weights its finetune started from in ``pretrained/``) and writes
@@ -40,15 +45,15 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from hydra.utils import instantiate
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
@@ -58,6 +63,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from med3dvlm.artifacts.encoder_export import (
     HEADS_FILE,
@@ -66,7 +72,8 @@ from med3dvlm.artifacts.encoder_export import (
     write_encoder_export,
 )
 from med3dvlm.artifacts.handoff import IMAGE_TOKEN_FILE, PROJECTOR_FILE, VISION_TOWER_FILE, write_handoff
-from med3dvlm.artifacts.model_folder import save_pretrained
+from med3dvlm.artifacts.llm_stream import saved_tensors, write_llm_streamed
+from med3dvlm.artifacts.model_folder import LLM_SHARD_SIZE, write_model_folder
 from med3dvlm.artifacts.record import ArtifactRecord
 from med3dvlm.artifacts.tensors import save_tensors
 from med3dvlm.data.prepared import m3d_preprocessing
@@ -78,8 +85,9 @@ from med3dvlm.models.reference_layout import (
     load_reference_state_dict,
     rules_for,
 )
-from med3dvlm.models.vlm import IMAGE_TOKEN, VisionLanguageModel
+from med3dvlm.models.vlm import IMAGE_TOKEN
 from med3dvlm.utils.atomic import atomic_folder, atomic_write_text
+from med3dvlm.utils.safetensors_stream import TensorEntry, read_header, read_pieces, read_tensor
 
 SIGLIP_VISION_PREFIX = "vision_encoder."
 SIGLIP_TEXT_PREFIX = "language_encoder."
@@ -141,41 +149,91 @@ VLM_ONLY_FIELDS = (
 
 SiglipScale = Literal["exp", "linear"]
 ExportConfig = Mapping[str, Any]
+V = TypeVar("V")
 
 
 # --- reading ------------------------------------------------------------------------------------
 
 
-def read_checkpoint(folder: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a checkpoint folder: ``model.safetensors`` (single or sharded with
-    ``model.safetensors.index.json``) or ``pytorch_model.bin`` (single or sharded), in that order."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A safetensors checkpoint folder known from its headers alone: where each key's tensor lies."""
+
+    listing: Path
+    """The file that lists the keys: the shard index, or the single ``model.safetensors``."""
+    entries: Mapping[str, tuple[Path, TensorEntry]]
+
+    def shapes(self) -> dict[str, Tensor]:
+        """Every key as a meta tensor of its dtype and shape (what the key and shape checks take)."""
+        return {
+            key: torch.empty(entry.shape, dtype=entry.dtype, device="meta")
+            for key, (_, entry) in self.entries.items()
+        }
+
+    def file(self, key: str) -> Path:
+        return self.entries[key][0]
+
+    def read(self, key: str) -> Tensor:
+        return read_tensor(*self.entries[key])
+
+    def pieces(self, key: str) -> Iterator[Tensor]:
+        """``key``'s tensor as flat pieces of bounded size (:func:`read_pieces`)."""
+        return read_pieces(*self.entries[key])
+
+
+def open_checkpoint(folder: str | os.PathLike) -> Checkpoint | None:
+    """The safetensors checkpoint of ``folder`` (``model.safetensors``, or shards listed in
+    ``model.safetensors.index.json``) from its headers; ``None`` when the folder has neither."""
     folder = Path(folder)
-    for index_name, single, reader in (
-        ("model.safetensors.index.json", "model.safetensors", lambda p: load_file(str(p))),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin", lambda p: torch.load(p, weights_only=True)),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            return _read_sharded(index, reader)
-        if (folder / single).is_file():
-            return dict(reader(folder / single))
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return Checkpoint(
+            index, _sharded(index, lambda path: {k: (path, e) for k, e in read_header(path).items()})
+        )
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return Checkpoint(single, {key: (single, entry) for key, entry in read_header(single).items()})
+    return None
+
+
+def read_checkpoint(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a checkpoint folder: safetensors (:func:`open_checkpoint`) or ``pytorch_model.bin``
+    (single or sharded with ``pytorch_model.bin.index.json``, ``weights_only``), in that order."""
+    folder = Path(folder)
+    checkpoint = open_checkpoint(folder)
+    if checkpoint is not None:
+        return {key: checkpoint.read(key) for key in checkpoint.entries}
+
+    def load(path: Path) -> dict[str, Tensor]:
+        return torch.load(path, weights_only=True)
+
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return _sharded(folder / "pytorch_model.bin.index.json", load)
+    if (folder / "pytorch_model.bin").is_file():
+        return dict(load(folder / "pytorch_model.bin"))
     raise FileNotFoundError(
         f"{folder}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json); "
         "download the released folder with `huggingface-cli download <repo> --local-dir <folder>`"
     )
 
 
-def _read_sharded(index: Path, reader) -> dict[str, Tensor]:
+def _sharded(index: Path, read_shard: Callable[[Path], Mapping[str, V]]) -> dict[str, V]:
+    """``read_shard(file)`` of every shard the index lists, merged; each shard's keys must be the ones the
+    index lists for it."""
     try:
-        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError) as error:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{index}: not a shard index with a weight_map ({error})") from error
-    state: dict[str, Tensor] = {}
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: weight_map is not a map of key -> shard file")
+    state: dict[str, V] = {}
     for shard in dict.fromkeys(weight_map.values()):
+        if Path(shard).name != shard:
+            raise ValueError(f"{index}: shard {shard!r} is not a file name beside the index")
         path = index.parent / shard
         if not path.is_file():
             raise FileNotFoundError(f"{index}: shard {shard} is listed but missing")
-        for key, value in reader(path).items():
+        for key, value in read_shard(path).items():
             if weight_map.get(key) != shard:
                 raise ReferenceLayoutError(
                     f"{path}: key {key!r} is not listed for this shard in {index.name}"
@@ -422,17 +480,31 @@ def qwen2_config(config: Mapping[str, Any]) -> Qwen2Config:
     return Qwen2Config(**{k: v for k, v in config.items() if k not in VLM_ONLY_FIELDS})
 
 
-def _qwen2_from_state(config: Qwen2Config, state: Mapping[str, Tensor]) -> Qwen2ForCausalLM:
-    """The LLM built on the meta device (no 7B random init, no second copy), filled from ``state``;
-    the rotary embedding (non-persistent buffers only) is rebuilt for real."""
-    with torch.device("meta"):
-        llm = Qwen2ForCausalLM(config)
-    load_prefixed_strict(llm, state, "")
-    llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm.config)
-    left = [name for name, t in (*llm.named_parameters(), *llm.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"Qwen2 tensor {left[0]!r} was not filled by the checkpoint")
-    return llm.eval()
+def _check_llm(checkpoint: Checkpoint, found: Mapping[str, Tensor], llm: Qwen2ForCausalLM) -> None:
+    """The release's LLM tensors (``found``, from the headers) against those the configured Qwen2 saves:
+    the same names and shapes, floating point where its are; the first that does not fit is named with
+    its file."""
+    expected = saved_tensors(llm)
+    for key, value in found.items():
+        where = checkpoint.file(key)
+        if key not in expected:
+            raise ReferenceLayoutError(
+                f"{where}: key {key!r} does not exist in the configured {type(llm).__name__}"
+            )
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ReferenceLayoutError(
+                f"{where}: key {key!r}: shape {list(value.shape)} but the configured {type(llm).__name__} "
+                f"expects {list(expected[key].shape)}"
+            )
+        if value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
+            raise ReferenceLayoutError(
+                f"{where}: key {key!r}: dtype {value.dtype}, expected {expected[key].dtype}"
+            )
+    missing = next((key for key in expected if key not in found), None)
+    if missing is not None:
+        raise ReferenceLayoutError(
+            f"{checkpoint.listing}: the checkpoint has no key {missing!r} ({type(llm).__name__})"
+        )
 
 
 def original_projector_config(
@@ -466,6 +538,40 @@ def _vlm_config(source: Path) -> dict[str, Any]:
     return config
 
 
+@dataclass(frozen=True)
+class _MergedRelease:
+    """A merged release checked from its headers: vision tower and projector loaded (float32), the LLM
+    on the meta device, its weights still in the checkpoint until the model folder is written."""
+
+    checkpoint: Checkpoint
+    vision_tower: nn.Module
+    projector: nn.Module
+    projector_config: dict[str, Any]
+    llm: Qwen2ForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    image_token: str
+    reference_placement: bool
+    facts: dict[str, Any]
+    """What import.json records of it: image-token id, placement, key counts, unused keys."""
+
+    def write(
+        self, path: Path, record: ArtifactRecord, write_files: Callable[[Path], None] | None = None
+    ) -> Path:
+        """The model folder ``path``; the LLM's tensors are copied from the checkpoint one piece at a
+        time, as float32, into ``llm/`` (:func:`write_llm_streamed`)."""
+        return write_model_folder(
+            path,
+            record,
+            lambda folder: write_llm_streamed(folder, self.llm, self.checkpoint.pieces, LLM_SHARD_SIZE),
+            self.tokenizer,
+            self.vision_tower,
+            self.projector,
+            self.image_token,
+            self.reference_placement,
+            write_files,
+        )
+
+
 def _merged_vlm(
     source: Path,
     config: Mapping[str, Any],
@@ -474,37 +580,56 @@ def _merged_vlm(
     input_size: Sequence[int],
     reference_placement: bool,
     image_token: str,
-) -> tuple[VisionLanguageModel, dict[str, Any], dict[str, Any]]:
-    """The merged release's VLM (strict, float32), its projector's built config, and what import.json
-    records of it (image-token id, placement, key counts, unused keys)."""
-    state = to_float32(read_checkpoint(source))
-    groups, _, unused = split_state(
-        state,
-        {"vision": VLM_VISION_PREFIX, "projector": VLM_PROJECTOR_PREFIX, "llm": ("model.", "lm_head.")},
-        (),
-        "VLMQwenForCausalLM",
-    )
-    vision_tower = _build_encoder(encoder_config, groups["vision"], VLM_VISION_PREFIX)
-    llm = _qwen2_from_state(qwen2_config(config), groups["llm"])
+) -> _MergedRelease:
+    """The merged release, strict: every key, shape and floating dtype is checked from the safetensors
+    headers before any tensor is read; then only the vision tower's and projector's are read."""
+    checkpoint = open_checkpoint(source)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"{source}: no model.safetensors(.index.json); the merged model is read from safetensors, "
+            "tensor by tensor (a pytorch_model.bin is not: convert it once, where you trust it)"
+        )
+    with _naming(checkpoint.listing):
+        groups, _, unused = split_state(
+            checkpoint.shapes(),
+            {"vision": VLM_VISION_PREFIX, "projector": VLM_PROJECTOR_PREFIX, "llm": ("model.", "lm_head.")},
+            (),
+            "VLMQwenForCausalLM",
+        )
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(qwen2_config(config))
+    _check_llm(checkpoint, groups["llm"], llm)
+    rows, hidden = llm.get_input_embeddings().weight.shape
+    vision_tower = instantiate(dict(encoder_config))
     projector, proj_built = _released_projector(
-        projector_node,
-        config,
-        source,
-        vision_tower,
-        input_size,
-        llm.get_input_embeddings().weight.shape[1],
-        groups["projector"],
+        projector_node, config, source, vision_tower, input_size, hidden
     )
+    parts = ((vision_tower, "vision", VLM_VISION_PREFIX), (projector, "projector", VLM_PROJECTOR_PREFIX))
+    with _naming(checkpoint.listing):
+        for module, group, prefix in parts:
+            convert_state_dict(groups[group], module, rules_for(module), prefix)
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    token_id = _image_token_id(tokenizer, image_token, llm.get_input_embeddings().weight.shape[0], source)
-    model = VisionLanguageModel(vision_tower, projector, llm, tokenizer, image_token, reference_placement)
+    token_id = _image_token_id(tokenizer, image_token, rows, source)
+    for module, group, prefix in parts:
+        load_reference_state_dict(module, to_float32({k: checkpoint.read(k) for k in groups[group]}), prefix)
+        module.eval()
     facts = {
         "image_token_id": token_id,
         "reference_placement": reference_placement,
         "keys": {name: len(group) for name, group in groups.items()},
         "unused_keys": unused,
     }
-    return model, proj_built, facts
+    return _MergedRelease(
+        checkpoint,
+        vision_tower,
+        projector,
+        proj_built,
+        llm,
+        tokenizer,
+        image_token,
+        reference_placement,
+        facts,
+    )
 
 
 def import_vlm(
@@ -524,7 +649,7 @@ def import_vlm(
     source = Path(source)
     config = _vlm_config(source)
     input_size = original_input_size(_field(config, "input_size", source))
-    model, proj_built, facts = _merged_vlm(
+    release = _merged_vlm(
         source,
         config,
         encoder_config,
@@ -538,7 +663,7 @@ def import_vlm(
         "source": str(source),
         "original_config": config,
         "created": time.time(),
-        **facts,
+        **release.facts,
     }
     # The release was trained on M3D (its prompts, its preprocessing). import.json is written before the
     # folder's record, so the record's fingerprint covers it.
@@ -547,12 +672,12 @@ def import_vlm(
         "imported",
         input_size,
         m3d_preprocessing(),
-        {"vision_tower": dict(encoder_config), "projector": proj_built},
+        {"vision_tower": dict(encoder_config), "projector": release.projector_config},
         prompt_format="m3d",
         extra={"imported_from": str(source)},
     )
-    return save_pretrained(
-        model, out, folder, write_files=lambda staging: _write_json(staging / IMPORT_FILE, record)
+    return release.write(
+        Path(out), folder, write_files=lambda staging: _write_json(staging / IMPORT_FILE, record)
     )
 
 
@@ -563,9 +688,8 @@ def _released_projector(
     vision_tower: nn.Module,
     input_size: Sequence[int],
     hidden: int,
-    state: Mapping[str, Tensor],
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The Mixer built at the sizes our encoder gives, which must be the release's, with its weights."""
+    """The Mixer built at the sizes our encoder gives, which must be the release's, and its config."""
     projector, built = build_projector(node, vision_tower, input_size, hidden)
     for name, key in (("low", "low_input_size"), ("high", "high_input_size")):
         sizes = list(getattr(projector, f"{name}_size"))
@@ -574,8 +698,7 @@ def _released_projector(
                 f"{source / 'config.json'}: {key} {config[key]} but the configured encoder at input size "
                 f"{input_size} gives {sizes}; choose the encoder variant / input size the release used"
             )
-    load_reference_state_dict(projector, state, VLM_PROJECTOR_PREFIX)
-    return projector.eval(), built
+    return projector, built
 
 
 def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str, rows: int, source: Path) -> int:
@@ -749,15 +872,13 @@ def import_flare(
     handoff, handoff_tensors, handoff_facts = _flare_handoff(
         source / FLARE_PRETRAINED_DIR, encoder_config, projector_node, input_size, llm, reference_placement
     )
-    model, proj_built, model_facts = _merged_vlm(
-        source, config, encoder_config, projector_node, input_size, True, IMAGE_TOKEN
-    )
+    release = _merged_vlm(source, config, encoder_config, projector_node, input_size, True, IMAGE_TOKEN)
     folder = ArtifactRecord(
         "model_folder",
         FLARE_EXPERIMENT,
         input_size,
         flare_preprocessing(),
-        {"vision_tower": dict(encoder_config), "projector": proj_built},
+        {"vision_tower": dict(encoder_config), "projector": release.projector_config},
         prompt_format="flare",
         extra={"imported_from": str(source)},
     )
@@ -766,11 +887,11 @@ def import_flare(
         "source": str(source),
         "original_config": config,
         "created": time.time(),
-        MODEL_DIR: model_facts,
+        MODEL_DIR: release.facts,
         FLARE_PRETRAINED_DIR: handoff_facts,
     }
     with atomic_folder(out, IMPORT_FILE) as staging:
-        save_pretrained(model, staging / MODEL_DIR, folder)
+        release.write(staging / MODEL_DIR, folder)
         write_handoff(staging / FLARE_PRETRAINED_DIR, handoff, handoff_tensors)
         _write_json(staging / IMPORT_FILE, record)
     return Path(out)

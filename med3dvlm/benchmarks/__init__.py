@@ -1,9 +1,10 @@
 """Benchmark sections for ``python -m med3dvlm.bench``.
 
 Each section module exposes ``run(options: BenchOptions) -> list[BenchRow]``; ``SECTIONS`` lists
-them in print order. A section measures on the machine at hand. A figure for the original
-implementation appears only when it was measured here, side by side with ours (``--reference``):
-interleaved in one process, same shapes and inputs, with the median of the per-pair ratios.
+those a plain run measures, in print order, ``ON_REQUEST`` those run only when named. A section
+measures on the machine at hand. A figure for the original implementation appears only when it was
+measured here, side by side with ours (``--reference``): interleaved in one process, same shapes and
+inputs, with the median of the per-pair ratios.
 """
 
 from __future__ import annotations
@@ -101,6 +102,15 @@ def saved_for_backward_bytes(forward: Callable[[], object], exclude: Iterable[to
 
 
 SECTIONS: tuple[str, ...] = ("loader", "encoder", "projector", "loss", "vlm", "generation")
+"""The sections a plain ``bench`` runs, in print order."""
+ON_REQUEST: tuple[str, ...] = ("import", "ctrate")
+"""Sections run only when named (``--only import`` writes ~46 GB to the temporary folder; ``ctrate``
+renders a CT-RATE-sized volume first)."""
+
+
+def section_module(section: str) -> str:
+    """The module of ``section`` (``import`` is a Python keyword: its module is ``release_import``)."""
+    return f"med3dvlm.benchmarks.{'release_import' if section == 'import' else section}"
 
 
 def bench_table(rows: list[BenchRow]) -> str:

@@ -75,6 +75,43 @@ MIXER_RULES: tuple[Rule, ...] = (
 )
 
 
+# The inverse renamings: our keys to the original's (what a release in the original's layout holds).
+_ORIGINAL_BRANCH = {axis: branch for branch, axis in _BRANCH.items()}
+_ORIGINAL_INDEX = {part: index for index, part in _CONV_OR_NORM.items()}
+_ORIGINAL_PART = {ours: original for original, ours in _MIXER_PART.items()}
+
+DCFORMER_ORIGINAL_NAMES: tuple[Rule, ...] = (
+    (
+        re.compile(r"stages\.0\.layers\.(\d+)\.(\w+)\.(conv|norm)\.(\w+)"),
+        lambda m: f"encoder.s0.0.{m[1]}.{_ORIGINAL_BRANCH[m[2]]}.{_ORIGINAL_INDEX[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(r"stages\.([1-4])\.(\d+)\.dwconv\.(\w+)\.(conv|norm)\.(\w+)"),
+        lambda m: f"encoder.s{m[1]}.{m[2]}.dwconv.{_ORIGINAL_BRANCH[m[3]]}.{_ORIGINAL_INDEX[m[4]]}.{m[5]}",
+    ),
+    (
+        re.compile(r"stages\.([1-4])\.(\d+)\.mlp\.(fc[12])\.(weight|bias)"),
+        lambda m: f"encoder.s{m[1]}.{m[2]}.mlp.mlp.{'0' if m[3] == 'fc1' else '3'}.{m[4]}",
+    ),
+    (re.compile(r"stages\.([1-4])\.(\d+)\.(scale|proj\.weight)"), lambda m: f"encoder.s{m[1]}.{m[2]}.{m[3]}"),
+)
+
+MIXER_ORIGINAL_NAMES: tuple[Rule, ...] = (
+    (
+        re.compile(r"(low|high)\.(\d+)\.(token_norm|channel_norm)\.(weight|bias)"),
+        lambda m: f"{m[1]}_mixer.{m[2]}.{_ORIGINAL_PART[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(r"(low|high)\.(\d+)\.(token_mlp|channel_mlp)\.linears\.0\.(weight|bias)"),
+        lambda m: f"{m[1]}_mixer.{m[2]}.{_ORIGINAL_PART[m[3]]}.mm_projector.0.{m[4]}",
+    ),
+    (
+        re.compile(r"(low|high)\.(\d+)\.(token_mlp|channel_mlp)\.linears\.([1-9]\d*)\.(weight|bias)"),
+        lambda m: f"{m[1]}_mixer.{m[2]}.{_ORIGINAL_PART[m[3]]}.mm_projector.{m[4]}.1.{m[5]}",
+    ),
+)
+
+
 def _rename(key: str, rules: tuple[Rule, ...]) -> str | None:
     for pattern, build in rules:
         match = pattern.fullmatch(key)
@@ -131,3 +168,24 @@ def rules_for(model: nn.Module) -> tuple[Rule, ...]:
 def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], prefix: str = "") -> None:
     """Convert ``state_dict`` from the original layout and load it into ``model`` strictly."""
     model.load_state_dict(convert_state_dict(state_dict, model, rules_for(model), prefix), strict=True)
+
+
+def to_reference_state_dict(model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """``model``'s state dict in the original layout, keys under ``prefix`` (what a release of it holds):
+    the inverse of :func:`convert_state_dict`, checked by converting it back."""
+    rules = rules_for(model)
+    names = DCFORMER_ORIGINAL_NAMES if rules is DCFORMER_RULES else MIXER_ORIGINAL_NAMES
+    state = model.state_dict()
+    original: dict[str, Tensor] = {}
+    for key, value in state.items():
+        name = _rename(key, names)
+        if name is None:
+            raise ReferenceLayoutError(
+                f"{type(model).__name__} key {key!r} has no counterpart in the original layout"
+            )
+        original[prefix + name] = value
+    back = convert_state_dict(original, model, rules, prefix)
+    wrong = next((key for key in state if back[key] is not state[key]), None)
+    if wrong is not None:
+        raise ReferenceLayoutError(f"{type(model).__name__} key {wrong!r} does not convert back to itself")
+    return original

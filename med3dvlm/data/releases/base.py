@@ -119,6 +119,16 @@ Finish = Callable[
 
 
 @dataclass(frozen=True)
+class DatasetLicence:
+    """A release's licence as the Hugging Face Hub names licences (``apache-2.0``, ``cc-by-nc-sa-4.0``,
+    ``other``), its dataset ids on the Hub, and a note for the reader of a model card."""
+
+    licence: str = "other"
+    hub_ids: tuple[str, ...] = ()
+    note: str = "licence not known"
+
+
+@dataclass(frozen=True)
 class Release:
     """A dataset as its owners publish it: how ``prepare`` reads it (``dataset=<name>``)."""
 
@@ -146,3 +156,5 @@ class Release:
     """Writes a miniature release of this layout: ``(out, cases, seed, slices, size, workers, **options)``."""
     synthetic_options: Sequence[str] = ()
     """The settings of ``python -m med3dvlm.synthetic`` its miniature takes beyond those."""
+    licence: DatasetLicence = DatasetLicence()
+    """What a model card says a model trained on it is under."""

@@ -22,7 +22,15 @@ from med3dvlm.data.datasets import CaptionDataset
 from med3dvlm.data.errors import DataError
 from med3dvlm.data.prepared import OWN_ORIENTATION
 from med3dvlm.data.preprocess import Preprocessing, SourcePreprocessing, window_range
-from med3dvlm.data.releases.base import ErrorPolicy, Plan, PrepareOptions, Release, VolumeJob, hash_split
+from med3dvlm.data.releases.base import (
+    DatasetLicence,
+    ErrorPolicy,
+    Plan,
+    PrepareOptions,
+    Release,
+    VolumeJob,
+    hash_split,
+)
 from med3dvlm.data.releases.m3d.plan import extract_report
 from med3dvlm.data.scans import SUPPORTED, missing_reader, scan_format
 from med3dvlm.data.volume_io import volume_suffix
@@ -147,4 +155,5 @@ RELEASE = Release(
     options=("orientation",),
     tasks={"caption": CaptionDataset},
     mixtures={"retrieval": ("retrieval",), "pretrain": ("caption",), "finetune": ("caption",)},
+    licence=DatasetLicence(note="the user's own scans and reports: their licence is the owner's to state"),
 )

@@ -4,7 +4,7 @@ abnormality labels, as ``ibrahimhamamci/CT-RATE`` lays them out (:mod:`.layout`)
 same volumes become training samples (:mod:`.samples`); :mod:`.synthetic` writes a miniature."""
 
 from med3dvlm.data.datasets import CaptionDataset
-from med3dvlm.data.releases.base import Release
+from med3dvlm.data.releases.base import DatasetLicence, Release
 from med3dvlm.data.releases.ctrate.plan import finish, plan_ctrate, preprocessing
 from med3dvlm.data.releases.ctrate.samples import RadGenomeRegionDataset, RadGenomeVQADataset
 from med3dvlm.data.releases.ctrate.synthetic import generate
@@ -30,4 +30,10 @@ RELEASE = Release(
     },
     synthetic=generate,
     synthetic_options=("versions",),
+    licence=DatasetLicence(
+        "cc-by-nc-sa-4.0",
+        ("ibrahimhamamci/CT-RATE",),
+        "CT-RATE: CC BY-NC-SA 4.0 (attribution, non-commercial use, derivatives under the same terms); "
+        "RadGenome-ChestCT's region reports and VQA are under CC BY-NC-SA 4.0 or CC BY 4.0 by version",
+    ),
 )

@@ -3,7 +3,7 @@ release lays them out (:mod:`.layout`), planned by :mod:`.plan`; :mod:`.syntheti
 miniature of the same layout."""
 
 from med3dvlm.data.datasets import CaptionDataset
-from med3dvlm.data.releases.base import Release
+from med3dvlm.data.releases.base import DatasetLicence, Release
 from med3dvlm.data.releases.m3d.layout import corpus_texts
 from med3dvlm.data.releases.m3d.plan import finish, plan_m3d, preprocessing
 from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, YesNoVQADataset
@@ -29,4 +29,10 @@ RELEASE = Release(
     },
     synthetic=generate,
     synthetic_options=("splits", "jpeg_quality", "defect_rate", "lesion_scale", "choice_order"),
+    licence=DatasetLicence(
+        "apache-2.0",
+        ("GoodBaiBai88/M3D-Cap", "GoodBaiBai88/M3D-VQA"),
+        "M3D-Cap and M3D-VQA as released on the Hub (Apache-2.0); the scans and reports come from "
+        "Radiopaedia cases, which have terms of their own",
+    ),
 )
