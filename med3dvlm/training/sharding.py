@@ -23,7 +23,9 @@ only a loss's scalars, which compute in float32 (see ``unit_precision``).
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +33,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,7 +54,8 @@ from med3dvlm.models.vlm import VisionLanguageModel
 from med3dvlm.training.checkpointing import CorruptCheckpoint, check_checkpoint, write_shard_checksums
 from med3dvlm.training.lean_checkpoint import LeanCheckpoint, check_lean_keys
 from med3dvlm.training.shard_reader import RefusedCheckpointData, load_into, load_whole, read_metadata
-from med3dvlm.utils.atomic import atomic_path
+from med3dvlm.utils.atomic import atomic_folder, atomic_path
+from med3dvlm.utils.safetensors_stream import write_safetensors
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -383,9 +388,7 @@ def full_weights(module: nn.Module) -> Iterator[None]:
             owner._parameters[name] = param
 
 
-def consolidate(folder: str | Path, out: str | Path) -> Path:
-    """Write the sharded checkpoint ``folder`` as the single file ``out`` (atomically); return ``out``."""
-    folder, out = Path(folder), Path(out)
+def _checked_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (a sharded checkpoint is a directory)")
     if not (folder / _METADATA_FILENAME).is_file() or not (folder / ".metadata").is_file():
@@ -393,6 +396,12 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
             f"{folder}: not a sharded Lightning checkpoint (needs {_METADATA_FILENAME} and .metadata)"
         )
     check_checkpoint(folder)
+
+
+def consolidate(folder: str | Path, out: str | Path) -> Path:
+    """Write the sharded checkpoint ``folder`` as the single file ``out`` (atomically); return ``out``."""
+    folder, out = Path(folder), Path(out)
+    _checked_folder(folder)
     try:
         checkpoint = load_whole(folder)
     except RefusedCheckpointData as error:
@@ -404,4 +413,50 @@ def consolidate(folder: str | Path, out: str | Path) -> Path:
     checkpoint["optimizer_states"] = [positional_optimizer_state(checkpoint.pop(k)) for k in optimizer_keys]
     with atomic_path(out) as tmp:
         torch.save(checkpoint, tmp)
+    return out
+
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def consolidate_weights(folder: str | Path, out: str | Path, max_shard_size: str = "5GB") -> Path:
+    """The trained weights of the sharded checkpoint ``folder`` as safetensors shards in the folder
+    ``out`` (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, Hugging Face's
+    layout; written atomically), read tensor by tensor from the shards: one tensor in memory at a time."""
+    folder, out = Path(folder), Path(out)
+    _checked_folder(folder)
+    try:
+        entries = read_metadata(folder).state_dict_metadata
+    except RefusedCheckpointData as error:
+        raise CorruptCheckpoint(f"{folder}: refused: {error}") from error
+    prefix = "state_dict."
+    tensors = {
+        key[len(prefix) :]: torch.empty(tuple(entry.size), dtype=entry.properties.dtype, device="meta")
+        for key, entry in entries.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not tensors:
+        raise ValueError(f"{folder}: holds no model weights (no state_dict.* tensors)")
+
+    def pieces(name: str) -> Iterator[torch.Tensor]:
+        tensor = torch.empty(tensors[name].shape, dtype=tensors[name].dtype)
+        with warnings.catch_warnings():  # one process reading, as intended: torch says so at every read
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+            )
+            load_into({prefix + name: tensor}, folder)
+        yield tensor
+
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    with atomic_folder(out, (WEIGHTS_INDEX, "model.safetensors")) as staging:
+        for file, names in split.filename_to_tensors.items():
+            write_safetensors(
+                staging / file, {name: (tensors[name].dtype, tensors[name].shape) for name in names}, pieces
+            )
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (staging / WEIGHTS_INDEX).write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
     return out
