@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import hydra
+from pathlib import Path
+
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
+from med3dvlm.utils.command import hydra_command
 
 
-@hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
+@hydra_command("evaluate")
 def main(cfg: DictConfig) -> None:
+    task = instantiate(cfg.task)
+    if getattr(task, "reads_data", True) and not Path(cfg.data_dir).is_dir():  # before any model loads
+        raise FileNotFoundError(
+            f"data_dir={cfg.data_dir}: no such folder (one `python -m med3dvlm.prepare` wrote)"
+        )
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     context = instantiate(cfg.context, loggers=loggers, _convert_="all")
-    result = instantiate(cfg.task).run(context)
+    result = task.run(context)
     print(result.table)
     print("\n".join(f"{kind}: {path}" for kind, path in result.files.items()))
 

@@ -5,7 +5,6 @@ writing a new folder."""
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
@@ -14,9 +13,10 @@ from med3dvlm.artifacts.hub import check_push, push_model_folder
 from med3dvlm.artifacts.latest import resolve
 from med3dvlm.artifacts.model_card import write_model_card
 from med3dvlm.artifacts.model_folder import is_model_folder, write_merged_model
+from med3dvlm.utils.command import hydra_command
 
 
-@hydra.main(config_path="configs", config_name="export", version_base="1.3")
+@hydra_command("export")
 def main(cfg: DictConfig) -> None:
     if cfg.push_to_hub:
         check_push(cfg.push_to_hub)

@@ -3,7 +3,6 @@ released Med3DVLM checkpoint folder into our formats (see ``med3dvlm.artifacts.r
 
 from __future__ import annotations
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,9 +14,10 @@ from med3dvlm.artifacts.released import (
     import_siglip,
     import_vlm,
 )
+from med3dvlm.utils.command import hydra_command
 
 
-@hydra.main(config_path="configs", config_name="import_weights", version_base="1.3")
+@hydra_command("import_weights")
 def main(cfg: DictConfig) -> None:
     encoder = OmegaConf.to_container(cfg.encoder, resolve=True)
     if cfg.kind == "siglip":

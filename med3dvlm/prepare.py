@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.data.preparation import prepare_dataset
 from med3dvlm.data.releases import release
+from med3dvlm.utils.command import hydra_command
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="prepare")
+@hydra_command("prepare")
 def main(cfg: DictConfig) -> None:
     chosen = release(cfg.dataset_name, cfg.source)
     prepare_dataset(

@@ -16,10 +16,15 @@ from med3dvlm.artifacts.encoder_export import IMPORTED_ENCODER_DIR
 from med3dvlm.artifacts.record import RecordError, read_record
 from med3dvlm.configs import work_root
 from med3dvlm.data.prepared import prepared_spatial_size
+from med3dvlm.utils.processes import launched_as_global_rank_zero
 
 
-def _hydra_subdir(resume: str | None, time: str) -> str:
+def _hydra_subdir(resume: str | None, time: str) -> str | None:
     # A resumed run keeps its original .hydra/ (config, overrides) and records its own beside it.
+    # Written once, by global rank 0: other nodes' processes compose the same config (the launch
+    # check compares them), at other times.
+    if not launched_as_global_rank_zero():
+        return None
     return ".hydra" if resume is None else f".hydra/resume-{time}"
 
 

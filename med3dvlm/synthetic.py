@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.data.releases import release
+from med3dvlm.utils.command import hydra_command
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="synthetic")
+@hydra_command("synthetic")
 def main(cfg: DictConfig) -> None:
     chosen = release(cfg.dataset_name)
     if chosen.synthetic is None:

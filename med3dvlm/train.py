@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -17,11 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 import med3dvlm.resolvers  # noqa: F401  (registers the resolvers)
 from med3dvlm.metrics.retrieval import retrieval_table
 from med3dvlm.training.checkpointing import AtomicCheckpointIO, resolve_checkpoint
+from med3dvlm.training.launch import agree_across_processes
 from med3dvlm.training.multirun import job_scope
+from med3dvlm.training.notices import quiet_lightning
 from med3dvlm.training.preflight import check_training_inputs
 from med3dvlm.training.resumable_data import make_training_data_resumable
 from med3dvlm.training.resume_guard import check_resume_config
 from med3dvlm.training.run_summary import MetricHistory, finish_wandb_runs, optimized_value, write_summary
+from med3dvlm.utils.command import hydra_command
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ def checkpoint_dir(trainer: L.Trainer, output_dir: str) -> Path:
 def train(cfg: DictConfig) -> float | None:
     """Build the stage, data, loggers and trainer from ``cfg``; fit (resuming if asked), optionally
     test; return ``cfg.optimized_metric``'s final value."""
+    quiet_lightning()
     with job_scope():
         return _train(cfg)
 
@@ -65,6 +68,7 @@ def _train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    agree_across_processes(cfg, trainer)  # processes from torchrun/srun: the same settings, code, data
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -97,7 +101,7 @@ def report(metrics: dict[str, float]) -> None:
         print(f"{key}: {metrics[key]:.4f}")
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+@hydra_command("train")
 def main(cfg: DictConfig) -> float | None:
     return train(cfg)
 

@@ -50,3 +50,12 @@ def nltk_data(tmp_path_factory) -> Path:
     except (FileNotFoundError, ImportError) as exc:
         pytest.skip(f"WordNet / punkt not installed (make nltk-data): {exc}")
     return nltk_setup.use_nltk_data(folder)
+
+
+@pytest.fixture(scope="session")
+def distributed_references(tmp_path_factory):
+    """Every stage fitted in this process on fixed global batches: what the multi-process runs of
+    ``test_distributed_stages`` and ``test_multinode`` are compared with (built once)."""
+    from helpers.distributed import one_process_references
+
+    return one_process_references(tmp_path_factory.mktemp("distributed"))

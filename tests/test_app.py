@@ -1,19 +1,26 @@
 """The web app: its functions without a browser (uploads, limits, views, prompts, streaming, one
-answer at a time), and the page in a real headless Chromium (upload a NIfTI, ask, read the answer)."""
+answer at a time), the served app's folder of uploads (gone however the app stops), and the page in a
+real headless Chromium (upload a NIfTI, ask, read the answer)."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from helpers.commands import OFFLINE, run_in_process
 from helpers.vlm import INPUT_SIZE
 from helpers.vlm import finetuned as finetune_handoff
 from test_scans import ct_volume, write_dicom_series, write_nifti
@@ -33,6 +40,7 @@ from med3dvlm.web.session import (
     view,
     view_labels,
 )
+from med3dvlm.web.uploads import private_folder, remove_leftovers
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "docs" / "app.png"
@@ -58,14 +66,11 @@ def models(models_dir):
 def test_the_app_without_its_extra_says_what_to_install_before_loading_anything(monkeypatch, capsys):
     import importlib.util
 
-    from med3dvlm import app
-
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "gradio" else object())
-    monkeypatch.setattr("sys.argv", ["med3dvlm.app", "model=/nonexistent"])
     with pytest.raises(
         SystemExit, match=r"needs Gradio, the optional `app` extra: pip install -e '.\[app\]'"
     ):
-        app.main()
+        run_in_process(monkeypatch, "app", "model=/nonexistent")
 
 
 def test_models_dir_offers_only_model_folders(models, models_dir):
@@ -179,6 +184,92 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_the_private_folder_holds_the_temporary_files_and_goes_at_the_end(tmp_path):
+    with private_folder(tmp_path) as folder:
+        assert tempfile.gettempdir() == os.environ["GRADIO_TEMP_DIR"] == str(folder)
+        with tempfile.NamedTemporaryFile(delete=False) as derived:
+            assert Path(derived.name).parent == folder
+        (folder / "ct.nii.gz").write_bytes(b"scan")
+        assert remove_leftovers(tmp_path) == []  # in use: another app starting leaves it alone
+    assert not folder.exists() and tempfile.gettempdir() != str(folder)
+
+
+@pytest.fixture
+def serve(models_dir):
+    """Start ``python -m med3dvlm.app`` on the demo model with a given folder as its system's temporary
+    folder; return it and its address once it answers. Whatever the test does, none outlives it."""
+    started: list[subprocess.Popen] = []
+
+    def start(temporary: Path) -> tuple[subprocess.Popen, str]:
+        port = _free_port()
+        app = subprocess.Popen(
+            [sys.executable, "-m", "med3dvlm.app", f"model={models_dir / 'demo'}", f"port={port}"],
+            cwd=REPO,
+            env={**os.environ, **OFFLINE, "TMPDIR": str(temporary)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        started.append(app)
+        url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(url, timeout=2).raise_for_status()
+                return app, url
+            except httpx.HTTPError:
+                if app.poll() is not None or time.monotonic() > deadline:
+                    app.kill()
+                    pytest.fail(f"the app did not serve: {app.communicate()[0][-3000:]}")
+                time.sleep(1)
+
+    yield start
+    for app in started:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+
+
+def _look_at_a_scan(url: str, scan: Path, temporary: Path) -> Path:
+    """Upload ``scan`` and show its views, as the page does; return the app's folder, which holds both."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False, download_files=False)
+    status = client.predict("demo", handle_file(str(scan)), None, "model", 0.5, 0.5, 0.5, api_name="/load")[0]
+    client.close()
+    assert scan.name in status
+    (folder,) = temporary.glob("med3dvlm-app-*")
+    assert {"ct.nii.gz", "image.webp"} <= {p.name for p in folder.rglob("*")}  # the upload, views of it
+    return folder
+
+
+def _stop(app: subprocess.Popen, how: signal.Signals) -> None:
+    app.send_signal(how)
+    app.wait(timeout=120)
+
+
+def test_sigterm_removes_the_uploads_and_a_start_those_of_a_killed_app(serve, tmp_path):
+    scan, temporary = write_nifti(tmp_path / "ct.nii.gz", ct_volume()), tmp_path / "tmp"
+    temporary.mkdir()
+    killed, url = serve(temporary)
+    left = _look_at_a_scan(url, scan, temporary)
+    _stop(killed, signal.SIGKILL)  # no clean-up can run
+    assert left.is_dir()
+    app, url = serve(temporary)
+    assert not left.exists()
+    folder = _look_at_a_scan(url, scan, temporary)
+    _stop(app, signal.SIGTERM)
+    assert app.returncode == 128 + signal.SIGTERM and not folder.exists()
+
+
+def test_ctrl_c_removes_the_uploads(serve, tmp_path):
+    scan, temporary = write_nifti(tmp_path / "ct.nii.gz", ct_volume()), tmp_path / "tmp"
+    temporary.mkdir()
+    app, url = serve(temporary)
+    folder = _look_at_a_scan(url, scan, temporary)
+    _stop(app, signal.SIGINT)
+    assert not folder.exists()
 
 
 @pytest.mark.slow

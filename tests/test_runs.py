@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.commands import run_command
 from helpers.siglip import INPUT_SIZE, prepared_data
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -169,7 +170,7 @@ def test_resumable_loader_skips_served_batches_of_the_same_epoch_only():
     first_two = [next(again).tolist() for _ in range(2)]
     assert first_two == epoch[:2]  # the order is a function of (seed, epoch)
     state = loader.state_dict()
-    assert state == {"epoch": 1, "served": 2}
+    assert state == {"epoch": 1, "served": 2, "samples": 8, "start": 0, "processes": 1, "batch_size": 4}
 
     restored = resumable(torch.utils.data.DataLoader(list(range(20)), batch_size=4, shuffle=True), seed=3)
     restored.load_state_dict(state)
@@ -260,6 +261,41 @@ def test_sweep_recipes_compose_for_every_grid_point(experiment):
 def test_stage3_encoder_training_follows_the_experiment(experiment, trained):
     cfg = _compose(experiment, ["stage=finetune"])
     assert OmegaConf.select(cfg, "stage.module.train_vision_tower") is trained
+
+
+LIBRARY_NOISE = (
+    "litlogger",  # Lightning's advertisement for its cloud logger
+    "is deprecated",  # libraries' deprecations of each other (torch's LeafSpec, transformers' checkpointing)
+    "module(s) in eval mode",  # stages 2-3 keep their frozen encoder and LLM in eval mode on purpose
+    "save_embedding_layers",  # peft saving the embedding matrix resized for <im_patch>, as it should
+)
+
+
+def test_a_demo_training_run_prints_no_warning_a_user_cannot_act_on(data, tmp_path):
+    """The demo's three stages, two steps each: no library notice nobody can act on, and no warning
+    from inside a library at all (Python prints each with its file, under site-packages)."""
+    for stage in ("siglip", "pretrain", "finetune"):
+        done = run_command(
+            "med3dvlm.train",
+            "experiment=demo",
+            f"stage={stage}",
+            "logger=csv",
+            f"paths.data_dir={data.parents[1]}",
+            f"paths.log_dir={tmp_path}",
+            f"hydra.run.dir={tmp_path / stage}",
+            "trainer.max_epochs=1",
+            "++trainer.limit_train_batches=2",
+            "++trainer.limit_val_batches=1",
+            "data.batch_size=2",
+            "test=false",
+            cwd=REPO,
+        )
+        noise = [
+            line
+            for line in (done.stdout + done.stderr).splitlines()
+            if "site-packages" in line or any(notice in line for notice in LIBRARY_NOISE)
+        ]
+        assert not noise, (stage, noise)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

@@ -51,7 +51,7 @@ from med3dvlm.data.preprocess import (
     Preprocessing,
     WindowSpec,
     air_level,
-    looks_like_hu,
+    looks_like_ct,
     preprocess_volume,
     spatial_size_tuple,
     stack_series,
@@ -189,11 +189,15 @@ def prepare_volume(
         "source_fingerprint": fingerprint,
         "raw_shape": list(raw.shape),
         **({"stored_axes": notes["stored_axes"]} if notes.get("stored_axes") else {}),
-        **({"air_level": air_level(raw)} if spec.window is not None and job.kind == "scan" else {}),
+        **(
+            {"air_level": air_level(raw), "looks_like_ct": looks_like_ct(raw)}
+            if spec.window is not None and job.kind == "scan"
+            else {}
+        ),
     }
     if dropped:
         entry["dropped_slices"] = list(dropped)
-    hu_unwindowed = spec.window is None and job.kind == "scan" and looks_like_hu(raw)
+    hu_unwindowed = spec.window is None and job.kind == "scan" and looks_like_ct(raw)
     return JobOutcome(job.output, entry=entry, hu_unwindowed=hu_unwindowed)
 
 
@@ -552,6 +556,9 @@ def prepare_dataset(
         )
         if plan.hu_unwindowed and window is None:
             _warn_raw_hu(plan.hu_unwindowed)
+        unlike_ct = sorted(output for output, entry in volumes.items() if entry.get("looks_like_ct") is False)
+        if unlike_ct:
+            _warn_unlike_ct(unlike_ct, len(volumes))
         split_lists, moved = _split_lists(plan, volumes, strict_split)
         _write_json(out / chosen.caption_file, split_lists)
         added = (
@@ -628,6 +635,18 @@ def _settings(request: PrepareOptions, chosen: Release) -> Settings:
     }
     recipe = Preprocessing(recipe.dataset, recipe.sources, settings)
     return Settings(request.format, request.npy_dtype, request.spatial_size, recipe)
+
+
+def _warn_unlike_ct(outputs: Sequence[str], total: int) -> None:
+    log.warning(
+        "%d of %d scans do not look like CT in Hounsfield units under the CT window (no air near -1000 HU, "
+        "preprocess.looks_like_ct; e.g. %s): an MRI or another non-CT scan wants intensity.window=none, a CT "
+        "stored without its rescale (or rescaled twice) its rescale fixed; manifest.json lists each volume's "
+        "air_level",
+        len(outputs),
+        total,
+        outputs[0],
+    )
 
 
 def _warn_raw_hu(count: int) -> None:

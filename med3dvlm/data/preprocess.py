@@ -299,43 +299,29 @@ class Preprocessing:
         )
 
 
-def looks_like_hu(volume: np.ndarray) -> bool:
-    """Raw CT in Hounsfield units: air far below zero (< -500) and tissue or bone above 200."""
-    return float(np.min(volume)) < -500 and float(np.max(volume)) > 200
+AIR_HU = (-1100.0, -800.0)
+"""Where :func:`air_level` lies for a CT in Hounsfield units."""
 
 
 def air_level(volume: np.ndarray, stride: int = 4) -> float:
     """The 1st percentile of every ``stride``-th voxel along each axis, leaving out the minimum's voxels.
 
-    A chest CT in HU has air (outside the body, airways, lungs near -900) at about -1000, so this lies
-    within [-1100, -800]; shifted by an intercept applied twice or not at all it moves by 1024. The
-    value a scanner writes outside its field of view (one value, the minimum) is left out.
+    A CT in HU has air (around the body, in airways, lungs and bowel) near -1000, so this lies within
+    :data:`AIR_HU`; shifted by an intercept applied twice or not at all it moves by 1024, and an MRI's
+    dark background sits near 0. The value a scanner writes outside its field of view (one value,
+    the minimum) is left out.
     """
     sample = np.asarray(volume[(slice(None, None, stride),) * volume.ndim])
     above = sample[sample > sample.min()]
     return float(np.percentile(above if above.size else sample, 1))
 
 
-def air_share(volume: np.ndarray, stride: int = 4) -> float:
-    """The share of voxels (every ``stride``-th along each axis) within 100 HU of air's -1000.
-
-    A CT in Hounsfield units holds air around the body and in the lungs; a scan with almost none is
-    not HU as stored (shifted by an intercept applied twice or not at all) or not CT.
-    """
-    sample = np.asarray(volume[(slice(None, None, stride),) * volume.ndim])
-    return float(np.count_nonzero((sample >= -1100) & (sample <= -900))) / max(sample.size, 1)
-
-
-CT_AIR_SHARE = 1e-3
-"""The least :func:`air_share` of a CT in Hounsfield units (air around the body, in lungs and bowel)."""
-
-
 def looks_like_ct(volume: np.ndarray) -> bool:
-    """Intensities of a CT in Hounsfield units: air near -1000 HU (at least ``CT_AIR_SHARE`` of the
-    voxels) and tissue or bone above 200 HU. An MRI (arbitrary units, background near 0) or a CT stored
-    without its rescale has no air at -1000, and a CT window makes nonsense of it: under the soft-tissue
-    window an MRI's background becomes 0.4 and the foreground crop keeps everything."""
-    return air_share(volume) >= CT_AIR_SHARE and float(np.max(volume)) > 200
+    """Intensities of a CT in Hounsfield units: air near -1000 HU (:func:`air_level`) and tissue or
+    bone above 200 HU. An MRI (arbitrary units, background near 0) or a CT stored without its rescale
+    has no air at -1000, and a CT window makes nonsense of it: under the soft-tissue window an MRI's
+    background becomes 0.4 and the foreground crop keeps everything."""
+    return AIR_HU[0] <= air_level(volume) <= AIR_HU[1] and float(np.max(volume)) > 200
 
 
 def _finite(volume: np.ndarray, source: str | os.PathLike) -> np.ndarray:
@@ -473,7 +459,7 @@ def prepare_scan(
     return PreparedScan(
         scan.array,
         volume,
-        spec.window is None and looks_like_hu(scan.array),
+        spec.window is None and looks_like_ct(scan.array),
         spacing=scan.spacing,
         unlike_ct=spec.window is not None and not looks_like_ct(scan.array),
     )
@@ -507,11 +493,11 @@ def model_input(
         )
     if scan.unlike_ct:
         log.warning(
-            "%s does not look like CT in Hounsfield units (%.2g%% of its voxels near air's -1000, maximum "
-            "%g): the CT window [%g, %g] HU maps it to intensities unlike the model's training data; for "
-            "an MRI or another non-CT scan pass intensity.window=none (min-max)",
+            "%s does not look like CT in Hounsfield units (no air near -1000: its 1st percentile is %g, "
+            "maximum %g): the CT window [%g, %g] HU maps it to intensities unlike the model's training "
+            "data; for an MRI or another non-CT scan pass intensity.window=none (min-max)",
             path,
-            100 * air_share(scan.raw),
+            air_level(scan.raw),
             float(np.max(scan.raw)),
             *spec.window,
         )

@@ -170,6 +170,11 @@ class FlareVQATask:
         self.predictions, self.gt = predictions, gt
         self.tokens = {"global": global_tokens, "local": chain_tokens}
 
+    @property
+    def reads_data(self) -> bool:
+        """A submission scored against its ``gt`` needs no prepared folder."""
+        return self.predictions is None
+
     def run(self, ctx: EvalContext) -> EvalResult:
         out = Path(ctx.out_dir)
         if self.predictions is not None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -10,6 +13,21 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
 from med3dvlm.models.vlm import VisionLanguageModel
+
+
+@contextmanager
+def _peft_notices_silenced() -> Iterator[None]:
+    """Without two notices peft gives on every use here: that it saves the embedding matrix of an LLM
+    whose vocabulary grew (by ``<im_patch>``: saving it is right), and its reading of a transformers
+    property that transformers deprecated (for peft to change)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Setting `save_embedding_layers` to `True`", category=UserWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def add_lora(model: VisionLanguageModel, config: LoraConfig) -> None:
@@ -20,7 +38,14 @@ def add_lora(model: VisionLanguageModel, config: LoraConfig) -> None:
     """
     if isinstance(model.llm, PeftModel):
         raise TypeError("the language model already carries LoRA adapters")
-    model.llm = get_peft_model(model.llm, config)
+    with _peft_notices_silenced():
+        model.llm = get_peft_model(model.llm, config)
+
+
+def save_lora(model: VisionLanguageModel, adapter_dir: str | os.PathLike) -> None:
+    """Write ``model.llm``'s adapter (peft's folder: its config and weights) to ``adapter_dir``."""
+    with _peft_notices_silenced():
+        model.llm.save_pretrained(adapter_dir)
 
 
 def load_lora(model: VisionLanguageModel, adapter_dir: str | os.PathLike, trainable: bool = False) -> None:
@@ -30,8 +55,9 @@ def load_lora(model: VisionLanguageModel, adapter_dir: str | os.PathLike, traina
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: LoRA adapter weights not found")
     base: PreTrainedModel = model.llm
-    model.llm = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-    expected = {k: v.shape for k, v in get_peft_model_state_dict(model.llm).items()}
+    with _peft_notices_silenced():
+        model.llm = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(model.llm).items()}
     saved = {k: v.shape for k, v in load_file(str(weights)).items()}
     if saved != expected:
         missing = sorted(set(expected) - set(saved))

@@ -28,7 +28,7 @@ from med3dvlm.artifacts.handoff import (
 )
 from med3dvlm.artifacts.latest import resolve
 from med3dvlm.artifacts.record import ArtifactRecord, parent
-from med3dvlm.models.lora import add_lora
+from med3dvlm.models.lora import add_lora, save_lora
 from med3dvlm.stages.vlm import VLMStage, check_input_size
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class FinetuneStage(VLMStage):
             tensors["embeddings.safetensors"] = self.extra_trained_weights()
 
         def adapter_and_tokenizer(staging: Path) -> None:
-            self.model.llm.save_pretrained(staging / "adapter")
+            save_lora(self.model, staging / "adapter")
             self.model.tokenizer.save_pretrained(staging / "tokenizer")
 
         preprocessing, prompt_format = self.training_data()

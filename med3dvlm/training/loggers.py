@@ -13,6 +13,9 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from med3dvlm.utils.atomic import atomic_write_text
+from med3dvlm.utils.processes import launched_as_global_rank_zero
+
 
 class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
@@ -54,9 +57,10 @@ class ResumableWandbLogger(WandbLogger):
         folder = Path(save_dir) / "wandb"
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / RUN_ID_FILE
-        if kwargs.get("id") is None:
+        # Only global rank 0 logs; the other processes (other nodes too) leave the id alone.
+        if kwargs.get("id") is None and launched_as_global_rank_zero():
             if not id_file.is_file():  # W&B ids: lower-case letters and digits
-                id_file.write_text(uuid.uuid4().hex[:12] + "\n", encoding="utf-8")
+                atomic_write_text(id_file, uuid.uuid4().hex[:12] + "\n")
             kwargs["id"] = id_file.read_text(encoding="utf-8").strip()
         kwargs.setdefault("resume", "allow")
         for variable, sub in _STAGING.items():

@@ -5,7 +5,9 @@
 :func:`check_resume_config` compares the two before anything is built: a changed training setting
 (learning rate, batch size, epochs, model, data, ...) is refused with every difference named,
 unless ``resume_override=true`` says it is meant. Paths, loggers, callbacks, tags and the test
-switch may change (they do not change what is trained).
+switch may change (they do not change what is trained), and so may the process count
+(``trainer.devices``, ``trainer.num_nodes``: the resumed run serves the rest of the epoch, in other
+per-step batches).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ ORIGINAL_CONFIG = Path(".hydra") / "config.yaml"
 FREE_KEYS = frozenset(
     {"resume", "ckpt_path", "resume_override", "paths", "logger", "callbacks", "tags", "test"}
 )
+# Settings below the top level a resume may change: the process count (a requeued job may get other
+# nodes; the data position is a global sample count, see med3dvlm.training.resumable_data).
+FREE_SETTINGS = frozenset({"trainer.devices", "trainer.num_nodes"})
 
 
 class ChangedResumeConfig(ValueError):
@@ -38,7 +43,7 @@ def config_differences(
     changes = []
     for key in sorted(set(original) | set(current), key=str):
         name = f"{prefix}{key}"
-        if not prefix and key in FREE_KEYS:
+        if (not prefix and key in FREE_KEYS) or name in FREE_SETTINGS:
             continue
         old, new = original.get(key, "<absent>"), current.get(key, "<absent>")
         if isinstance(old, Mapping) and isinstance(new, Mapping):
@@ -48,7 +53,7 @@ def config_differences(
     return changes
 
 
-def _values(cfg: DictConfig) -> dict[str, Any]:
+def resolved_values(cfg: DictConfig) -> dict[str, Any]:
     """The config's values as the run used them (interpolations resolved where they resolve)."""
     try:
         return OmegaConf.to_container(cfg, resolve=True)
@@ -65,7 +70,7 @@ def check_resume_config(cfg: DictConfig) -> None:
     if not recorded.is_file():
         log.warning("resume: %s not found; the settings of the resumed run cannot be checked", recorded)
         return
-    changes = config_differences(_values(OmegaConf.load(recorded)), _values(cfg))
+    changes = config_differences(resolved_values(OmegaConf.load(recorded)), resolved_values(cfg))
     if not changes:
         return
     listing = "\n  ".join(changes)

@@ -2,9 +2,10 @@
 volume), look at it as read and as the model receives it, ask.
 
 Served by :func:`serve` on 127.0.0.1 unless told otherwise, with no share link, no analytics and
-no web fonts fetched. An upload stays in this app's own temporary folder (removed when the app
-stops; files older than an hour are removed while it runs) and its arrays in the session's memory
-(dropped with the session). Answers queue: one is generated at a time.
+no web fonts fetched. An upload, and the views cut from it, stay in the app's own folder
+(:mod:`~med3dvlm.web.uploads`: removed however the app stops; files older than an hour are removed
+while it runs) and its arrays in the session's memory (dropped with the session). Answers queue: one
+is generated at a time.
 """
 
 from __future__ import annotations
@@ -70,11 +71,14 @@ def _view_title(kind: str, where: str, orientation: str | None) -> str:
 
 
 def _describe(scan: Scan) -> str:
-    note = (
-        " **Raw CT in Hounsfield units, min-max normalised: choose the window the model was trained with.**"
-        if scan.hu_unwindowed
-        else ""
-    )
+    note = ""
+    if scan.hu_unwindowed:
+        note = " **Raw CT in Hounsfield units, min-max normalised: choose the window the model was trained with.**"
+    elif scan.unlike_ct:
+        note = (
+            " **⚠ This scan does not look like CT in Hounsfield units (no air near -1000 HU): a CT window "
+            "maps it to intensities unlike the model's training data. For an MRI choose window none.**"
+        )
     order = scan.recipe.orientation or "as stored"
     return (
         f"`{scan.name}`: {'×'.join(map(str, scan.raw.shape))} as read (D×H×W, voxel order {order}), "
@@ -152,7 +156,7 @@ def build(
         yield answer, shown, "Done."
 
     with gr.Blocks(analytics_enabled=False, title="med3dvlm", delete_cache=(600, SESSION_SECONDS)) as page:
-        gr.Markdown("## med3dvlm: one scan\nUpload a CT scan, look at what the model receives, ask.")
+        gr.Markdown("## med3dvlm: one scan\nUpload a scan, look at what the model receives, ask.")
         scan_state = gr.State(None, time_to_live=SESSION_SECONDS)
         with gr.Row():
             model = gr.Dropdown(models.names(), value=models.names()[0], label="model")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from med3dvlm.artifacts.model_folder import Pretrained, is_model_folder, load_pretrained
+from med3dvlm.artifacts.record import read_record
 from med3dvlm.data import scans
 from med3dvlm.data.preprocess import (
     SourcePreprocessing,
@@ -78,6 +79,8 @@ class Scan:
     hu_unwindowed: bool
     raw_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    unlike_ct: bool = False
+    """A CT window was applied to intensities that do not look like CT (:func:`~med3dvlm.data.preprocess.looks_like_ct`)."""
 
     @property
     def window(self) -> str:
@@ -103,6 +106,7 @@ class Models:
     ) -> None:
         folders: dict[str, Path] = {}
         if model is not None:
+            read_record(model, "model_folder", quiet=True)  # a wrong path fails now, not at the first upload
             folders[Path(model).name] = Path(model)
         if models_dir is not None:
             root = Path(models_dir)
@@ -229,6 +233,7 @@ def read_upload(
         prepared.hu_unwindowed,
         prepared.spacing,
         model_spacing(prepared.raw, prepared.spacing, recipe, input_size),
+        prepared.unlike_ct,
     )
 
 

@@ -23,13 +23,21 @@ class KillAtStep(L.Callback):
 
 
 class RecordProcess(L.Callback):
-    """Appends one JSON line per training process to ``path``: its rank, run folder and command line."""
+    """Appends one JSON line per training process to ``path``: its rank, node, world size, the cluster
+    environment Lightning detected, run folder and command line."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_fit_start(self, trainer, pl_module):
-        record = {"rank": trainer.global_rank, "folder": str(trainer.default_root_dir), "argv": sys.argv[1:]}
+        record = {
+            "rank": trainer.global_rank,
+            "node": trainer.node_rank,
+            "world_size": trainer.world_size,
+            "environment": type(getattr(trainer.strategy, "cluster_environment", None)).__name__,
+            "folder": str(trainer.default_root_dir),
+            "argv": sys.argv[1:],
+        }
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from med3dvlm.artifacts.encoder_export import write_encoder_export
 from med3dvlm.artifacts.record import ArtifactRecord, record_file
 from med3dvlm.data.prepared import m3d_preprocessing
+from med3dvlm.data.preprocess import Preprocessing
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.models.llm import LanguageModel
 from med3dvlm.models.tiny_qwen import build_tiny_qwen
@@ -161,6 +162,26 @@ def fit(stage: L.LightningModule, batches: list[dict], steps: int) -> None:
         limit_val_batches=0,
     )
     trainer.fit(stage, loader)
+
+
+def model_folder(root: Path, preprocessing: Preprocessing | None = None) -> Path:
+    """A model folder of the untrained pretrain stage (no training: for the commands' checks), its record
+    holding ``preprocessing`` (default M3D's); written once per root."""
+    from med3dvlm.artifacts.model_folder import save_pretrained
+
+    folder = root / "model"
+    if record_file(folder) is None:
+        stage = pretrain(root)
+        record = ArtifactRecord(
+            "model_folder",
+            "unit",
+            INPUT_SIZE,
+            preprocessing or m3d_preprocessing(),
+            {"vision_tower": ENCODER_CONFIG, "projector": stage.projector_config},
+            prompt_format="m3d",
+        )
+        save_pretrained(stage.model, folder, record)
+    return folder
 
 
 def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:

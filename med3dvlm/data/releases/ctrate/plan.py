@@ -4,8 +4,8 @@ rescale and spacing, its split by patient; then the labels and RadGenome-ChestCT
 HU: v1 stores HU - intercept, so v1 volumes get the metadata's ``RescaleSlope * x + RescaleIntercept``;
 v2 volumes are HU already (the reference loader's double shift, CT-CLIP#50, is not repeated). The
 version follows from the tree (``version=auto``: the ``*_fixed`` folders if present); each volume's
-air level is recorded (``preprocess.air_level``), and volumes without air near -1000 HU (shifted by 1024)
-are named in a warning (the voxels disagree with the version).
+air level is recorded (``preprocess.looks_like_ct``), and volumes without air near -1000 HU (shifted by
+1024) are named in a warning (the voxels disagree with the version).
 
 Splits: CT-RATE's validation set is our ``test`` split; ``validation`` is carved from the training
 patients by a hash of the patient (``validation_fraction``), so no patient is in two splits.
@@ -55,8 +55,6 @@ SOURCE = "chest"
 DEFAULT_WINDOW = "lung"
 """[-1350, 150] HU: Med3DVLM-FLARE's chest window (``intensity.window=[-1000,1000]`` is CT-CLIP's)."""
 NAME = re.compile(r"(train|valid)_(\d+)_([a-z]+)_(\d+)\.nii\.gz")
-# Where a chest CT in HU has its air (preprocess.air_level).
-HU_AIR = (-1100.0, -800.0)
 OUR_SPLIT = {"train": "train", "valid": "test"}
 
 
@@ -286,20 +284,14 @@ def finish(
     ]
     _write_csv(out / PREFIX / LABELS_FILE, columns, [dict(zip(columns, row, strict=True)) for row in rows])
     shifted = sorted(
-        name
-        for name, output in prepared.items()
-        if not HU_AIR[0] <= volumes[output].get("air_level", -1000) <= HU_AIR[1]
+        name for name, output in prepared.items() if volumes[output].get("looks_like_ct") is False
     )
     if shifted:
         log.warning(
-            "%d of %d %s volumes have no air near -1000 HU (their 1st percentile is outside [%g, %g]) after %s (e.g. %s): their voxels do not look "
-            "like the version the tree says (v1 stores HU - intercept, v2 HU); check version=",
+            "those %d CT-RATE volumes were read as %s (%s): their voxels say the other version; check version=",
             len(shifted),
-            len(prepared),
             plan.version,
-            *HU_AIR,
-            "the metadata's rescale" if plan.version == "v1" else "no rescale",
-            shifted[0],
+            "HU - intercept, the metadata's rescale applied" if plan.version == "v1" else "HU, no rescale",
         )
     added: dict[str, Any] = {
         "ctrate": {
