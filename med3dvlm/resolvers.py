@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from med3dvlm.artifacts.encoder_export import IMPORTED_ENCODER_DIR
+from med3dvlm.artifacts.hub import cached_model_folder
 from med3dvlm.artifacts.record import RecordError, read_record
 from med3dvlm.configs import work_root
 from med3dvlm.data.prepared import prepared_spatial_size
@@ -35,9 +36,15 @@ def _run_stamp(output_dir: str) -> str:
 
 def _model_experiment(model: str | None) -> str:
     # The experiment a model folder or stage export records (evaluation runs join its W&B group).
-    for folder in (Path(model or ""), Path(model or "") / IMPORTED_ENCODER_DIR):
+    if not model:
+        return "default"
+    try:
+        root = cached_model_folder(model)  # a folder, or a Hub id from the local cache
+    except OSError:
+        return "default"
+    for folder in (root, root / IMPORTED_ENCODER_DIR):
         try:
-            return read_record(folder, quiet=True).experiment if model else "default"
+            return read_record(folder, quiet=True).experiment
         except (RecordError, OSError):
             continue
     return "default"

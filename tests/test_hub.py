@@ -227,6 +227,12 @@ def test_load_pretrained_takes_a_hub_id_from_the_cache_with_the_same_checks(
             local.model.project(local.model.encode_images(image)),
         )
 
+    from med3dvlm.resolvers import _model_experiment
+    from med3dvlm.web.session import Models
+
+    assert Models(REPO_ID).folders == {REPO_ID.split("/")[1]: snapshot}  # the web page, by Hub id
+    assert _model_experiment(REPO_ID) == local.record.experiment  # evaluate's W&B group
+
     blob = (snapshot / "vision_tower.safetensors").resolve()
     blob.write_bytes(blob.read_bytes()[:-8] + bytes(8))
     with pytest.raises(ValueError, match=r"vision_tower.safetensors: sha256 .* differs"):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from med3dvlm.artifacts.hub import cached_model_folder
 from med3dvlm.artifacts.model_folder import Pretrained, is_model_folder, load_pretrained
 from med3dvlm.artifacts.record import read_record
 from med3dvlm.data import scans
@@ -106,8 +107,9 @@ class Models:
     ) -> None:
         folders: dict[str, Path] = {}
         if model is not None:
-            read_record(model, "model_folder", quiet=True)  # a wrong path fails now, not at the first upload
-            folders[Path(model).name] = Path(model)
+            folder = cached_model_folder(model)  # a folder, or a Hub id from the local cache
+            read_record(folder, "model_folder", quiet=True)  # a wrong path fails now, not at the first upload
+            folders[Path(model).name] = folder
         if models_dir is not None:
             root = Path(models_dir)
             if not root.is_dir():
