@@ -39,11 +39,14 @@ browser: ## Debian's chromium + chromium-driver for the app's browser test
 demo: install nltk-data ## the whole chain offline on CPU on synthetic data
 	$(OFFLINE) $(PY) -m med3dvlm.demo
 
+# One pytest-xdist worker per core, at most 4; each test file stays in one worker (its fixtures are built
+# once), in the order tests/conftest.py gives (the long files first).
+TEST_WORKERS ?= $(shell python3 -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 2)
 test: install nltk-data browser ## the test suite (CPU, offline)
-	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q
+	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: install nltk-data ## the test suite without tests marked slow
-	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+	$(OFFLINE) WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 EVAL_DIR ?= outputs/evaluate/$(shell date +%Y-%m-%d_%H-%M-%S)
 # Without MODEL: the newest demo model (make demo) on the demo data.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from med3dvlm.artifacts.encoder_export import IMPORTED_ENCODER_DIR
 from med3dvlm.artifacts.hub import cached_model_folder
+from med3dvlm.artifacts.latest import IMPORTED_ENCODER_DIR
 from med3dvlm.artifacts.record import RecordError, read_record
 from med3dvlm.configs import work_root
 from med3dvlm.data.prepared import prepared_spatial_size

@@ -19,10 +19,32 @@ for _key, _value in {
     "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16",
 }.items():
     os.environ.setdefault(_key, _value)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: a worker's own threads would oversubscribe.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # no pool of compile processes
 
 import med3dvlm.resolvers  # noqa: F401  (tests compose configs as the commands do)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LONGEST_FIRST = (
+    "test_distributed_stages.py",
+    "test_runs.py",
+    "test_multinode.py",
+    "test_app.py",
+    "test_install.py",
+    "test_prepare.py",
+)
+"""The files that take minutes on 2 cores, longest first: `make test`'s workers (pytest-xdist, one file
+each at a time) take them first and share out the short files at the end. Distributed stages before
+multinode: both read the references the first of them builds."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 REFERENCE_DIR = REPO_ROOT / "tests" / "data" / "reference"
 REFERENCE_FILES = ("dcformer_nano.pt", "mixer_small.pt", "keys.json", "checkpoint_layouts.md")
 
@@ -56,6 +78,9 @@ def nltk_data(tmp_path_factory) -> Path:
 def distributed_references(tmp_path_factory):
     """Every stage fitted in this process on fixed global batches: what the multi-process runs of
     ``test_distributed_stages`` and ``test_multinode`` are compared with (built once)."""
-    from helpers.distributed import one_process_references
+    from helpers.distributed import one_process_references, references_built_once
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each pytest-xdist worker is a session of its own: the workers share one build.
+        return references_built_once(tmp_path_factory.getbasetemp().parent / "distributed")
     return one_process_references(tmp_path_factory.mktemp("distributed"))

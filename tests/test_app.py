@@ -8,7 +8,6 @@ import itertools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers.commands import OFFLINE, run_in_process
+from helpers.commands import OFFLINE, free_port, run_in_process
 from helpers.vlm import INPUT_SIZE
 from helpers.vlm import finetuned as finetune_handoff
 from test_scans import ct_volume, write_dicom_series, write_nifti
@@ -180,12 +179,6 @@ def test_the_answer_streams_and_one_request_runs_at_a_time(models, tmp_path):
     assert not waiting.is_alive()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_private_folder_holds_the_temporary_files_and_goes_at_the_end(tmp_path):
     with private_folder(tmp_path) as folder:
         assert tempfile.gettempdir() == os.environ["GRADIO_TEMP_DIR"] == str(folder)
@@ -203,7 +196,7 @@ def serve(models_dir):
     started: list[subprocess.Popen] = []
 
     def start(temporary: Path) -> tuple[subprocess.Popen, str]:
-        port = _free_port()
+        port = free_port()
         app = subprocess.Popen(
             [sys.executable, "-m", "med3dvlm.app", f"model={models_dir / 'demo'}", f"port={port}"],
             cwd=REPO,
@@ -288,7 +281,7 @@ def test_the_page_answers_in_a_headless_browser(models, tmp_path):
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path / "uploads")
     from med3dvlm.web.page import build, serve
 
-    port = _free_port()
+    port = free_port()
     page = serve(build(models), port=port, block=False)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.commands import run_command
+from helpers.commands import run_forked, run_in_process
 from sklearn.metrics import roc_auc_score
 
 from med3dvlm.data.errors import DataError
@@ -248,13 +248,16 @@ def test_radgenome_scores_per_row_and_per_kind():
 
 
 @pytest.mark.slow
-def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path):
+def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path, monkeypatch):
     """The chain at demo size: synthetic CT-RATE -> prepare -> stage 1 (ctrate_demo) -> zero-shot (its
     AUROC equal to scikit-learn's on predictions_zero_shot.csv) -> linear probe -> retrieval with
-    CT-CLIP's recall."""
+    CT-CLIP's recall. Training runs as a process of its own; the other commands run in this
+    process."""
     work = tmp_path
-    run_command(
-        "med3dvlm.synthetic",
+    monkeypatch.chdir(work)
+    run_in_process(
+        monkeypatch,
+        "synthetic",
         "dataset=ctrate",
         f"out={work / 'raw'}",
         "cases=24",
@@ -262,11 +265,11 @@ def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path):
         "size=48",
         "workers=0",
         f"hydra.run.dir={work / 'outputs/synthetic'}",
-        cwd=work,
     )
     data = work / "data" / "ctrate_demo" / "prepared"
-    run_command(
-        "med3dvlm.prepare",
+    run_in_process(
+        monkeypatch,
+        "prepare",
         "dataset=ctrate",
         f"source={work / 'raw' / 'dataset'}",
         f"out={data}",
@@ -276,10 +279,9 @@ def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path):
         "spatial_size=[16,32,32]",
         "validation_fraction=0.2",
         f"hydra.run.dir={work / 'outputs/prepare'}",
-        cwd=work,
     )
-    run_command(
-        "med3dvlm.train",
+    run_forked(
+        "train",
         "stage=siglip",
         "experiment=ctrate_demo",
         "logger=none",
@@ -288,16 +290,17 @@ def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path):
         f"paths.root_dir={work}",
         f"hydra.run.dir={work / 'outputs' / 'siglip'}",
         cwd=work,
+        output=work / "outputs" / "console",
     )
     model = work / "outputs" / "siglip" / "export"
     common = ["context.batch_size=8", "context.progress=false", f"model={model}", f"data_dir={data}"]
-    run_command(
-        "med3dvlm.evaluate",
+    run_in_process(
+        monkeypatch,
+        "evaluate",
         "task=zero_shot",
         "task.bootstrap=50",
         *common,
         f"hydra.run.dir={work / 'outputs/zero_shot'}",
-        cwd=work,
     )
     metrics = json.loads((work / "outputs/zero_shot/metrics_zero_shot.json").read_text())
     written = _rows(work / "outputs/zero_shot/predictions_zero_shot.csv")
@@ -314,21 +317,21 @@ def test_prepare_siglip_zero_shot_and_retrieval_on_cpu(tmp_path):
     lower, upper = metrics["bootstrap"]["lower"]["mean/auroc"], metrics["bootstrap"]["upper"]["mean/auroc"]
     assert lower < upper  # the resamples differ (CT-CLIP's do not)
 
-    run_command(
-        "med3dvlm.evaluate", "task=linear_probe", *common, f"hydra.run.dir={work / 'outputs/probe'}", cwd=work
+    run_in_process(
+        monkeypatch, "evaluate", "task=linear_probe", *common, f"hydra.run.dir={work / 'outputs/probe'}"
     )
     probe = json.loads((work / "outputs/probe/metrics_linear_probe.json").read_text())
     assert probe["num_test"] == metrics["num_volumes"] and set(probe["metrics"]["auroc"]) | set(
         probe["skipped"]
     ) == set(syn.CTRATE_LABELS)
 
-    run_command(
-        "med3dvlm.evaluate",
+    run_in_process(
+        monkeypatch,
+        "evaluate",
         "task=retrieval",
         "task.sizes=[4]",
         *common,
         f"hydra.run.dir={work / 'outputs/retrieval'}",
-        cwd=work,
     )
     retrieval = json.loads((work / "outputs/retrieval/metrics_retrieval.json").read_text())["metrics"]
     assert {f"ctclip_report_to_volume/R@{k}" for k in (5, 10, 50, 100)} <= set(retrieval)

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from med3dvlm.artifacts.encoder_export import load_encoder_export
+from med3dvlm.consolidate import main as consolidate_command
 from med3dvlm.training.optim import param_groups
 from med3dvlm.training.sharding import FSDP2Strategy, consolidate, shard_plan
 
@@ -313,7 +314,7 @@ def test_cli_fsdp_run_consolidate_and_resume_under_ddp(run, tmp_path):
     assert sharded.is_dir() and len(list(sharded.glob("*.distcp"))) == 2
 
     consolidated = tmp_path / "last.ckpt"
-    cli("med3dvlm.consolidate", str(sharded), "--out", str(consolidated))
+    consolidate_command([str(sharded), "--out", str(consolidated)])  # python -m med3dvlm.consolidate
     checkpoint = torch.load(consolidated, weights_only=True)
     assert checkpoint["global_step"] == 2
     # the export written from the gathered shards holds the checkpoint's final encoder weights

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers.commands import run_in_process
 from helpers.vlm import INPUT_SIZE
 from helpers.vlm import finetuned as finetune_handoff
 
@@ -66,7 +67,7 @@ def run_module(args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
+def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path, monkeypatch, capfd):
     _, _, _, root = finetuned
     done = run_module(
         [
@@ -80,18 +81,25 @@ def test_export_cli_finds_latest_finetune_export(finetuned, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "model" / "record.json").is_file()
     assert "Not evaluated" in (tmp_path / "model" / "README.md").read_text()  # its model card
-    missing = run_module(
-        [
-            "med3dvlm.export",
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with pytest.raises(SystemExit):
+        run_in_process(
+            monkeypatch,
+            "export",
             f"paths.log_dir={root}",
             "experiment_name=nothing",
             f"hydra.run.dir={tmp_path / 'run2'}",
-        ]
-    )
-    assert missing.returncode != 0 and "python -m med3dvlm.train stage=finetune" in missing.stderr
+        )
+    assert "python -m med3dvlm.train stage=finetune" in capfd.readouterr().err
 
 
-def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
+def infer(monkeypatch: pytest.MonkeyPatch, *arguments: str) -> None:
+    """``python -m med3dvlm.infer <arguments>`` in this process (a user error exits 2)."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    run_in_process(monkeypatch, "infer", *arguments)
+
+
+def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path, monkeypatch, capfd):
     import nibabel as nib
     import numpy as np
 
@@ -99,22 +107,24 @@ def test_infer_cli_answers_for_a_nifti_of_any_size(finetuned, tmp_path):
     folder = write_merged_model(handoff, tmp_path / "model")
     volume = np.random.default_rng(0).normal(100, 30, size=(50, 41, 23)).astype(np.int16)  # (x, y, z)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), str(tmp_path / "scan.nii.gz"))
-    done = run_module(
-        [
-            "med3dvlm.infer",
-            f"model={folder}",
-            f"image={tmp_path / 'scan.nii.gz'}",
-            "question=Is there a large lesion in the liver?",
-            "max_new_tokens=4",
-        ]
+    question = "Is there a large lesion in the liver?"
+    infer(
+        monkeypatch,
+        f"model={folder}",
+        f"image={tmp_path / 'scan.nii.gz'}",
+        f"question={question}",
+        "max_new_tokens=4",
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip()  # an answer was printed
-    missing = run_module(["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'nope.nii.gz'}"])
-    assert missing.returncode != 0 and "nope.nii.gz: file not found" in missing.stderr
+    printed = capfd.readouterr()
+    assert question in printed.err and printed.out.strip()  # what it asked, then the answer
+    with pytest.raises(SystemExit) as stopped:
+        infer(monkeypatch, f"model={folder}", f"image={tmp_path / 'nope.nii.gz'}")
+    assert stopped.value.code == 2 and "nope.nii.gz: file not found" in capfd.readouterr().err
 
 
-def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(finetuned, tmp_path):
+def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(
+    finetuned, tmp_path, monkeypatch, capfd, caplog
+):
     from test_scans import ct_volume, write_dicom_series, write_nifti
 
     _, handoff, _, _ = finetuned
@@ -123,21 +133,15 @@ def test_infer_cli_answers_for_a_dicom_series_with_a_ct_window(finetuned, tmp_pa
         write_dicom_series(tmp_path / "series", ct_volume()),
         write_nifti(tmp_path / "ct.nii.gz", ct_volume()),
     ):
-        done = run_module(
-            [
-                "med3dvlm.infer",
-                f"model={folder}",
-                f"image={scan}",
-                "intensity.window=soft_tissue",
-                "question=Is there a large lesion in the liver?",
-                "max_new_tokens=4",
-            ]
+        caplog.clear()
+        infer(
+            monkeypatch,
+            f"model={folder}",
+            f"image={scan}",
+            "intensity.window=soft_tissue",
+            "question=Is there a large lesion in the liver?",
+            "max_new_tokens=4",
         )
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.strip() and "Hounsfield" not in done.stdout + done.stderr
-    bare = run_module(
-        ["med3dvlm.infer", f"model={folder}", f"image={tmp_path / 'ct.nii.gz'}", "max_new_tokens=2"]
-    )
-    assert (
-        bare.returncode == 0 and "intensity.window=soft_tissue" in bare.stdout + bare.stderr
-    )  # says what to set
+        assert capfd.readouterr().out.strip() and "Hounsfield" not in caplog.text
+    infer(monkeypatch, f"model={folder}", f"image={tmp_path / 'ct.nii.gz'}", "max_new_tokens=2")
+    assert "intensity.window=soft_tissue" in caplog.text  # says what to set

@@ -6,12 +6,13 @@ local judge)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers.commands import run_command
+from helpers.commands import run_forked, run_in_process
 from skimage.transform import resize
 
 from med3dvlm.artifacts.record import read_record
@@ -168,14 +169,17 @@ def _pretrain_handoff(work: Path, data: Path) -> None:
 
 
 @pytest.mark.slow
-def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
+def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path, monkeypatch, caplog):
     """The chain at demo size: prepare -> finetune (every case once as a report and once as a VQA
     sample, FLARE's chat prompts) -> export -> flare_vqa (predictions.csv, the original's scores) and
-    flare_report (region scores; GREEN with a tiny local judge, resumed without asking it again)."""
+    flare_report (region scores; GREEN with a tiny local judge, resumed without asking it again).
+    Training runs as a process of its own; the other commands run in this process."""
     work = tmp_path
+    monkeypatch.chdir(work)
     data = work / "data" / "flare_demo" / "prepared"
-    run_command(
-        "med3dvlm.prepare",
+    run_in_process(
+        monkeypatch,
+        "prepare",
         "dataset=flare",
         f"source={release}",
         f"out={data}",
@@ -184,11 +188,10 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
         "progress=false",
         f"spatial_size=[{','.join(map(str, CHAIN_SIZE))}]",
         f"hydra.run.dir={work / 'outputs/prepare'}",
-        cwd=work,
     )
     _pretrain_handoff(work, data)
-    run_command(
-        "med3dvlm.train",
+    run_forked(
+        "train",
         "stage=finetune",
         "experiment=flare_demo",
         "logger=none",
@@ -199,29 +202,30 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
         "+trainer.limit_val_batches=1",
         f"hydra.run.dir={work / 'outputs' / 'finetune'}",
         cwd=work,
+        output=work / "outputs" / "console",
     )
     handoff = read_record(work / "outputs" / "finetune" / "export")
     assert handoff.prompt_format == "flare" and set(handoff.preprocessing.sources) == {"abdomen", "chest"}
     model = work / "model"
-    run_command(
-        "med3dvlm.export",
+    run_in_process(
+        monkeypatch,
+        "export",
         "experiment_name=flare_demo",
         f"out={model}",
         f"paths.root_dir={work}",
         f"hydra.run.dir={work / 'outputs/export'}",
-        cwd=work,
     )
 
     evaluation = ["context.batch_size=8", "context.progress=false", f"model={model}", f"data_dir={data}"]
     vqa = work / "outputs" / "vqa"
-    run_command(
-        "med3dvlm.evaluate",
+    run_in_process(
+        monkeypatch,
+        "evaluate",
         "task=flare_vqa",
         "task.global_tokens=6",
         "task.chain_tokens=6",
         *evaluation,
         f"hydra.run.dir={vqa}",
-        cwd=work,
     )
     scores = json.loads((vqa / "metrics_flare_vqa.json").read_text())
     assert 0.0 <= scores["global_accuracy"] <= 1.0 and 0.0 <= scores["local_accuracy"] <= 1.0
@@ -229,13 +233,13 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
     assert header == "case_id,scope,question_id,question,prediction"
     # the same file scored without a model gives the same numbers
     rescored = work / "outputs" / "rescored"
-    run_command(
-        "med3dvlm.evaluate",
+    run_in_process(
+        monkeypatch,
+        "evaluate",
         "task=flare_vqa",
         f"task.predictions={vqa / 'predictions.csv'}",
         f"task.gt={data / 'FLARE' / 'val.json'}",
         f"hydra.run.dir={rescored}",
-        cwd=work,
     )
     again = json.loads((rescored / "metrics_flare_vqa.json").read_text())
     assert (again["global_accuracy"], again["local_accuracy"]) == (
@@ -251,18 +255,20 @@ def test_prepare_finetune_export_and_evaluate_on_cpu(release, tmp_path):
     )
     report = work / "outputs" / "report"
     args = (
-        "med3dvlm.evaluate",
+        "evaluate",
         "task=flare_report",
         "task.max_new_tokens=10",
         f"task.judge={judge}",
         *evaluation,
         f"hydra.run.dir={report}",
     )
-    run_command(*args, cwd=work)
+    run_in_process(monkeypatch, *args)
     metrics = json.loads((report / "metrics_flare_report.json").read_text())
     assert set(metrics["region_text"]["means"]) == {"bleu", "rouge1", "meteor"}
     assert {"summary", "all_cases"} <= set(metrics["green"])
     judged = (report / "green_judgements.csv").read_text()
-    rerun = run_command(*args, cwd=work)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="med3dvlm"):
+        run_in_process(monkeypatch, *args)
     assert (report / "green_judgements.csv").read_text() == judged  # nothing asked twice
-    assert "GREEN judged 0 region pairs" in rerun.stdout + rerun.stderr
+    assert "GREEN judged 0 region pairs" in caplog.text

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.commands import run_in_process
 from safetensors.torch import save_file
-from test_import_weights import MIXER, NANO, REPO_ROOT, qwen_config, rel_diff, write_vlm
+from test_import_weights import MIXER, NANO, qwen_config, rel_diff, write_vlm
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from med3dvlm.artifacts.handoff import load_pretrain_handoff
@@ -190,33 +189,23 @@ def test_flare_pickle_is_refused_unread(tmp_path, refs, base_llm, file):
     assert trap.is_dir()  # the trap does spring when the file is unpickled
 
 
-def test_cli_flare(tmp_path, refs, base_llm):
+def test_cli_flare(tmp_path, refs, base_llm, monkeypatch, capfd):
     source = write_flare(tmp_path / "release", refs, pretrained_state(refs))
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "med3dvlm.import_weights",
-            "kind=flare",
-            f"source={source}",
-            f"out={out}",
-            "encoder=dcformer_nano",
-            f"llm.name_or_path={base_llm}",
-            "reference_placement=false",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_in_process(
+        monkeypatch,
+        "import_weights",
+        "kind=flare",
+        f"source={source}",
+        f"out={out}",
+        "encoder=dcformer_nano",
+        f"llm.name_or_path={base_llm}",
+        "reference_placement=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert f"stage.module.pretrain_export={out / 'pretrained'}" in result.stdout
-    assert f"python -m med3dvlm.evaluate task=report model={out / 'model'}" in result.stdout
+    printed = capfd.readouterr().out
+    assert f"stage.module.pretrain_export={out / 'pretrained'}" in printed
+    assert f"python -m med3dvlm.evaluate task=report model={out / 'model'}" in printed
     # The placement setting is the hand-off's; the model folder keeps the one its weights were trained with.
     handoff = read_record(out / "pretrained", "projector_handoff")
     assert handoff.llm == str(base_llm) and not handoff.reference_placement

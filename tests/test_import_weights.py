@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.commands import run_in_process
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel, Qwen2Config, Qwen2ForCausalLM
 
@@ -451,27 +449,16 @@ def test_read_checkpoint_bin_and_unlisted_shard_key(tmp_path):
         read_checkpoint(tmp_path)
 
 
-def test_cli_siglip(tmp_path, refs, text_model):
+def test_cli_siglip(tmp_path, refs, text_model, monkeypatch):
     source = write_siglip(tmp_path / "release", siglip_state(refs, text_model), text_model)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "med3dvlm.import_weights",
-            f"source={source}",
-            "kind=siglip",
-            f"out={tmp_path / 'out'}",
-            "encoder=dcformer_nano",
-            f"text_model={text_model}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        check=False,
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run_in_process(
+        monkeypatch,
+        "import_weights",
+        f"source={source}",
+        "kind=siglip",
+        f"out={tmp_path / 'out'}",
+        "encoder=dcformer_nano",
+        f"text_model={text_model}",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "encoder" / "record.json").is_file()

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.commands import finish_forked, free_port, start_forked
 from helpers.distributed import (
     CHECKPOINT_STEP,
     STAGES,
@@ -81,12 +81,6 @@ LAUNCHER_VARIABLES = (
 # --- what a launcher sets -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def torchrun_environment(node: int, port: int) -> dict[str, str]:
     """What ``torchrun --nnodes=2 --nproc-per-node=1 --node-rank=NODE --master-addr=127.0.0.1
     --master-port=PORT`` sets for its worker (no agent here: rank 0 hosts the store)."""
@@ -131,7 +125,8 @@ def launch(
     commands: list[list[str]], environments: list[dict[str, str]], logs: Path, timeout: int = 600
 ) -> list[tuple[int, str]]:
     """Start node ``n``'s command with its environment, each node a little after the one before (nodes
-    never start at the same instant); ``(exit code, output)`` per node."""
+    never start at the same instant); ``(exit code, output)`` per node. ``python -m med3dvlm.train``
+    runs forked (:func:`start_forked`), other commands as they are."""
     base = {
         key: value
         for key, value in os.environ.items()
@@ -145,24 +140,34 @@ def launch(
         PL_GLOBAL_SEED="0",
         PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
     )
-    logs.mkdir(parents=True, exist_ok=True)
-    processes = []
+    started = []
     for node, (command, environment) in enumerate(zip(commands, environments, strict=True)):
-        with open(logs / f"node{node}.log", "w") as output:
-            processes.append(
-                subprocess.Popen(
-                    command, cwd=REPO, env={**base, **environment}, stdout=output, stderr=subprocess.STDOUT
+        output = logs / f"node{node}"
+        if command[1:3] == ["-m", "med3dvlm.train"]:
+            started.append(start_forked("train", command[3:], REPO, output, {**base, **environment}))
+        else:
+            output.mkdir(parents=True)
+            with open(output / "stdout", "w") as stdout, open(output / "stderr", "w") as stderr:
+                started.append(
+                    subprocess.Popen(
+                        command, cwd=REPO, env={**base, **environment}, stdout=stdout, stderr=stderr
+                    )
                 )
-            )
         time.sleep(1.2)
     deadline = time.monotonic() + timeout
-    try:
-        codes = [process.wait(timeout=max(1.0, deadline - time.monotonic())) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
+    results = []
+    for node, process in enumerate(started):
+        left, output = max(1.0, deadline - time.monotonic()), logs / f"node{node}"
+        if isinstance(process, subprocess.Popen):
+            try:
+                code = process.wait(timeout=left)
+            except subprocess.TimeoutExpired:
                 process.kill()
-    return [(code, (logs / f"node{node}.log").read_text()) for node, code in enumerate(codes)]
+                code = process.wait()
+        else:
+            code = finish_forked(process, output, left).returncode
+        results.append((code, (output / "stdout").read_text() + (output / "stderr").read_text()))
+    return results
 
 
 # --- every stage, the sharded checkpoints and the data position on 2 nodes --------------------------------

@@ -12,14 +12,12 @@ import ast
 import functools
 import importlib
 import importlib.util
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.commands import run_in_process
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
@@ -99,48 +97,54 @@ def test_every_readme_command_parses_its_arguments():
             compose_command(command, arguments)
 
 
-def run_train(*overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run(
-        [sys.executable, "-m", "med3dvlm.train", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def user_error_of_train(monkeypatch: pytest.MonkeyPatch, capfd, *overrides: str) -> str:
+    """The paragraph ``python -m med3dvlm.train <overrides>`` stops with (exit 2)."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(monkeypatch, "train", *overrides)
+    assert stopped.value.code == 2
+    return capfd.readouterr().err
 
 
-def test_a_missing_data_folder_or_an_unreachable_model_is_named_before_anything_is_built(tmp_path):
-    missing = run_train(
+def test_a_missing_data_folder_or_an_unreachable_model_is_named_before_anything_is_built(
+    tmp_path, monkeypatch, capfd
+):
+    monkeypatch.chdir(REPO)
+    missing = user_error_of_train(
+        monkeypatch,
+        capfd,
         "stage=siglip",
         "logger=csv",
         f"data.data_dir={tmp_path / 'nowhere'}",
         f"hydra.run.dir={tmp_path / 'run1'}",
     )
-    assert missing.returncode != 0
-    assert (
-        f"data.data_dir={tmp_path / 'nowhere'}: no prepared dataset here (M3D_Cap.json missing)"
-        in missing.stderr
-    )
+    assert f"data.data_dir={tmp_path / 'nowhere'}: no prepared dataset here (M3D_Cap.json missing)" in missing
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     (prepared / "M3D_Cap.json").write_text('{"train": [], "validation": [], "test": []}')
-    offline = run_train(
-        "stage=siglip", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run2'}"
+    offline = user_error_of_train(
+        monkeypatch,
+        capfd,
+        "stage=siglip",
+        "logger=csv",
+        f"data.data_dir={prepared}",
+        f"hydra.run.dir={tmp_path / 'run2'}",
     )
-    assert offline.returncode != 0
     assert (
         "text_encoder.model_name_or_path: medicalai/ClinicalBERT is neither a local folder nor in the Hugging "
         "Face cache"
-        in offline.stderr
-        and "text_encoder=tiny" in offline.stderr
+        in offline
+        and "text_encoder=tiny" in offline
     )
-    stage2 = run_train(
-        "stage=pretrain", "logger=csv", f"data.data_dir={prepared}", f"hydra.run.dir={tmp_path / 'run3'}"
+    stage2 = user_error_of_train(
+        monkeypatch,
+        capfd,
+        "stage=pretrain",
+        "logger=csv",
+        f"data.data_dir={prepared}",
+        f"hydra.run.dir={tmp_path / 'run3'}",
     )
-    assert "llm.name_or_path: Qwen/Qwen2.5-7B-Instruct" in stage2.stderr and "llm=tiny" in stage2.stderr
+    assert "llm.name_or_path: Qwen/Qwen2.5-7B-Instruct" in stage2 and "llm=tiny" in stage2
 
 
 def test_a_missing_bertscore_model_stops_the_evaluation_before_it_generates(monkeypatch, tmp_path):

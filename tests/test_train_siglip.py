@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from helpers.commands import run_forked
 from helpers.siglip import INPUT_SIZE, ResumableLoader, prepared_data, stage, tiny_bert
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -194,10 +193,7 @@ def test_train_cli_fast_dev_run_with_offline_wandb(assets, tmp_path):
         "HTTP_PROXY": "http://127.0.0.1:9",
         "WANDB_BASE_URL": "http://127.0.0.1:9",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "med3dvlm.train",
+    arguments = [
         "experiment=demo",
         "stage=siglip",
         "logger=wandb",
@@ -210,8 +206,7 @@ def test_train_cli_fast_dev_run_with_offline_wandb(assets, tmp_path):
         "data.batch_size=4",
         "+trainer.fast_dev_run=2",
     ]
-    result = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_forked("train", *arguments, cwd=REPO, env=env, output=tmp_path / "console", timeout=300)
     assert "retrieval (R@K on the first N pairs)" in result.stdout
     assert "i2t_R@1" in result.stdout
     assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"

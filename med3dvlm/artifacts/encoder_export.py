@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from med3dvlm.artifacts.latest import ArtifactKind
+from med3dvlm.artifacts.latest import IMPORTED_ENCODER_DIR, ArtifactKind
 from med3dvlm.artifacts.record import ArtifactRecord, read_record, record_file, write_artifact
 from med3dvlm.artifacts.tensors import load_state_strict, save_tensors
 from med3dvlm.models.components import build_component
@@ -38,7 +38,6 @@ WEIGHTS_FILE = "encoder.safetensors"
 WHICH = ("final", "best")
 TEXT_ENCODER_DIR = "text_encoder"
 HEADS_FILE = "siglip_heads.safetensors"
-IMPORTED_ENCODER_DIR = "encoder"
 # The original's text pooling (first token): the pooling of an export that does not record one.
 DEFAULT_TEXT_POOLING = "first"
 SIGLIP_EXPORT = ArtifactKind(

@@ -22,6 +22,9 @@ from med3dvlm.utils.atomic import is_staging
 
 log = logging.getLogger(__name__)
 
+IMPORTED_ENCODER_DIR = "encoder"
+"""Where an imported release keeps its SigLIP encoder export, inside the release's folder."""
+
 
 @dataclass(frozen=True)
 class ArtifactKind:

@@ -67,11 +67,11 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from med3dvlm.artifacts.encoder_export import (
     HEADS_FILE,
-    IMPORTED_ENCODER_DIR,
     TEXT_ENCODER_DIR,
     write_encoder_export,
 )
 from med3dvlm.artifacts.handoff import IMAGE_TOKEN_FILE, PROJECTOR_FILE, VISION_TOWER_FILE, write_handoff
+from med3dvlm.artifacts.latest import IMPORTED_ENCODER_DIR
 from med3dvlm.artifacts.llm_stream import saved_tensors, write_llm_streamed
 from med3dvlm.artifacts.model_folder import LLM_SHARD_SIZE, write_model_folder
 from med3dvlm.artifacts.record import ArtifactRecord

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from filelock import FileLock
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers.siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
@@ -208,3 +210,17 @@ def one_process_references(root: Path) -> References:
             callbacks=[GlobalLoss(out / "one" / f"{name}.json")],
         )
     return References(root, out, batches)
+
+
+def references_built_once(root: Path) -> References:
+    """:func:`one_process_references` in ``root``, built by the first process that asks while the
+    others wait, then read from there (processes of one test run share ``root``)."""
+    done = root / "complete"
+    with FileLock(f"{root}.lock"):
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+            root.mkdir()
+            references = one_process_references(root)
+            done.touch()
+            return references
+    return References(root, root / "out", torch.load(root / "out" / "batches.pt", weights_only=True))
