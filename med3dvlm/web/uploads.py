@@ -21,8 +21,10 @@ from typing import IO, NoReturn
 
 PREFIX = "med3dvlm-app-"
 LOCK = ".lock"
-STOPPING_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP)
-"""Signals that would end the process without clean-up: they exit through it instead (SIGINT does already)."""
+STOPPING_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that end the app through the clean-up. SIGTERM and SIGHUP would end it without; SIGINT would
+reach Gradio, whose graceful close waits for open connections (a page's event stream) and can hang,
+and a SIGINT ignored by the launching process would be ignored by the app too."""
 
 
 def remove_leftovers(root: Path) -> list[Path]:
@@ -68,7 +70,7 @@ def private_folder(root: str | os.PathLike | None = None) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        held = {signal.SIGINT, *STOPPING_SIGNALS}
+        held = set(STOPPING_SIGNALS)
         signal.pthread_sigmask(signal.SIG_BLOCK, held)  # a second signal waits for the clean-up
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
