@@ -28,12 +28,11 @@ from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.data.releases.ctrate.layout import CTRATE_LABELS
 from med3dvlm.data.releases.ctrate.samples import VQA_KINDS, LabelledVolume, RadGenomeVQADataset, read_labels
 from med3dvlm.evaluation.outputs import (
-    bar_chart,
     flatten,
     log_wandb_table,
     metric_table,
-    write_metrics_json,
     write_scored_csv,
+    write_scores,
 )
 from med3dvlm.evaluation.tasks import EvalContext, EvalResult, GenerationTask, check_data_preprocessing
 from med3dvlm.metrics.linear_probe import linear_probe
@@ -46,7 +45,6 @@ from med3dvlm.metrics.zero_shot import (
     zero_shot_prompts,
     zero_shot_scores,
 )
-from med3dvlm.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -121,24 +119,6 @@ def _load_towers(ctx: EvalContext, task: str) -> Any:
     towers = load_siglip_export(ctx.model)
     check_data_preprocessing(towers.record.preprocessing, ctx.data_dir)
     return towers
-
-
-def _outputs(
-    ctx: EvalContext,
-    name: str,
-    title: str,
-    metrics: dict[str, Any],
-    table: str,
-    by_metric: Mapping[str, Mapping[str, float]],
-) -> dict[str, Path]:
-    out = Path(ctx.out_dir)
-    files = {
-        "metrics": write_metrics_json(out / f"metrics_{name}.json", metrics),
-        "chart": bar_chart(out / f"scores_{name}.png", by_metric, title),
-        "table": out / f"metrics_{name}.md",
-    }
-    atomic_write_text(files["table"], table + "\n")
-    return files
 
 
 class ZeroShotTask:
@@ -240,7 +220,7 @@ class ZeroShotTask:
         )
         files = {
             "predictions": predictions,
-            **_outputs(ctx, self.name, self.title, metrics, table, by_metric),
+            **write_scores(ctx.out_dir, self.name, metrics, table, by_metric, self.title),
         }
         log_wandb_table(
             ctx.loggers,
@@ -319,7 +299,9 @@ class LinearProbeTask:
             f"(standardised features, C={self.C:g})."
             + (f" Left out (one class only): {', '.join(result['skipped'])}." if result["skipped"] else "")
         )
-        return EvalResult(metrics, table, _outputs(ctx, self.name, self.title, metrics, table, by_metric))
+        return EvalResult(
+            metrics, table, write_scores(ctx.out_dir, self.name, metrics, table, by_metric, self.title)
+        )
 
 
 class RadGenomeVQATask(GenerationTask):

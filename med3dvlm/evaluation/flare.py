@@ -34,7 +34,7 @@ from med3dvlm.data.datasets import VolumeReader
 from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.data.releases.flare.layout import serialise_findings
 from med3dvlm.data.releases.flare.samples import chain, chain_text, read_cases, roots, with_choices
-from med3dvlm.evaluation.outputs import metric_table, write_metrics_json
+from med3dvlm.evaluation.outputs import metric_table, write_scores
 from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.evaluation.tasks import EvalContext, EvalResult, check_data_preprocessing
 from med3dvlm.metrics.flare_vqa import (
@@ -276,12 +276,7 @@ class FlareVQATask:
             "penalised); strict = per case, missing answers count 0. Published (Med3DVLM-FLARE): "
             "global 23.58, local 41.80."
         )
-        files = {
-            "predictions": csv_path,
-            "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
-            "table": out / f"metrics_{self.name}.md",
-        }
-        atomic_write_text(files["table"], table + "\n")
+        files = {"predictions": csv_path, **write_scores(out, self.name, metrics, table)}
         return EvalResult(metrics, table, files)
 
 
@@ -410,10 +405,8 @@ class FlareReportTask:
         )
         files = {
             "predictions": out / "predictions_flare_report.csv",
-            "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
-            "table": out / f"metrics_{self.name}.md",
+            **write_scores(out, self.name, metrics, table),
         }
-        atomic_write_text(files["table"], table + "\n")
         return EvalResult(metrics, table, files)
 
 

@@ -33,6 +33,27 @@ def write_metrics_json(path: str | os.PathLike, metrics: Mapping[str, Any]) -> P
     return Path(path)
 
 
+def write_scores(
+    out_dir: str | os.PathLike,
+    name: str,
+    metrics: Mapping[str, Any],
+    table: str,
+    chart: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+) -> dict[str, Path]:
+    """An evaluation's scores in ``out_dir``: ``metrics_<name>.json``, ``metrics_<name>.md`` (``table``)
+    and, given ``chart`` (scores by metric), ``scores_<name>.png`` titled ``title``."""
+    out = Path(out_dir)
+    files = {
+        "metrics": write_metrics_json(out / f"metrics_{name}.json", metrics),
+        "table": out / f"metrics_{name}.md",
+    }
+    atomic_write_text(files["table"], table + "\n")
+    if chart is not None:
+        files["chart"] = bar_chart(out / f"scores_{name}.png", chart, title)
+    return files
+
+
 def _cell(value: Any, percent: bool) -> str:
     if isinstance(value, float):
         if math.isnan(value):

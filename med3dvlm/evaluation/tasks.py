@@ -31,12 +31,12 @@ from med3dvlm.data.prompts import PromptBuilder
 from med3dvlm.data.releases.m3d.layout import IMAGE_COLUMN
 from med3dvlm.data.releases.m3d.samples import ClosedVQADataset, OpenVQADataset, vqa_csv
 from med3dvlm.evaluation.outputs import (
-    bar_chart,
     flatten,
     log_wandb_table,
     metric_table,
     write_metrics_json,
     write_scored_csv,
+    write_scores,
 )
 from med3dvlm.evaluation.runner import generate_predictions
 from med3dvlm.metrics.ctclip_retrieval import report_to_volume_recall
@@ -194,18 +194,12 @@ class GenerationTask:
             **metrics,
         }
         columns = [*self.generation_columns, *self.score_columns]
+        table = f"## {self.title}\n\n" + metric_table(by_metric, METRIC_LABELS) + self.notes(metrics)
+        chart = {METRIC_LABELS.get(k, k): v for k, v in by_metric.items() if k != "count"}
         files = {
             "predictions": write_scored_csv(csv_path, rows, columns),
-            "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
-            "chart": bar_chart(
-                out / f"scores_{self.name}.png",
-                {METRIC_LABELS.get(k, k): v for k, v in by_metric.items() if k != "count"},
-                self.title,
-            ),
+            **write_scores(out, self.name, metrics, table, chart, self.title),
         }
-        table = f"## {self.title}\n\n" + metric_table(by_metric, METRIC_LABELS) + self.notes(metrics)
-        files["table"] = out / f"metrics_{self.name}.md"
-        atomic_write_text(files["table"], table + "\n")
         log_wandb_table(
             ctx.loggers,
             f"eval/{self.name}/predictions",
@@ -499,11 +493,8 @@ class RetrievalTask:
             )
         files = {
             "predictions": write_scored_csv(out / f"predictions_{self.name}.csv", rows, columns),
-            "metrics": write_metrics_json(out / f"metrics_{self.name}.json", metrics),
-            "chart": bar_chart(out / f"scores_{self.name}.png", by_metric, self.title),
-            "table": out / f"metrics_{self.name}.md",
+            **write_scores(out, self.name, metrics, table, by_metric, self.title),
         }
-        atomic_write_text(files["table"], table + "\n")
         log_wandb_table(
             ctx.loggers,
             f"eval/{self.name}/ranks",

@@ -60,6 +60,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from med3dvlm.data.releases.ctrate.layout import CTRATE_LABELS
 from med3dvlm.data.releases.flare.recipe import ABDOMEN, CHEST
 from med3dvlm.data.releases.m3d.synthetic import (
     MM_PER_UNIT,
@@ -266,26 +267,7 @@ GLOBAL_CHOICES: dict[str, tuple[str, ...]] = {
         "Vertebral fracture",
         "Pneumoperitoneum",
     ),
-    CHEST: (
-        "Medical material",
-        "Arterial wall calcification",
-        "Cardiomegaly",
-        "Pericardial effusion",
-        "Coronary artery wall calcification",
-        "Hiatal hernia",
-        "Lymphadenopathy",
-        "Emphysema",
-        "Atelectasis",
-        "Lung nodule",
-        "Lung opacity",
-        "Pulmonary fibrotic sequela",
-        "Pleural effusion",
-        "Mosaic attenuation pattern",
-        "Peribronchial thickening",
-        "Consolidation",
-        "Bronchiectasis",
-        "Interlobular septal thickening",
-    ),
+    CHEST: CTRATE_LABELS,  # the chest cases are CT-RATE volumes
 }
 # Regions of normal findings, each reported with probability 0.7 (so cases hold different subsets).
 NORMAL_FINDINGS: dict[str, dict[str, tuple[str, ...]]] = {
