@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from helpers.siglip import INPUT_SIZE as SIGLIP_INPUT_SIZE
 from helpers.siglip import ResumableLoader, prepared_data, tiny_bert
 from helpers.siglip import stage as siglip_stage
-from helpers.vlm import INPUT_SIZE, finetune, lora, pretrain, tiny_llm
+from helpers.vlm import INPUT_SIZE, finetune, lora, padded, pretrain, tiny_llm
 from med3dvlm.data.datamodule import M3DDataModule
 
 STAGES = ("siglip", "pretrain", "finetune")
@@ -108,16 +108,8 @@ def answer_batches(model, count: int, batch_size: int = 4) -> list[dict]:
         for b in range(batch_size):
             answer = tok(" " + ANSWERS[(i + b * (1 + b)) % len(ANSWERS)])["input_ids"] + [tok.eos_token_id]
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
-        longest = max(len(ids) for ids, _ in rows)
-        ids = torch.full((batch_size, longest), tok.pad_token_id)
-        labels = torch.full((batch_size, longest), -100)
-        mask = torch.zeros(batch_size, longest, dtype=torch.long)
-        for b, (row_ids, row_labels) in enumerate(rows):
-            ids[b, : len(row_ids)] = torch.tensor(row_ids)
-            labels[b, : len(row_ids)] = torch.tensor(row_labels)
-            mask[b, : len(row_ids)] = 1
         images = torch.rand(batch_size, 1, *INPUT_SIZE, generator=g)
-        batches.append({"image": images, "input_ids": ids, "attention_mask": mask, "labels": labels})
+        batches.append({"image": images, **padded(rows, tok.pad_token_id)})
     return batches
 
 

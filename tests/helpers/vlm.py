@@ -137,15 +137,7 @@ def toy_batches(model, count: int = 4, batch_size: int = 2, seed: int = 0) -> li
             prompt = tok(model.image_prompt() + "Is there a large lesion in the liver?")["input_ids"]
             answer = tok(" Yes" if bright else " No")["input_ids"] + [tok.eos_token_id]
             rows.append((prompt + answer, [-100] * len(prompt) + answer))
-        longest = max(len(ids) for ids, _ in rows)
-        ids = torch.full((batch_size, longest), tok.pad_token_id)
-        labels = torch.full((batch_size, longest), -100)
-        mask = torch.zeros(batch_size, longest, dtype=torch.long)
-        for b, (row_ids, row_labels) in enumerate(rows):
-            ids[b, : len(row_ids)] = torch.tensor(row_ids)
-            labels[b, : len(row_ids)] = torch.tensor(row_labels)
-            mask[b, : len(row_ids)] = 1
-        batches.append({"image": images, "input_ids": ids, "attention_mask": mask, "labels": labels})
+        batches.append({"image": images, **padded(rows, tok.pad_token_id)})
     return batches
 
 
@@ -195,3 +187,16 @@ def finetuned(root: Path) -> tuple[L.LightningModule, Path, list[dict]]:
     batches = toy_batches(stage.model)
     fit(stage, batches, steps=3)
     return stage, root / "fine", batches
+
+
+def padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(token ids, labels)`` rows right-padded into ``input_ids``, ``attention_mask`` and ``labels``."""
+    longest = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), longest), pad_token_id)
+    labels = torch.full((len(rows), longest), -100)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for b, (row_ids, row_labels) in enumerate(rows):
+        ids[b, : len(row_ids)] = torch.tensor(row_ids)
+        labels[b, : len(row_ids)] = torch.tensor(row_labels)
+        mask[b, : len(row_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
